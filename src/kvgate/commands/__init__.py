@@ -1,0 +1,1 @@
+"""Thin command modules behind `kvgate <command>`; each exposes ``main(argv) -> int``."""

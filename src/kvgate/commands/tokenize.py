@@ -1,0 +1,86 @@
+"""`kvgate tokenize`: what the router sees for one request — token ids and block hashes.
+
+Compare its ``token_ids`` with the engine's own (vLLM: ``POST /tokenize``) to check parity; a
+mismatch means the router matches prefixes the engine never cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvgate.scheduling.config import ConfigError, validate_block_size
+
+
+class UsageError(Exception):
+    """Bad input; the message is printed on one line and the exit code is 2."""
+
+
+def _read_body(source: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read request {source!r}: {err.strerror or err}") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"request is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
+    if not isinstance(body, dict):
+        raise UsageError(f"request must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def run(args: argparse.Namespace) -> dict[str, list[int]]:
+    from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
+    from kvgate.tokens.hashing import block_hashes
+
+    try:
+        block_size = validate_block_size(args.block_size, "--block-size")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    body = _read_body(args.request)
+    if "messages" in body:
+        kind = "chat"
+    elif "prompt" in body:
+        kind = "completions"
+    else:
+        raise UsageError("request has neither 'messages' (chat) nor 'prompt' (completions)")
+    try:
+        tokenizer = ModelTokenizer.load(args.tokenizer)
+    except TokenizerLoadError as err:
+        raise UsageError(str(err)) from None
+    try:
+        tokens = tokenizer.tokenize_request(body, kind)
+    except RequestError as err:
+        raise UsageError(f"invalid request: {err}") from None
+    local, sequence = block_hashes(tokens, block_size, args.lora_name)
+    return {"token_ids": tokens, "local_hashes": local, "sequence_hashes": sequence}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvgate tokenize",
+        description="Print the token ids and KV block hashes kvgate computes for one OpenAI "
+        "request body (chat: 'messages', completions: 'prompt').",
+    )
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or hub model id")
+    parser.add_argument(
+        "--block-size", type=int, required=True, help="KV block size (the engines')"
+    )
+    parser.add_argument("--lora-name", help="LoRA adapter name (changes the hash seed)")
+    parser.add_argument(
+        "--request", default="-", help="file with the JSON request body, or - for stdin"
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except UsageError as err:
+        print(f"kvgate tokenize: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,395 @@
+"""The endpoint picker's ext_proc service: one gRPC stream per HTTP request.
+
+Phases, as Envoy sends them:
+
+1. request headers — remembered; client-sent routing headers are marked for removal. With the
+   request body in a buffered mode Envoy waits for our answer before sending the body, so we answer
+   CONTINUE at once and make the routing decision in the body answer; in FULL_DUPLEX_STREAMED mode
+   (the GAIE reference) nothing is answered until the body is complete. Envoy tells which mode it
+   uses in the first message's ``protocol_config``; without it the configured default applies.
+2. request body — buffered up to the size limit, then parsed, prepared (tokenized off the event
+   loop), scheduled; the answer carries the destination header, the same value in ``envoy.lb``
+   metadata, the routing headers of the plugins and ``content-length``, then the body in ≤62,000
+   byte chunks (full duplex) or as a body mutation (buffered).
+3. response headers / body — passed straight back; the first body chunk marks the end of prefill,
+   the end of the stream completes the request (usage parsed from the final body or last SSE event).
+4. a stream that ends any other way (client gone, upstream reset) frees the request's bookkeeping.
+
+Errors become ImmediateResponses with the documented status codes and an OpenAI-shaped JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from kvgate.extproc import protocol as proto
+from kvgate.extproc.metrics import EppMetrics
+from kvgate.extproc.usage import UsageTracker
+from kvgate.fleet.endpoint import Endpoint, EndpointSet
+from kvgate.scheduling.framework import (
+    LLMRequest,
+    ResponseInfo,
+    SchedulingError,
+    SchedulingResult,
+)
+from kvgate.scheduling.scheduler import Scheduler
+from kvgate.tokens.request import request_kind_for_path
+
+log = logging.getLogger(__name__)
+
+# Headers that decide routing: only the picker may set them. A client sending its own would
+# otherwise steer Envoy's ORIGINAL_DST cluster or a Dynamo backend.
+ROUTING_HEADERS = (
+    proto.DESTINATION_HEADER,
+    "x-worker-instance-id",
+    "x-prefiller-host-port",
+    "x-dynamo-routing-mode",
+)
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+# Parsing JSON costs ~1 ms per 100 KB; above this size it moves off the event loop.
+_OFFLOAD_PARSE_BYTES = 64 * 1024
+
+
+@dataclass
+class EppOptions:
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Larger request bodies are refused with 413."""
+    max_buffered_bytes: int = 512 * 1024 * 1024
+    """All request bodies being buffered at once; past it new bodies get 503 (no memory blow-up
+    from a flood of large bodies)."""
+    max_concurrent_scheduling: int = 256
+    """Requests in prepare/schedule at once; more wait their turn."""
+    default_full_duplex: bool = True
+    """Body mode assumed when Envoy does not send protocol_config."""
+    served_model: str | None = None
+    """When set, requests for other models (and not a known adapter) get 404."""
+    lora_adapters: frozenset[str] = frozenset()
+    priorities: dict[str, int] = field(default_factory=dict)
+    """InferenceObjective name → priority (``x-gateway-inference-objective``)."""
+    decision_header: bool = False
+    """Add ``x-kvgate-decision`` with a summary of the pick to the routed request."""
+
+
+class Director:
+    """Everything a request stream needs: endpoints, scheduler, limits, metrics."""
+
+    def __init__(
+        self,
+        endpoints: EndpointSet,
+        scheduler: Scheduler,
+        options: EppOptions,
+        metrics: EppMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoints = endpoints
+        self.scheduler = scheduler
+        self.options = options
+        self.metrics = metrics
+        self.clock = clock
+        self._slots = asyncio.Semaphore(options.max_concurrent_scheduling)
+        self._buffered = 0
+
+    def reserve_body(self, size: int) -> bool:
+        if self._buffered + size > self.options.max_buffered_bytes:
+            return False
+        self._buffered += size
+        return True
+
+    def release_body(self, size: int) -> None:
+        self._buffered -= size
+
+    def ready(self) -> bool:
+        return self.endpoints.known
+
+    async def schedule(self, request: LLMRequest, subset: list[str] | None) -> SchedulingResult:
+        candidates = self.endpoints.snapshot()
+        if subset is not None:
+            allowed = set(subset)
+            candidates = [ep for ep in candidates if ep.address in allowed]
+            if not candidates:
+                raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
+        if not candidates:
+            raise SchedulingError(503, "no ready endpoints")
+        async with self._slots:
+            await self.scheduler.prepare(request)
+            return self.scheduler.schedule(request, candidates)
+
+
+class RequestStream:
+    """State of one ext_proc stream (one HTTP request)."""
+
+    def __init__(self, director: Director) -> None:
+        self.d = director
+        self.headers: dict[str, str] = {}
+        self.full_duplex = director.options.default_full_duplex
+        self.body = bytearray()
+        self.reserved = 0
+        self.request: LLMRequest | None = None
+        self.result: SchedulingResult | None = None
+        self.response = ResponseInfo()
+        self.usage = UsageTracker()
+        self.first_chunk_seen = False
+        self.completed = False
+        self.started = director.clock()
+        self.request_id = ""
+
+    async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if msg.HasField("protocol_config"):
+            mode = msg.protocol_config.request_body_mode
+            self.full_duplex = mode == proto.FULL_DUPLEX or (
+                mode in proto.BUFFERED_MODES
+                and msg.protocol_config.send_body_without_waiting_for_header_response
+            )
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            return await self._request_headers(msg)
+        if kind == "request_body":
+            return await self._request_body(msg)
+        if kind == "request_trailers":
+            return await self._request_trailers(msg)
+        if kind == "response_headers":
+            return self._response_headers(msg)
+        if kind == "response_body":
+            return self._response_body(msg)
+        if kind == "response_trailers":
+            self._complete()
+            return [proto.continue_response("response_trailers")]
+        return []
+
+    # -- request ---------------------------------------------------------------------------
+
+    async def _request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self.headers = proto.header_map(msg.request_headers)
+        self.request_id = self.headers.get("x-request-id") or str(uuid.uuid4())
+        self.subset = self._subset(msg)
+        if msg.request_headers.end_of_stream:
+            return await self._route_bodyless()
+        if self.full_duplex:
+            return []
+        return [proto.request_headers_response(self._strip_mutation())]
+
+    def _strip_mutation(self) -> pb.HeaderMutation:
+        present = [h for h in ROUTING_HEADERS if h in self.headers]
+        extra = {} if "x-request-id" in self.headers else {"x-request-id": self.request_id}
+        return proto.header_mutation(extra, present)
+
+    def _subset(self, msg: pb.ProcessingRequest) -> list[str] | None:
+        value = proto.metadata_value(msg, proto.SUBSET_NAMESPACE, proto.SUBSET_KEY)
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [str(value)]
+
+    async def _request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        chunk = msg.request_body.body
+        if chunk:
+            if len(self.body) + len(chunk) > self.d.options.max_body_bytes:
+                return self._reject(
+                    413,
+                    f"request body exceeds {self.d.options.max_body_bytes} bytes",
+                    "body_too_large",
+                )
+            if not self.d.reserve_body(len(chunk)):
+                return self._reject(503, "gateway is buffering too many request bodies", "overload")
+            self.reserved += len(chunk)
+            self.body += chunk
+        if not msg.request_body.end_of_stream:
+            return []
+        return await self._route_body()
+
+    async def _request_trailers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if self.result is None and self.request is None:
+            out = await self._route_body()
+            return [*out, proto.continue_response("request_trailers")]
+        return [proto.continue_response("request_trailers")]
+
+    async def _route_bodyless(self) -> list[pb.ProcessingResponse]:
+        """GET /v1/models and the like: any ready endpoint will do."""
+        endpoints = self.d.endpoints.snapshot()
+        if self.subset is not None:
+            endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
+        if not endpoints:
+            return self._reject(503, "no ready endpoints", "no_endpoints")
+        endpoint = endpoints[int(self.d.clock() * 1000) % len(endpoints)]
+        mutation = self._route_mutation([endpoint.address], {}, None)
+        response = proto.request_headers_response(mutation, clear_route_cache=True)
+        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.address]))
+        return [response]
+
+    async def _route_body(self) -> list[pb.ProcessingResponse]:
+        started = self.d.clock()
+        body = bytes(self.body)
+        try:
+            parsed = await self._parse(body)
+            request = self._build_request(parsed)
+            self.request = request
+            result = await self.d.schedule(request, self.subset)
+        except SchedulingError as err:
+            self.d.metrics.request_errors.labels(code=str(err.status)).inc()
+            return self._reject(err.status, str(err), "scheduling")
+        finally:
+            self.d.release_body(self.reserved)
+            self.reserved = 0
+            self.body = bytearray()
+        self.result = result
+        self.d.scheduler.pre_request(request, result)
+        destinations = [ep.address for ep in result.primary.endpoints]
+        self.d.metrics.observe_decision(request, result, self.d.clock() - started)
+        new_body = body  # plugins that rewrite the body (nvext inline) replace request.body
+        mutation = self._route_mutation(destinations, request.routing_headers, len(new_body))
+        metadata = proto.lb_metadata(destinations)
+        if self.full_duplex:
+            head = proto.request_headers_response(mutation, clear_route_cache=True)
+            head.dynamic_metadata.CopyFrom(metadata)
+            return [head, *proto.streamed_body_responses(new_body)]
+        answer = proto.buffered_body_response(mutation, None, clear_route_cache=True)
+        answer.dynamic_metadata.CopyFrom(metadata)
+        return [answer]
+
+    def _route_mutation(
+        self, destinations: list[str], routing_headers: dict[str, str], length: int | None
+    ) -> pb.HeaderMutation:
+        headers = {proto.DESTINATION_HEADER: ",".join(destinations[:1])}
+        headers.update(routing_headers)
+        if "x-request-id" not in self.headers:
+            headers["x-request-id"] = self.request_id
+        if length is not None and self.full_duplex:
+            headers["content-length"] = str(length)
+        # Client-sent routing headers the plugins did not set are removed, not passed on.
+        remove = [h for h in ROUTING_HEADERS if h in self.headers and h not in headers]
+        return proto.header_mutation(headers, remove)
+
+    async def _parse(self, body: bytes) -> dict[str, Any]:
+        try:
+            if len(body) > _OFFLOAD_PARSE_BYTES:
+                parsed = await asyncio.to_thread(json.loads, body)
+            else:
+                parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SchedulingError(400, f"request body is not valid JSON: {err}") from None
+        if not isinstance(parsed, dict):
+            raise SchedulingError(
+                400, f"request body must be a JSON object, got {type(parsed).__name__}"
+            )
+        return parsed
+
+    def _build_request(self, body: dict[str, Any]) -> LLMRequest:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise SchedulingError(400, "request body has no 'model' string")
+        rewrite = self.headers.get(MODEL_REWRITE_HEADER)
+        if rewrite:
+            model = rewrite
+        options = self.d.options
+        lora = model if model in options.lora_adapters else None
+        if options.served_model and model != options.served_model and lora is None:
+            raise SchedulingError(
+                404, f"model {model!r} is not served here (serving {options.served_model!r})"
+            )
+        objective = self.headers.get(OBJECTIVE_HEADER, "")
+        return LLMRequest(
+            request_id=self.request_id,
+            model=model,
+            kind=request_kind_for_path(self.headers.get(":path", "")),
+            body=body,
+            headers=self.headers,
+            priority=options.priorities.get(objective, 0),
+            lora_name=lora,
+            stream=bool(body.get("stream")),
+        )
+
+    def _reject(self, status: int, message: str, reason: str) -> list[pb.ProcessingResponse]:
+        self.d.release_body(self.reserved)
+        self.reserved = 0
+        self.body = bytearray()
+        self.d.metrics.rejections.labels(code=str(status), reason=reason).inc()
+        log.info("request %s rejected with %d: %s", self.request_id, status, message)
+        return [proto.immediate_error(status, message, reason=reason)]
+
+    # -- response --------------------------------------------------------------------------
+
+    def _response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        headers = proto.header_map(msg.response_headers)
+        status = headers.get(":status", "")
+        self.response.status = int(status) if status.isdigit() else None
+        self.response.streaming = headers.get("content-type", "").startswith("text/event-stream")
+        served = proto.metadata_value(msg, proto.LB_NAMESPACE, proto.DESTINATION_SERVED_KEY)
+        if isinstance(served, str):
+            self.response.served_endpoint = served
+        if self.request is not None and self.result is not None:
+            self.d.scheduler.response_received(self.request, self.result, headers)
+        if msg.response_headers.end_of_stream:
+            self._complete()
+        return [proto.continue_response("response_headers")]
+
+    def _response_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        chunk = msg.response_body.body
+        end = msg.response_body.end_of_stream
+        if self.request is not None and self.result is not None:
+            if not self.first_chunk_seen and (chunk or end):
+                self.first_chunk_seen = True
+                self.d.metrics.observe_ttft(self.request, self.d.clock() - self.started)
+                self.d.scheduler.response_streaming(self.request, self.result, True)
+            self.usage.feed(chunk, streaming=self.response.streaming)
+        if end:
+            self._complete()
+        if self.full_duplex:
+            return [proto.echo_response_chunk(chunk, end)]
+        return [proto.continue_response("response_body")]
+
+    def _complete(self, *, aborted: bool = False) -> None:
+        if self.completed or self.request is None or self.result is None:
+            return
+        self.completed = True
+        usage = self.usage.result()
+        self.response.prompt_tokens = usage.prompt_tokens
+        self.response.completion_tokens = usage.completion_tokens
+        self.response.cached_tokens = usage.cached_tokens
+        self.response.aborted = aborted
+        self.d.scheduler.response_complete(self.request, self.result, self.response)
+        self.d.metrics.observe_completion(
+            self.request, self.result, self.response, self.d.clock() - self.started
+        )
+
+    def close(self) -> None:
+        """The stream ended: free anything still held."""
+        if self.reserved:
+            self.d.release_body(self.reserved)
+            self.reserved = 0
+        if not self.completed:
+            self._complete(aborted=True)
+
+
+async def process_stream(
+    director: Director, requests: AsyncIterator[pb.ProcessingRequest]
+) -> AsyncIterator[pb.ProcessingResponse]:
+    stream = RequestStream(director)
+    try:
+        async for msg in requests:
+            try:
+                responses = await stream.handle(msg)
+            except Exception:
+                log.exception("request %s: internal error in the picker", stream.request_id)
+                director.metrics.rejections.labels(code="500", reason="internal").inc()
+                yield proto.immediate_error(500, "internal error in the endpoint picker")
+                return
+            for response in responses:
+                yield response
+    finally:
+        stream.close()
+
+
+def endpoint_summary(endpoint: Endpoint) -> str:
+    return f"{endpoint.address}#{endpoint.worker_instance_id()}"

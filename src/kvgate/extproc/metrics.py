@@ -1,0 +1,202 @@
+"""The picker's Prometheus metrics: the upstream EPP names that apply, plus kvgate's own.
+
+Upstream names (``inference_objective_*``, ``inference_pool_*``, ``inference_extension_*``) keep
+existing dashboards working. kvgate's own (``kvgate_*``) answer the questions a KV-aware router
+raises: how long each stage takes, where decisions go, and — the parity alarm — whether the cached
+tokens the engines report match the overlap the picker predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kvgate.fleet.endpoint import EndpointSet
+    from kvgate.scheduling.framework import LLMRequest, ResponseInfo, SchedulingResult
+
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+_REQUEST_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class _PoolCollector(Collector):
+    """Pool gauges computed from the endpoint set at scrape time."""
+
+    def __init__(self, endpoints: EndpointSet, pool: str) -> None:
+        self._endpoints = endpoints
+        self._pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        eps = [ep for ep in self._endpoints if not ep.metrics.stale]
+        ready = GaugeMetricFamily(
+            "inference_pool_ready_pods", "Endpoints with fresh metrics", labels=["name"]
+        )
+        ready.add_metric([self._pool], len(eps))
+        kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache utilisation over ready endpoints",
+            labels=["name"],
+        )
+        kv.add_metric([self._pool], sum(e.metrics.kv_usage for e in eps) / len(eps) if eps else 0)
+        queue = GaugeMetricFamily(
+            "inference_pool_average_queue_size",
+            "Mean waiting requests over ready endpoints",
+            labels=["name"],
+        )
+        queue.add_metric([self._pool], sum(e.metrics.waiting for e in eps) / len(eps) if eps else 0)
+        return [ready, kv, queue]
+
+
+class EppMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        model = ["model_name", "target_model_name"]
+        self.requests = Counter(
+            "inference_objective_request", "Requests scheduled", model, registry=r
+        )
+        self.request_errors = Counter(
+            "inference_objective_request_error",
+            "Requests answered with an error by the picker",
+            ["code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "Request latency as seen by the picker",
+            model,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "inference_objective_request_ttft_seconds",
+            "Time to the first response byte",
+            model,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "inference_objective_input_tokens", "Prompt tokens", model,
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.output_tokens = Histogram(
+            "inference_objective_output_tokens", "Completion tokens", model,
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.cached_tokens = Histogram(
+            "inference_objective_prompt_cached_tokens", "Prompt tokens served from cache", model,
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.running = Gauge(
+            "inference_objective_running_requests", "Requests in flight", ["model_name"],
+            registry=r,
+        )  # fmt: skip
+        self.scheduler_duration = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Scheduling time from body complete to decision",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "Time spent in each plugin",
+            ["extension_point", "plugin_type", "plugin_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "kvgate_stage_duration_seconds",
+            "Time per routing stage (parse, tokenize, hash, match, score, total)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "kvgate_decisions", "Routing decisions per endpoint", ["endpoint"], registry=r
+        )
+        self.rejections = Counter(
+            "kvgate_rejections", "Requests refused by the picker", ["code", "reason"], registry=r
+        )
+        self.predicted_overlap = Histogram(
+            "kvgate_predicted_overlap_blocks",
+            "Leading blocks the chosen endpoint was predicted to cache",
+            buckets=(0, 1, 4, 16, 64, 256, 1024, 4096),
+            registry=r,
+        )
+        self.predicted_cached_tokens = Counter(
+            "kvgate_predicted_cached_tokens",
+            "Prompt tokens the picker predicted the engine would serve from cache",
+            registry=r,
+        )
+        self.engine_cached_tokens = Counter(
+            "kvgate_engine_cached_tokens",
+            "Prompt tokens the engines reported as served from cache (usage.cached_tokens)",
+            registry=r,
+        )
+        self.cache_prediction_error = Histogram(
+            "kvgate_cache_prediction_error_tokens",
+            "engine-reported minus predicted cached tokens per request (parity alarm)",
+            buckets=(-4096, -1024, -256, -64, -16, -1, 0, 1, 16, 64, 256, 1024, 4096),
+            registry=r,
+        )
+        self.non_max_overlap_picks = Counter(
+            "kvgate_non_max_overlap_picks",
+            "Picks of an endpoint other than the one caching the longest prefix",
+            registry=r,
+        )
+        self.busy_rejections = Counter(
+            "kvgate_busy_rejections", "Requests refused because every worker was busy", registry=r
+        )
+
+    def watch(
+        self,
+        endpoints: EndpointSet,
+        pool: str,
+        gauges: dict[str, tuple[str, Callable[[], float]]],
+    ) -> None:
+        """Register pool gauges and named gauges read at scrape time (index size, event
+        counters)."""
+        self.registry.register(_PoolCollector(endpoints, pool))
+        for name, (help_, read) in gauges.items():
+            gauge = Gauge(name, help_, registry=self.registry)
+            gauge.set_function(read)
+
+    def observe_decision(
+        self, request: LLMRequest, result: SchedulingResult, seconds: float
+    ) -> None:
+        self.requests.labels(request.model, request.model).inc()
+        self.running.labels(request.model).inc()
+        self.scheduler_duration.observe(seconds)
+        self.stage_duration.labels("total").observe(seconds)
+        self.decisions.labels(result.endpoint.address).inc()
+        if request.tokens is not None:
+            self.input_tokens.labels(request.model, request.model).observe(len(request.tokens))
+
+    def observe_ttft(self, request: LLMRequest, seconds: float) -> None:
+        self.ttft.labels(request.model, request.model).observe(seconds)
+
+    def observe_completion(
+        self,
+        request: LLMRequest,
+        result: SchedulingResult,
+        response: ResponseInfo,
+        seconds: float,
+    ) -> None:
+        self.running.labels(request.model).dec()
+        labels = (request.model, request.model)
+        if not response.aborted:
+            self.duration.labels(*labels).observe(seconds)
+        if response.completion_tokens is not None:
+            self.output_tokens.labels(*labels).observe(response.completion_tokens)
+        if response.cached_tokens is not None:
+            self.cached_tokens.labels(*labels).observe(response.cached_tokens)
+            self.engine_cached_tokens.inc(response.cached_tokens)
+            if request.predicted_overlap_blocks is not None and request.block_size:
+                predicted = request.predicted_overlap_blocks * request.block_size
+                self.cache_prediction_error.observe(response.cached_tokens - predicted)

@@ -1,0 +1,186 @@
+"""Building and reading Envoy ext_proc v3 messages.
+
+Facts this module encodes (GAIE endpoint-picker protocol):
+- the destination goes in the ``x-gateway-destination-endpoint`` header *and* in dynamic metadata
+  ``envoy.lb`` under the same key, with the same value (comma-separated fallbacks after the pick);
+- a changed body must come with a matching ``content-length`` or Envoy answers 500;
+- streamed body chunks sent back to Envoy are at most 62,000 bytes;
+- header values arrive in ``raw_value`` (bytes) from current Envoys, ``value`` from older ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"
+MAX_CHUNK_BYTES = 62_000
+
+BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED_MODES = frozenset(
+    {
+        processing_mode_pb2.ProcessingMode.BUFFERED,
+        processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
+    }
+)
+
+
+def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Lower-case header names to values; repeated headers are joined with ','."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        key = h.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def header_mutation(
+    set_headers: Mapping[str, str], remove: Iterable[str] = ()
+) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[_header(k, v) for k, v in set_headers.items()],
+        remove_headers=list(remove),
+    )
+
+
+def lb_metadata(destinations: Sequence[str]) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``."""
+    meta = struct_pb2.Struct()
+    meta.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(destinations)}})
+    return meta
+
+
+def request_headers_response(
+    mutation: pb.HeaderMutation | None = None, *, clear_route_cache: bool = False
+) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=mutation, clear_route_cache=clear_route_cache
+            )
+        )
+    )
+
+
+def streamed_body_responses(body: bytes, *, response: bool = False) -> list[pb.ProcessingResponse]:
+    """The body as ≤62,000-byte streamed chunks, ``end_of_stream`` on the last one."""
+    chunks = [body[i : i + MAX_CHUNK_BYTES] for i in range(0, len(body), MAX_CHUNK_BYTES)] or [b""]
+    out = []
+    for i, chunk in enumerate(chunks):
+        mutation = pb.BodyMutation(
+            streamed_response=pb.StreamedBodyResponse(
+                body=chunk, end_of_stream=i == len(chunks) - 1
+            )
+        )
+        common = pb.CommonResponse(body_mutation=mutation)
+        if response:
+            out.append(pb.ProcessingResponse(response_body=pb.BodyResponse(response=common)))
+        else:
+            out.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))
+    return out
+
+
+def echo_response_chunk(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    mutation = pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+    )
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    )
+
+
+def buffered_body_response(
+    mutation: pb.HeaderMutation | None, body: bytes | None, *, clear_route_cache: bool
+) -> pb.ProcessingResponse:
+    common = pb.CommonResponse(
+        header_mutation=mutation,
+        clear_route_cache=clear_route_cache,
+        body_mutation=pb.BodyMutation(body=body) if body is not None else None,
+    )
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+
+def continue_response(kind: str) -> pb.ProcessingResponse:
+    """An empty CONTINUE for the phase ``kind`` (a ProcessingResponse oneof field name)."""
+    if kind.endswith("trailers"):
+        return pb.ProcessingResponse(**{kind: pb.TrailersResponse()})
+    if kind.endswith("headers"):
+        return pb.ProcessingResponse(**{kind: pb.HeadersResponse()})
+    return pb.ProcessingResponse(**{kind: pb.BodyResponse()})
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+def immediate_error(
+    status: int, message: str, *, reason: str | None = None
+) -> pb.ProcessingResponse:
+    """An OpenAI-shaped JSON error answered by Envoy without reaching a worker."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": ERROR_TYPES.get(status, "error"),
+                "param": None,
+                "code": status,
+            }
+        }
+    ).encode()
+    headers = {"content-type": "application/json"}
+    if reason:
+        headers["x-kvgate-dropped-reason"] = reason
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=header_mutation(headers),
+            body=body,
+            details=reason or "",
+        )
+    )
+
+
+def metadata_value(request: pb.ProcessingRequest, namespace: str, key: str) -> object | None:
+    """A value from the request's metadata context, converted to Python (None if absent)."""
+    ctx = request.metadata_context.filter_metadata
+    if namespace not in ctx:
+        return None
+    fields = ctx[namespace].fields
+    if key not in fields:
+        return None
+    value = fields[key]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [str(v.string_value) for v in value.list_value.values]
+    if kind == "string_value":
+        return str(value.string_value)
+    if kind == "number_value":
+        return float(value.number_value)
+    if kind == "bool_value":
+        return bool(value.bool_value)
+    return None

@@ -1,0 +1,422 @@
+"""`kvgate epp`: the endpoint picker process.
+
+It serves ext_proc on ``--grpc-port`` (9002), gRPC health on ``--grpc-health-port`` (9003) and
+Prometheus metrics on ``--metrics-port`` (9090). It starts with zero endpoints if need be and
+answers 503 until one appears; it never waits for workers before serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
+from kvgate.events.types import KvEvent
+from kvgate.extproc.epp import Director, EppOptions, process_stream
+from kvgate.extproc.metrics import EppMetrics
+from kvgate.fleet.endpoint import EndpointSet
+from kvgate.fleet.follower import FleetFollower
+from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.sources import (
+    EndpointDefaults,
+    EndpointsFileWatcher,
+    EndpointSpecError,
+    parse_endpoints_flag,
+)
+from kvgate.index.prefix_index import PrefixIndex
+from kvgate.scheduling.config import ConfigError
+from kvgate.scheduling.epp_config import EppPlugins, load_epp_config
+from kvgate.scheduling.plugins.kv_aware_scorer import (
+    KV_SCORERS_EXTRA,
+    METRICS_EXTRA,
+    TOKENIZER_EXTRA,
+    KvAwareScorer,
+)
+from kvgate.scheduling.registry import PluginContext
+from kvgate.scheduling.scheduler import PluginTimings
+
+log = logging.getLogger("kvgate.epp")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+
+
+@dataclass
+class EppSettings:
+    bind: str = "0.0.0.0"
+    grpc_port: int = 9002
+    health_port: int = 9003
+    metrics_port: int = 9090
+    secure: bool = True
+    cert_path: Path | None = None
+    config_text: str | None = None
+    endpoints: str = ""
+    endpoints_file: Path | None = None
+    engine: str = "vllm"
+    events_port: int | None = None
+    events_bind: str | None = None
+    """Bind one central SUB socket here that engines connect to (topic ``kv@<ip:port>@...``)."""
+    pool_name: str | None = None
+    pool_namespace: str = "default"
+    model: str | None = None
+    tokenizer: str | None = None
+    lora_adapters: frozenset[str] = frozenset()
+    scrape_interval_s: float = 0.05
+    options: EppOptions = field(default_factory=EppOptions)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    seed: int | None = None
+
+
+class _FanOutSink:
+    """KV events go to the index of every KV scorer that uses events (usually one)."""
+
+    def __init__(self, indexes: list[PrefixIndex]) -> None:
+        self._indexes = indexes
+
+    def apply_event(self, worker: str, event: KvEvent) -> None:
+        for index in self._indexes:
+            index.apply_event(worker, event)
+
+    def clear_worker(self, worker: str) -> None:
+        for index in self._indexes:
+            index.clear_worker(worker)
+
+
+class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, director: Director) -> None:
+        self._director = director
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for response in process_stream(self._director, request_iterator):
+            yield response
+
+
+class EppRuntime:
+    """Everything `kvgate epp` runs, started and stopped as one unit."""
+
+    def __init__(self, settings: EppSettings) -> None:
+        self.settings = settings
+        self.metrics = EppMetrics()
+        self.endpoints = EndpointSet()
+        self.timings = PluginTimings()
+        self.bound_ports: dict[str, int] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self.plugins: EppPlugins | None = None
+        self.kv_scorers: list[KvAwareScorer] = []
+        self.subscriber: KvEventSubscriber | None = None
+        self._health: Any = None
+
+    async def __aenter__(self) -> EppRuntime:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        defaults = EndpointDefaults(engine=s.engine, events_port=s.events_port)  # type: ignore[arg-type]
+        tokenizer = None
+        if s.tokenizer:
+            from kvgate.tokens import ModelTokenizer
+
+            tokenizer = await asyncio.to_thread(ModelTokenizer.load, s.tokenizer)
+        extras: dict[str, Any] = {TOKENIZER_EXTRA: tokenizer, METRICS_EXTRA: self.metrics}
+        context = PluginContext(env=s.env, rng_seed=s.seed, extras=extras)
+        self.plugins = load_epp_config(s.config_text, context=context)
+        self.kv_scorers = list(extras.get(KV_SCORERS_EXTRA, []))
+        for scorer in self.kv_scorers:
+            self._stack.callback(scorer.close)
+        scheduler = self.plugins.scheduler(observer=self._observe)
+        self.endpoints.subscribe(scheduler.endpoints_changed)
+
+        event_indexes = [
+            sc.router.index for sc in self.kv_scorers if isinstance(sc.router.index, PrefixIndex)
+        ]
+        if event_indexes:
+            block_size = self.kv_scorers[0].config.block_size
+            self.subscriber = KvEventSubscriber(
+                _FanOutSink(event_indexes), SubscriberConfig(block_size=block_size)
+            )
+            await self.subscriber.start()
+            self._stack.push_async_callback(self.subscriber.aclose)
+            if s.events_bind:
+                real = self.subscriber.bind(s.events_bind, subscribe=b"kv@")
+                log.info("KV events: engines publish to %s", real)
+            FleetFollower(self.endpoints, self.subscriber, central=s.events_bind is not None)
+
+        scraper = MetricsScraper(
+            self.endpoints,
+            ScraperConfig(
+                interval_s=s.scrape_interval_s,
+                block_size=self.kv_scorers[0].config.block_size if self.kv_scorers else None,
+            ),
+        )
+        await scraper.start()
+        self._stack.push_async_callback(scraper.aclose)
+
+        if s.endpoints_file is not None:
+            watcher = EndpointsFileWatcher(s.endpoints_file, self.endpoints, defaults)
+            await watcher.start()
+            self._stack.push_async_callback(watcher.aclose)
+        else:
+            self.endpoints.replace(parse_endpoints_flag(s.endpoints, defaults))
+
+        director = Director(self.endpoints, scheduler, s.options, self.metrics)
+        self.metrics.watch(self.endpoints, s.pool_name or "kvgate", self._gauges())
+        await self._serve_grpc(director)
+        await self._serve_health()
+        await self._serve_metrics()
+        self.endpoints.subscribe(lambda _j, _l: self._update_readiness())
+        self._update_readiness()
+
+    def _gauges(self) -> dict[str, tuple[str, Any]]:
+        def index_blocks() -> float:
+            return float(sum(sc.router.index.entries for sc in self.kv_scorers))
+
+        def events(attr: str) -> Any:
+            def read() -> float:
+                if self.subscriber is None:
+                    return 0.0
+                return float(getattr(self.subscriber.stats.total(), attr))
+
+            return read
+
+        return {
+            "inference_extension_prefix_indexer_size": ("(block, worker) entries", index_blocks),
+            "kvgate_kv_events_ingested": ("KV events applied", events("events")),
+            "kvgate_kv_event_batches_malformed": ("KV event batches dropped", events("malformed")),
+            "kvgate_kv_event_gaps": ("sequence gaps in KV event streams", events("gaps")),
+            "kvgate_kv_event_block_size_mismatches": (
+                "KV events refused for a block size different from kvgate's",
+                events("block_size_mismatch"),
+            ),
+        }
+
+    def _observe(self, point: str, plugin: Any, seconds: float) -> None:
+        self.timings(point, plugin, seconds)
+        self.metrics.plugin_duration.labels(point, plugin.type_name, plugin.name).observe(seconds)
+
+    async def _serve_grpc(self, director: Director) -> None:
+        s = self.settings
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", s.options.max_body_bytes + (1 << 20))]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProc(director), server)
+        address = f"{s.bind}:{s.grpc_port}"
+        if s.secure:
+            from kvgate.extproc.tls import server_credentials
+
+            port = server.add_secure_port(address, server_credentials(s.cert_path))
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        self.bound_ports["grpc"] = port
+        self._stack.push_async_callback(server.stop, 2.0)
+
+    async def _serve_health(self) -> None:
+        s = self.settings
+        server = grpc.aio.server()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.bound_ports["health"] = server.add_insecure_port(f"{s.bind}:{s.health_port}")
+        await server.start()
+        self._stack.push_async_callback(server.stop, 1.0)
+
+    def _update_readiness(self) -> None:
+        if self._health is None:
+            return
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = serving if self.endpoints.known else not_serving
+        statuses = {"": serving, "liveness": serving, "readiness": ready, EXT_PROC_SERVICE: serving}
+        for service, status in statuses.items():
+            asyncio.get_running_loop().create_task(self._health.set(service, status))
+
+    async def _serve_metrics(self) -> None:
+        registry = self.metrics.registry
+
+        async def handle(_: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        app = web.Application()
+        app.router.add_get("/metrics", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.bind, self.settings.metrics_port)
+        await site.start()
+        self._stack.push_async_callback(runner.cleanup)
+        if runner.addresses:
+            self.bound_ports["metrics"] = int(runner.addresses[0][1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvgate epp",
+        description="KV-cache-aware endpoint picker: an Envoy ext_proc server (GAIE protocol).",
+    )
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc port (default 9002)")
+    p.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port")
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--secure-serving",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TLS on the ext_proc port (self-signed unless --cert-path); default on",
+    )
+    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    cfg = p.add_mutually_exclusive_group()
+    cfg.add_argument("--config-file", type=Path, help="EndpointPickerConfig YAML file")
+    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--endpoints", default="", help="ip:port[=instance_id],... (static)")
+    src.add_argument("--endpoints-file", type=Path, help="YAML/JSON endpoint list, watched")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
+    p.add_argument("--events-port", type=int, help="engines' KV-event port (tcp://<ip>:<port>)")
+    p.add_argument(
+        "--events-bind", help="bind one SUB socket that engines connect to (e.g. tcp://*:5557)"
+    )
+    p.add_argument("--pool-name", help="InferencePool to discover endpoints from (Kubernetes)")
+    p.add_argument("--pool-namespace", default="default", help="namespace of the InferencePool")
+    p.add_argument("--model", help="served model name; other model names get 404")
+    p.add_argument("--lora-adapters", default="", help="comma-separated adapter names served")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id (needed for KV routing)")
+    p.add_argument("--max-body-bytes", type=int, default=EppOptions.max_body_bytes)
+    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between scrapes")
+    p.add_argument(
+        "--body-mode",
+        choices=["full-duplex", "buffered"],
+        default="full-duplex",
+        help="request body mode assumed when Envoy does not announce it",
+    )
+    p.add_argument("--decision-header", action="store_true", help="add x-kvgate-decision")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> EppSettings:
+    if args.pool_name:
+        raise ConfigError("--pool-name", "Kubernetes discovery is not available in this build")
+    config_text = None
+    if args.config_file is not None:
+        try:
+            config_text = args.config_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError("--config-file", f"cannot read {args.config_file}: {err}") from None
+    elif args.config_text:
+        config_text = args.config_text
+    for flag, value in (
+        ("--grpc-port", args.grpc_port),
+        ("--grpc-health-port", args.grpc_health_port),
+        ("--metrics-port", args.metrics_port),
+    ):
+        if not 0 <= value < 65536:
+            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
+    if args.max_body_bytes <= 0:
+        raise ConfigError("--max-body-bytes", "must be positive")
+    adapters = frozenset(a.strip() for a in args.lora_adapters.split(",") if a.strip())
+    options = EppOptions(
+        max_body_bytes=args.max_body_bytes,
+        default_full_duplex=args.body_mode == "full-duplex",
+        served_model=args.model,
+        lora_adapters=adapters,
+        decision_header=args.decision_header,
+    )
+    return EppSettings(
+        bind=args.bind,
+        grpc_port=args.grpc_port,
+        health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        secure=args.secure_serving,
+        cert_path=args.cert_path,
+        config_text=config_text,
+        endpoints=args.endpoints,
+        endpoints_file=args.endpoints_file,
+        engine=args.engine,
+        events_port=args.events_port,
+        events_bind=args.events_bind,
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        lora_adapters=adapters,
+        scrape_interval_s=args.scrape_interval,
+        options=options,
+    )
+
+
+async def serve(settings: EppSettings, stop: asyncio.Event) -> None:
+    async with EppRuntime(settings) as runtime:
+        log.info(
+            "kvgate epp serving ext_proc on %s:%d (%s), health on %d, metrics on %d",
+            settings.bind,
+            runtime.bound_ports["grpc"],
+            "TLS" if settings.secure else "plaintext",
+            runtime.bound_ports["health"],
+            runtime.bound_ports.get("metrics", settings.metrics_port),
+        )
+        await stop.wait()
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as err:
+        print(f"kvgate epp: {err}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        _run(run())
+    except (ConfigError, EndpointSpecError) as err:
+        print(f"kvgate epp: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"kvgate epp: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)

@@ -1,0 +1,6 @@
+"""Prefix index: which workers cache which prefixes. No gateway imports live here."""
+
+from kvgate.index.approx_index import ApproxPrefixIndex
+from kvgate.index.prefix_index import IndexStats, PrefixIndex, WorkerId
+
+__all__ = ["ApproxPrefixIndex", "IndexStats", "PrefixIndex", "WorkerId"]

@@ -1,0 +1,336 @@
+"""Which workers cache which prefixes: the read side of KV-aware routing.
+
+Layout
+------
+A prefix is identified by its *sequence hash* (see `kvgate.tokens.hashing`), so the index needs no
+tree: one flat ``dict`` maps a sequence hash to a **bitmask of worker slots** that hold that block.
+Matching a request walks its sequence hashes in order and ANDs the masks; the moment a worker's bit
+drops out, its overlap is the number of blocks walked so far. One dict lookup and two integer
+operations per block, whatever the number of workers — and no per-node objects, so no per-node
+locks and no allocation per lookup.
+
+Per worker slot, a second dict maps the engine's opaque block id to our sequence hash: removal
+events name blocks only by engine id. The rare case of two engine ids naming the same prefix on one
+worker (possible with LoRA or salted prefixes) is kept in a sparse per-slot refcount dict, so a
+removal of one of them does not hide the other.
+
+Memory: each (block, worker) entry costs one per-slot dict entry (key: the engine id, value: a
+reference to the sequence-hash int shared with the block dict), plus a share of the block dict
+entry. ``bytes_per_entry`` in ``kvgate microbench`` measures it (about 100 bytes). A cap on the
+number of entries bounds the whole index: when exceeded, the largest worker forgets its oldest
+blocks in one batch (dict order is insertion order), which only costs routing quality — a missed
+hit — never correctness.
+
+Thread-safety: none. The index is owned by one asyncio loop (events and lookups both run there).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
+from kvgate.tokens.hashing import SequenceHash, hash_blocks, lora_seed
+
+log = logging.getLogger(__name__)
+
+WorkerId = str
+
+# 64 workers fit in one machine word, but Python ints grow as needed: slots beyond 63 just make
+# the masks two words long.
+DEFAULT_MAX_ENTRIES = 16 * 1024 * 1024
+# When the cap is hit, trim to this fraction of it so eviction runs rarely and in batches.
+_TRIM_TO = 0.9
+
+
+@dataclass(slots=True)
+class IndexStats:
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    cleared: int = 0
+    orphan_stores: int = 0
+    malformed_stores: int = 0
+    unknown_removals: int = 0
+    evicted_entries: int = 0
+    other_tier_events: int = 0
+
+
+def _routable_tier(medium: str | None) -> bool:
+    """Only blocks in the engine's GPU cache are prefix hits at prefill time; blocks offloaded to
+    CPU or disk tiers (vLLM's ``medium``) must first be loaded back, so they are not indexed."""
+    return medium is None or medium.upper() == "GPU"
+
+
+class MaskIndex:
+    """Sequence hash → worker bitmask, with slot bookkeeping; the shared core of both indexes."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, int] = {}
+        self._slot_of: dict[WorkerId, int] = {}
+        self._worker_at: list[WorkerId | None] = []
+        self._free_slots: list[int] = []
+
+    def _slot(self, worker: WorkerId) -> int:
+        slot = self._slot_of.get(worker)
+        if slot is None:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+                self._worker_at[slot] = worker
+            else:
+                slot = len(self._worker_at)
+                self._worker_at.append(worker)
+            self._slot_of[worker] = slot
+            self._on_new_slot(slot)
+        return slot
+
+    def _on_new_slot(self, slot: int) -> None:
+        """Hook for subclasses to size their per-slot state."""
+
+    def _release_slot(self, worker: WorkerId) -> int | None:
+        slot = self._slot_of.pop(worker, None)
+        if slot is not None:
+            self._worker_at[slot] = None
+            self._free_slots.append(slot)
+        return slot
+
+    def _drop_bit(self, seq: int, bit: int) -> None:
+        mask = self._blocks.get(seq)
+        if mask is None:
+            return
+        mask &= ~bit
+        if mask:
+            self._blocks[seq] = mask
+        else:
+            del self._blocks[seq]
+
+    def workers(self) -> list[WorkerId]:
+        return list(self._slot_of)
+
+    def __contains__(self, worker: object) -> bool:
+        return worker in self._slot_of
+
+    @property
+    def num_blocks(self) -> int:
+        """Distinct prefixes held by at least one worker."""
+        return len(self._blocks)
+
+    def find_matches(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
+        """Overlap per worker: how many *leading* blocks of ``hashes`` it holds (absent = 0)."""
+        if not hashes:
+            return {}
+        get = self._blocks.get
+        mask = get(hashes[0], 0)
+        if not mask:
+            return {}
+        overlaps: dict[WorkerId, int] = {}
+        depth = 1
+        for h in islice(hashes, 1, None):
+            still = mask & get(h, 0)
+            if still != mask:
+                self._assign(overlaps, mask ^ still, depth)
+                if not still:
+                    return overlaps
+                mask = still
+            depth += 1
+        self._assign(overlaps, mask, depth)
+        return overlaps
+
+    def _assign(self, overlaps: dict[WorkerId, int], bits: int, depth: int) -> None:
+        worker_at = self._worker_at
+        while bits:
+            low = bits & -bits
+            worker = worker_at[low.bit_length() - 1]
+            if worker is not None:
+                overlaps[worker] = depth
+            bits ^= low
+
+
+class PrefixIndex(MaskIndex):
+    """Exact index fed by engine KV events (BlockStored, BlockRemoved, AllBlocksCleared)."""
+
+    def __init__(self, block_size: int, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        super().__init__()
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be positive, got {max_entries}")
+        self.block_size = block_size
+        self.max_entries = max_entries
+        self.stats = IndexStats()
+        self._by_engine: list[dict[int, int]] = []
+        self._dups: list[dict[int, int]] = []
+        self._entries = 0
+
+    def _on_new_slot(self, slot: int) -> None:
+        if slot == len(self._by_engine):
+            self._by_engine.append({})
+            self._dups.append({})
+
+    @property
+    def entries(self) -> int:
+        """(block, worker) pairs held."""
+        return self._entries
+
+    def size(self, worker: WorkerId) -> int:
+        slot = self._slot_of.get(worker)
+        return 0 if slot is None else len(self._by_engine[slot])
+
+    def sizes(self) -> dict[WorkerId, int]:
+        return {w: len(self._by_engine[s]) for w, s in self._slot_of.items()}
+
+    def apply_event(self, worker: WorkerId, event: KvEvent) -> None:
+        if isinstance(event, BlockStored):
+            if _routable_tier(event.medium):
+                self.apply_stored(worker, event)
+            else:
+                self.stats.other_tier_events += 1
+        elif isinstance(event, BlockRemoved):
+            if _routable_tier(event.medium):
+                self.apply_removed(worker, event.block_hashes)
+            else:
+                self.stats.other_tier_events += 1
+        elif isinstance(event, AllBlocksCleared):
+            self.clear_worker(worker)
+
+    def apply_stored(self, worker: WorkerId, event: BlockStored) -> int:
+        """Index the blocks of one BlockStored event; returns how many were new for the worker."""
+        n = len(event.block_hashes)
+        block_size = self.block_size
+        if n == 0:
+            return 0
+        if len(event.token_ids) != n * block_size:
+            self.stats.malformed_stores += 1
+            log.warning(
+                "worker %s: BlockStored with %d block ids but %d tokens (block size %d); skipped",
+                worker,
+                n,
+                len(event.token_ids),
+                block_size,
+            )
+            return 0
+        slot = self._slot(worker)
+        by_engine = self._by_engine[slot]
+        parent: SequenceHash | None = None
+        if event.parent_block_hash is not None:
+            known = by_engine.get(event.parent_block_hash)
+            if known is None:
+                # Without the parent we cannot know which prefix these blocks extend.
+                self.stats.orphan_stores += 1
+                log.debug("worker %s: BlockStored under unknown parent; skipped", worker)
+                return 0
+            parent = SequenceHash(known)
+        _, seqs = hash_blocks(event.token_ids, block_size, lora_seed(event.lora_name), parent)
+        return self._insert(slot, event.block_hashes, seqs)
+
+    def store_hashes(
+        self, worker: WorkerId, engine_hashes: Sequence[int], hashes: Sequence[int]
+    ) -> int:
+        """Index blocks whose sequence hashes are already known (snapshots, benchmarks)."""
+        return self._insert(self._slot(worker), engine_hashes, hashes)
+
+    def _insert(self, slot: int, engine_hashes: Sequence[int], hashes: Sequence[int]) -> int:
+        by_engine = self._by_engine[slot]
+        blocks = self._blocks
+        dups = self._dups[slot]
+        bit = 1 << slot
+        added = 0
+        for engine_hash, seq in zip(engine_hashes, hashes, strict=True):
+            previous = by_engine.get(engine_hash)
+            if previous is not None:
+                if previous == seq:
+                    continue
+                # The engine reused an id for other content: forget the old meaning first.
+                self._unlink(slot, previous)
+                self._entries -= 1
+            by_engine[engine_hash] = seq
+            mask = blocks.get(seq, 0)
+            if mask & bit:
+                dups[seq] = dups.get(seq, 1) + 1
+            else:
+                blocks[seq] = mask | bit
+            added += 1
+        self._entries += added
+        self.stats.stored_blocks += added
+        if self._entries > self.max_entries:
+            self._trim()
+        return added
+
+    def apply_removed(self, worker: WorkerId, engine_hashes: Sequence[EngineHash]) -> int:
+        slot = self._slot_of.get(worker)
+        if slot is None:
+            self.stats.unknown_removals += len(engine_hashes)
+            return 0
+        by_engine = self._by_engine[slot]
+        removed = 0
+        for engine_hash in engine_hashes:
+            seq = by_engine.pop(engine_hash, None)
+            if seq is None:
+                self.stats.unknown_removals += 1
+                continue
+            self._unlink(slot, seq)
+            removed += 1
+        self._entries -= removed
+        self.stats.removed_blocks += removed
+        return removed
+
+    def _unlink(self, slot: int, seq: int) -> None:
+        dups = self._dups[slot]
+        count = dups.get(seq)
+        if count is not None:
+            if count > 2:
+                dups[seq] = count - 1
+            else:
+                del dups[seq]
+            return
+        self._drop_bit(seq, 1 << slot)
+
+    def clear_worker(self, worker: WorkerId) -> None:
+        """Forget every block of ``worker`` but keep it known (AllBlocksCleared, a seq gap)."""
+        slot = self._slot_of.get(worker)
+        if slot is None:
+            return
+        self._clear_slot(slot)
+        self.stats.cleared += 1
+
+    def remove_worker(self, worker: WorkerId) -> None:
+        """The worker left the pool: drop its blocks and free its slot."""
+        slot = self._slot_of.get(worker)
+        if slot is None:
+            return
+        self._clear_slot(slot)
+        self._release_slot(worker)
+
+    def _clear_slot(self, slot: int) -> None:
+        by_engine = self._by_engine[slot]
+        bit = 1 << slot
+        drop = self._drop_bit
+        for seq in set(by_engine.values()):
+            drop(seq, bit)
+        self._entries -= len(by_engine)
+        self._by_engine[slot] = {}
+        self._dups[slot] = {}
+
+    def _trim(self) -> None:
+        target = int(self.max_entries * _TRIM_TO)
+        while self._entries > target:
+            slot = max(self._slot_of.values(), key=lambda s: len(self._by_engine[s]))
+            by_engine = self._by_engine[slot]
+            excess = min(len(by_engine), self._entries - target)
+            victims = list(islice(by_engine, excess))
+            for engine_hash in victims:
+                self._unlink(slot, by_engine.pop(engine_hash))
+            self._entries -= len(victims)
+            self.stats.evicted_entries += len(victims)
+        log.warning(
+            "prefix index over its cap of %d entries: evicted the oldest blocks of the largest "
+            "workers (raise the cap if engines really hold this much)",
+            self.max_entries,
+        )
+
+    def blocks_of(self, worker: WorkerId) -> Iterator[int]:
+        """Sequence hashes a worker holds (for tests and debugging)."""
+        slot = self._slot_of.get(worker)
+        if slot is not None:
+            yield from self._by_engine[slot].values()

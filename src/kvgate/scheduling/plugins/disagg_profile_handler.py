@@ -1,0 +1,138 @@
+"""`pd-profile-handler`: prefill/decode disaggregation as two scheduling profiles.
+
+The decode profile always runs first. The prefill profile (when configured) runs next if the part
+of the prompt the chosen decode worker is not predicted to cache is at least ``threshold`` tokens;
+short uncached suffixes are cheaper to prefill on the decode worker itself. The uncached part is
+``len(tokens) - predicted_overlap_blocks * block_size`` when a prepare-phase plugin tokenized the
+request (the overlap comes from the KV scorer in the decode profile), otherwise the prompt's
+characters / 4. With ``threshold`` 0 (the default) every request with a prefill profile is
+disaggregated.
+
+The result's primary profile is decode. The Dynamo routing headers say how the request is served:
+``x-dynamo-routing-mode: disaggregated`` plus ``x-prefiller-host-port`` (the prefill worker's
+address), or ``aggregated`` when no prefill worker was chosen — including when the prefill profile
+found no candidate or chose the decode worker itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Self
+
+from kvgate.scheduling.framework import (
+    LLMRequest,
+    ProfileHandler,
+    ProfileResult,
+    SchedulerProfile,
+    SchedulingResult,
+)
+from kvgate.scheduling.registry import PluginContext, Range
+
+ROUTING_MODE_HEADER = "x-dynamo-routing-mode"
+PREFILLER_HEADER = "x-prefiller-host-port"
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PdProfileHandlerParams:
+    threshold: Annotated[int, Range(ge=0)] = 0
+    """Uncached prompt tokens from which a request is prefilled on a separate worker."""
+    decode_profile: str = "decode"
+    prefill_profile: str = "prefill"
+
+
+class PdProfileHandler(ProfileHandler):
+    type_name = "pd-profile-handler"
+    params_type = PdProfileHandlerParams
+
+    def __init__(self, name: str, params: PdProfileHandlerParams | None = None) -> None:
+        super().__init__(name)
+        self.params = params or PdProfileHandlerParams()
+
+    @classmethod
+    def from_config(cls, name: str, params: PdProfileHandlerParams, context: PluginContext) -> Self:
+        return cls(name, params)
+
+    def validate_profiles(self, names: Sequence[str]) -> None:
+        decode, prefill = self.params.decode_profile, self.params.prefill_profile
+        if decode not in names:
+            raise ValueError(
+                f"needs a scheduling profile named {decode!r} (parameter decodeProfile); "
+                f"configured: {', '.join(names)}"
+            )
+        extra = [n for n in names if n not in (decode, prefill)]
+        if extra:
+            raise ValueError(
+                f"runs only the profiles {decode!r} and {prefill!r}; {', '.join(extra)} would "
+                "never run"
+            )
+
+    def pick_profiles(
+        self,
+        request: LLMRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileResult],
+    ) -> Sequence[str]:
+        decode, prefill = self.params.decode_profile, self.params.prefill_profile
+        if decode not in results:
+            return (decode,)
+        if (
+            prefill in profiles
+            and prefill not in results
+            and results[decode].endpoints
+            and (self.params.threshold == 0 or uncached_tokens(request) >= self.params.threshold)
+        ):
+            return (prefill,)
+        return ()
+
+    def process_results(
+        self, request: LLMRequest, results: Mapping[str, ProfileResult]
+    ) -> SchedulingResult:
+        decode_name = self.params.decode_profile
+        decode = results[decode_name]
+        prefill = results.get(self.params.prefill_profile)
+        chosen = {decode_name: decode}
+        headers = request.routing_headers
+        if (
+            prefill is not None
+            and prefill.endpoints
+            and decode.endpoints
+            and prefill.endpoints[0].address != decode.endpoints[0].address
+        ):
+            chosen[self.params.prefill_profile] = prefill
+            headers[ROUTING_MODE_HEADER] = "disaggregated"
+            headers[PREFILLER_HEADER] = prefill.endpoints[0].address
+        else:
+            headers[ROUTING_MODE_HEADER] = "aggregated"
+        return SchedulingResult(primary_profile=decode_name, profiles=chosen)
+
+
+def uncached_tokens(request: LLMRequest) -> int:
+    """Prompt tokens the decode worker is not predicted to hold."""
+    if request.tokens is None:
+        return _prompt_chars(request.body) // CHARS_PER_TOKEN
+    cached = 0
+    if request.predicted_overlap_blocks is not None and request.block_size is not None:
+        cached = request.predicted_overlap_blocks * request.block_size
+    return max(0, len(request.tokens) - cached)
+
+
+def _prompt_chars(body: Mapping[str, Any]) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    total += len(text)
+    return total

@@ -1,0 +1,46 @@
+"""`single-profile-handler`: run the one configured profile; its result is the answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Self
+
+from kvgate.scheduling.framework import (
+    LLMRequest,
+    ProfileHandler,
+    ProfileResult,
+    SchedulerProfile,
+    SchedulingResult,
+)
+from kvgate.scheduling.registry import NoParams, PluginContext
+
+
+class SingleProfileHandler(ProfileHandler):
+    type_name = "single-profile-handler"
+    params_type = NoParams
+
+    @classmethod
+    def from_config(cls, name: str, params: NoParams, context: PluginContext) -> Self:
+        return cls(name)
+
+    def validate_profiles(self, names: Sequence[str]) -> None:
+        if len(names) != 1:
+            raise ValueError(
+                f"runs exactly one scheduling profile, {len(names)} are configured "
+                f"({', '.join(names)}); keep one or use a multi-profile handler such as "
+                "pd-profile-handler"
+            )
+
+    def pick_profiles(
+        self,
+        request: LLMRequest,
+        profiles: Mapping[str, SchedulerProfile],
+        results: Mapping[str, ProfileResult],
+    ) -> Sequence[str]:
+        return () if results else tuple(profiles)
+
+    def process_results(
+        self, request: LLMRequest, results: Mapping[str, ProfileResult]
+    ) -> SchedulingResult:
+        (name,) = results
+        return SchedulingResult(primary_profile=name, profiles=dict(results))

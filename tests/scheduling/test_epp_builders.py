@@ -1,0 +1,85 @@
+"""Builders shared by the endpoint-picker tests (no tests here; the name keeps to the folder's
+test_epp_* / test_plugin_* convention)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, Role
+from kvgate.scheduling.framework import LLMRequest, ScoredEndpoint
+from kvgate.scheduling.registry import PluginContext
+from kvgate.tokens.request import RequestKind
+
+
+def endpoint(
+    address: str = "10.0.0.1:8000",
+    *,
+    waiting: int = 0,
+    running: int = 0,
+    kv: float = 0.0,
+    role: Role = "both",
+    labels: Mapping[str, str] | None = None,
+    active_loras: Iterable[str] = (),
+    waiting_loras: Iterable[str] = (),
+    max_loras: int | None = None,
+    block_size: int | None = None,
+    num_gpu_blocks: int | None = None,
+    stale: bool = False,
+    updated_at: float | None = None,
+) -> Endpoint:
+    return Endpoint(
+        address,
+        role=role,
+        labels=dict(labels or {}),
+        metrics=EndpointMetrics(
+            waiting=waiting,
+            running=running,
+            kv_usage=kv,
+            block_size=block_size,
+            num_gpu_blocks=num_gpu_blocks,
+            active_loras=frozenset(active_loras),
+            waiting_loras=frozenset(waiting_loras),
+            max_loras=max_loras,
+            updated_at=updated_at,
+            stale=stale,
+        ),
+    )
+
+
+def endpoints(count: int, **metrics: Any) -> list[Endpoint]:
+    return [endpoint(f"10.0.0.{i + 1}:8000", **metrics) for i in range(count)]
+
+
+def request(
+    body: dict[str, Any] | None = None,
+    *,
+    request_id: str = "req-1",
+    model: str = "m",
+    kind: RequestKind | None = "chat",
+    lora: str | None = None,
+    **products: Any,
+) -> LLMRequest:
+    if body is None:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return LLMRequest(request_id, model, kind, body, {}, lora_name=lora, **products)
+
+
+def chat(text: str, *, request_id: str = "req-1", model: str = "m", **body: Any) -> LLMRequest:
+    payload = {"model": model, "messages": [{"role": "user", "content": text}], **body}
+    return request(payload, request_id=request_id, model=model, kind="chat")
+
+
+def completion(
+    prompt: str, *, request_id: str = "req-1", model: str = "m", **body: Any
+) -> LLMRequest:
+    payload = {"model": model, "prompt": prompt, **body}
+    return request(payload, request_id=request_id, model=model, kind="completions")
+
+
+def scored(*pairs: tuple[str, float]) -> list[ScoredEndpoint]:
+    return [ScoredEndpoint(endpoint(address), score) for address, score in pairs]
+
+
+def context(seed: int = 7, **kwargs: Any) -> PluginContext:
+    return PluginContext(rng_seed=seed, **kwargs)
