@@ -41,6 +41,9 @@ def load_kv_events() -> types.ModuleType:
     if loaded is not None:
         return loaded
     wheel = find_wheel()
+    if wheel is None and "KVGATE_VLLM_WHEEL" in os.environ:
+        # `make test` downloads the wheel and says where: its absence there is a broken setup.
+        pytest.fail(f"KVGATE_VLLM_WHEEL={os.environ['KVGATE_VLLM_WHEEL']} holds no vLLM wheel")
     if wheel is None:
         pytest.skip(
             f"vLLM {VLLM_VERSION} wheel not found: run `pip download --no-deps "

@@ -34,12 +34,15 @@ def kv_scorer(stack: Stack):  # type: ignore[no-untyped-def]
 
 
 async def send_to_worker(address: str, body: bytes) -> dict[str, object]:
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://{address}/v1/chat/completions",
-        data=body,
-        headers={"content-type": "application/json"},
-        timeout=aiohttp.ClientTimeout(total=10),
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://{address}/v1/chat/completions",
+            data=body,
+            headers={"content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as resp,
+    ):
         assert resp.status == 200, await resp.text()
         return await resp.json()  # type: ignore[no-any-return]
 
@@ -181,7 +184,9 @@ async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     assert booked is not None and booked.prefill_done
     usage = {"usage": {"prompt_tokens": 10, "completion_tokens": 2,
                        "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
-    await stream.send(response_body_msg(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode(), True))
+    await stream.send(
+        response_body_msg(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode(), True)
+    )
     last = await stream.recv()
     assert last.response_body.response.body_mutation.streamed_response.end_of_stream
     await stream.close()
@@ -233,9 +238,12 @@ async def test_health_services_answer(stack: Stack) -> None:
 
 async def test_metrics_endpoint_exposes_upstream_and_kvgate_names(stack: Stack) -> None:
     port = stack.runtime.bound_ports["metrics"]
-    async with aiohttp.ClientSession() as session, session.get(
-        f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+        ) as resp,
+    ):
         text = await resp.text()
     for name in (
         "inference_objective_request_total",

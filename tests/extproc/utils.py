@@ -30,7 +30,9 @@ def headers_msg(
     msg = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
             headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()
+                ]
             ),
             end_of_stream=end_of_stream,
         )
@@ -48,19 +50,21 @@ def headers_msg(
 def body_msgs(body: bytes, chunk: int = 16_384) -> list[pb.ProcessingRequest]:
     pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
     return [
-        pb.ProcessingRequest(
-            request_body=pb.HttpBody(body=p, end_of_stream=i == len(pieces) - 1)
-        )
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=p, end_of_stream=i == len(pieces) - 1))
         for i, p in enumerate(pieces)
     ]
 
 
-def response_headers_msg(status: int = 200, content_type: str = "application/json") -> pb.ProcessingRequest:
+def response_headers_msg(
+    status: int = 200, content_type: str = "application/json"
+) -> pb.ProcessingRequest:
     headers = {":status": str(status), "content-type": content_type}
     return pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
             headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()
+                ]
             )
         )
     )
@@ -130,7 +134,11 @@ class ExtProcStream:
         chunk: int = 16_384,
     ) -> Routed:
         """Send a POST with ``body`` and collect the picker's answers for the request phase."""
-        hdrs = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
+        hdrs = {
+            ":method": "POST",
+            ":path": "/v1/chat/completions",
+            "content-type": "application/json",
+        }
         hdrs.update(headers or {})
         routed = Routed()
         await self.send(headers_msg(hdrs, body_mode=body_mode, subset=subset))
@@ -172,7 +180,9 @@ def _struct(s: struct_pb2.Struct) -> dict[str, Any]:
     return MessageToDict(s)  # type: ignore[no-any-return]
 
 
-def chat_body(content: str, *, system: str | None = None, model: str = "Qwen/Qwen3-0.6B", **extra: Any) -> bytes:
+def chat_body(
+    content: str, *, system: str | None = None, model: str = "Qwen/Qwen3-0.6B", **extra: Any
+) -> bytes:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": content})
     return json.dumps({"model": model, "messages": messages, **extra}).encode()

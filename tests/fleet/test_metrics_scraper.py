@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kvgate.fleet import metrics_scraper
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType
 from kvgate.fleet.metrics_scraper import ENGINE_METRICS, MetricsScraper, ScraperConfig
 from tests.fleet.helpers import EngineState, InFlight, MetricsServer, wait_until
@@ -162,7 +163,7 @@ async def test_the_loop_keeps_its_interval(stack: contextlib.AsyncExitStack) -> 
     await wait_until(lambda: len(server.requests) >= 11)
     times = [r["at"] for r in server.requests[:11]]
     mean_gap = (times[-1] - times[0]) / 10
-    assert 0.045 <= mean_gap <= 0.08, mean_gap
+    assert 0.045 <= mean_gap <= 0.1, mean_gap
 
 
 async def test_the_session_is_reused_across_scrapes(stack: contextlib.AsyncExitStack) -> None:
@@ -205,12 +206,12 @@ async def test_failures_make_an_endpoint_stale_and_recovery_fresh(
 
 async def test_a_slow_endpoint_times_out(stack: contextlib.AsyncExitStack) -> None:
     server = await serve(stack)
-    server.delay_s = 2.0
+    server.delay_s = 0.6
     endpoint = endpoint_of(server)
-    scr = await scraper(stack, EndpointSet([endpoint]), start=False)
+    scr = await scraper(stack, EndpointSet([endpoint]), start=False)  # 0.2 s timeout
     started = time.monotonic()
     await scr.scrape_once()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 0.55
     stats = scr.stats.endpoints[endpoint.address]
     assert stats.failed == 1
     assert endpoint.metrics.stale  # never succeeded
@@ -273,6 +274,30 @@ async def test_a_partial_exposition_reads_zero_and_warns_once(
     assert messages(caplog, logging.WARNING, "exposes no vllm:num_requests_waiting") == [
         f"endpoint {endpoint.address} (vllm) exposes no vllm:num_requests_waiting; reading it as 0"
     ]
+
+
+async def test_an_unexpected_error_is_logged_and_the_loop_goes_on(
+    stack: contextlib.AsyncExitStack,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read = metrics_scraper.read_metrics
+    calls = 0
+
+    def buggy(text: str, names: metrics_scraper.EngineMetricNames) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise RuntimeError("bug")
+        return read(text, names)
+
+    monkeypatch.setattr(metrics_scraper, "read_metrics", buggy)
+    server = await serve(stack, EngineState(waiting=[2]))
+    endpoint = endpoint_of(server)
+    scr = await scraper(stack, EndpointSet([endpoint]))
+    await wait_until(lambda: endpoint.metrics.waiting == 2)
+    assert scr.stats.endpoints[endpoint.address].failed == 3
+    assert len(messages(caplog, logging.ERROR, "unexpected error scraping")) == 1
 
 
 # -- endpoints coming and going ------------------------------------------------------------------

@@ -207,12 +207,15 @@ def test_expired_request_freed_late_is_harmless() -> None:
 @given(
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["add", "add", "prefill", "free", "remove_worker"]),
-            st.integers(0, 6),  # request id
+            st.sampled_from(["add", "add", "prefill", "free", "free", "remove_worker"]),
+            st.integers(0, 4),  # request id
             st.sampled_from(["w0", "w1", "w2"]),
-            st.lists(st.integers(1, 8), max_size=6),  # hashes (shared vocabulary)
+            # hashes: shared prefixes as real requests have, or any small-vocabulary list
+            st.integers(0, 5).map(lambda k: list(range(1, k + 1)))
+            | st.lists(st.integers(1, 5), max_size=5),
             st.integers(0, 500),  # prefill tokens
         ),
+        min_size=8,
         max_size=40,
     )
 )

@@ -65,7 +65,7 @@ def test_no_config_is_the_reference_default(text: str | None) -> None:
         "kv-cache-utilization-scorer": 2.0,
         "prefix-cache-scorer": 3.0,
     }
-    assert loaded.profiles["default"].picker.type_name == "max-score-picker"
+    assert isinstance(loaded.profiles["default"].picker, MaxScorePicker)
     assert loaded.profile_handler.type_name == "single-profile-handler"
     assert isinstance(loaded.saturation_detector, UtilizationDetector)
     assert loaded.saturation_detector.queue_depth_threshold == 5
@@ -241,12 +241,16 @@ class StandInCleanup(Plugin):
         self.completed.append(request.request_id)
 
 
+KV_TYPES = {"kv-aware-scorer", "dynamo-response-complete"}
+
+
 def dynamo_registry() -> Registry:
     """The built-in table with the lead's two plugins replaced by stand-ins (whether or not the
     table already lists them)."""
-    stand_ins = {"kv-aware-scorer": StandInKvScorer, "dynamo-response-complete": StandInCleanup}
-    kept = [(t, target) for t, target in BUILTIN_PLUGINS if t not in stand_ins]
-    return Registry([*kept, *stand_ins.items()])
+    kept = [(t, target) for t, target in BUILTIN_PLUGINS if t not in KV_TYPES]
+    return Registry(
+        [*kept, ("kv-aware-scorer", StandInKvScorer), ("dynamo-response-complete", StandInCleanup)]
+    )
 
 
 def test_seed_dynamo_config_loads_and_schedules() -> None:
@@ -347,7 +351,8 @@ ERRORS = [
         {"pluginRef": "max-score-picker"}, {"pluginRef": "random-picker"})),
      "schedulingProfiles[0].plugins[1].pluginRef", "already has the picker 'max-score-picker'"),
     ("two-pickers-implicit-profile", config(plugins=[PICK, {"type": "random-picker"}]),
-     "plugins (implicit profile 'default').plugins[1].pluginRef", "one picker"),
+     "plugins[1]", "the implicit profile 'default' (no schedulingProfiles given) already "
+     "has the picker 'max-score-picker'"),
     ("handler-in-profile", config(plugins=[{"type": "single-profile-handler"}],
                                   schedulingProfiles=profiles(
                                       {"pluginRef": "single-profile-handler"})),
@@ -369,8 +374,9 @@ ERRORS = [
     ("default-picker-name-taken", config(plugins=[{"type": "queue-scorer",
                                                     "name": "max-score-picker"}],
                                          schedulingProfiles=[{"name": "p"}]),
-     "plugins", "rename the plugin"),
+     "plugins[0].name", "rename the plugin"),
     ("gates-not-list", config(plugins=[], featureGates="x"), "featureGates", "expected a list"),
+    ("gates-empty-string", config(plugins=[], featureGates=""), "featureGates", "got str ''"),
     ("gate-not-string", config(plugins=[], featureGates=[1]), "featureGates[0]", "int 1"),
     ("detector-not-mapping", config(plugins=[], saturationDetector=[]), "saturationDetector",
      "expected a mapping"),
@@ -430,6 +436,7 @@ def test_parameter_errors_name_plugin_and_type() -> None:
         pytest.param("plugins: [", id="unclosed-flow-list"),
         pytest.param("a: b: c", id="mapping-in-scalar"),
         pytest.param("--- {}\n--- {}", id="two-documents"),
+        pytest.param("plugins:\n- type: a\n  type: b\n", id="duplicate-key"),
     ],
 )
 def test_unparsable_text(text: str) -> None:
@@ -439,13 +446,7 @@ def test_unparsable_text(text: str) -> None:
 
 def test_unknown_kv_plugins_without_their_registration() -> None:
     text = (DEPLOY / "epp-config-dynamo.yaml").read_text()
-    registry = Registry(
-        [
-            (t, c)
-            for t, c in BUILTIN_PLUGINS
-            if t not in {"kv-aware-scorer", "dynamo-response-complete"}
-        ]
-    )
+    registry = Registry([(t, c) for t, c in BUILTIN_PLUGINS if t not in KV_TYPES])
     with pytest.raises(EppConfigError, match=r"plugins\[2\]\.type: unknown type 'kv-aware-scorer'"):
         load_epp_config(text, registry=registry)
 
@@ -454,3 +455,20 @@ def test_shipped_configs_are_valid_yaml_documents() -> None:
     for path in DEPLOY.glob("*.yaml"):
         doc = yaml.safe_load(path.read_text())
         assert doc["apiVersion"] == API_VERSION and doc["kind"] == KIND, path
+
+
+def test_yaml_merge_keys_may_override() -> None:
+    text = f"""\
+apiVersion: {API_VERSION}
+kind: {KIND}
+plugins:
+- &picker {{type: max-score-picker, parameters: {{maxNumOfEndpoints: 2}}}}
+- <<: *picker
+  name: other
+"""
+    plugins = parse_epp_config(text).plugins
+    assert [(p.name, p.type) for p in plugins] == [
+        ("max-score-picker", "max-score-picker"),
+        ("other", "max-score-picker"),
+    ]
+    assert plugins[1].parameters == {"maxNumOfEndpoints": 2}

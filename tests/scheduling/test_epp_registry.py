@@ -139,7 +139,35 @@ def test_error_hierarchy() -> None:
 @pytest.mark.parametrize(
     ("type_name", "target"), BUILTIN_PLUGINS, ids=[t for t, _ in BUILTIN_PLUGINS]
 )
-def test_every_builtin_type_builds_with_defaults(type_name: str, target: str) -> None:
+def test_every_builtin_class_declares_its_type_and_default_parameters(
+    type_name: str, target: str
+) -> None:
+    cls = builtin_registry().plugin_class(type_name)
+    assert cls.type_name == type_name
+    parse_params(cls.params_type, None, plugin_name="x", plugin_type=type_name, path="p")
+
+
+# The types that need no service from the context (no env, tokenizer or router).
+SELF_CONTAINED = [
+    "single-profile-handler",
+    "pd-profile-handler",
+    "decode-filter",
+    "prefill-filter",
+    "queue-scorer",
+    "kv-cache-utilization-scorer",
+    "running-requests-size-scorer",
+    "lora-affinity-scorer",
+    "prefix-cache-scorer",
+    "max-score-picker",
+    "random-picker",
+    "weighted-random-picker",
+    "round-robin-picker",
+    "utilization-detector",
+]
+
+
+@pytest.mark.parametrize("type_name", SELF_CONTAINED)
+def test_self_contained_types_build_with_defaults(type_name: str) -> None:
     plugin = builtin_registry().build(type_name, "x", None, context())
     assert isinstance(plugin, Plugin)
     assert plugin.type_name == type_name and plugin.name == "x"
@@ -203,6 +231,49 @@ def test_from_config_value_errors_are_located() -> None:
         "plugins[4].parameters: plugin 'pk' (type 'picky'): needs a tokenizer in "
         "context.extras['tokenizer']"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitParams:
+    limit: int = 1
+
+
+class Limited(Plugin):
+    """Refuses its configuration from ``from_config`` with a path of its own choosing."""
+
+    type_name = "limited"
+    params_type = LimitParams
+
+    @classmethod
+    def from_config(cls, name: str, params: LimitParams, context: PluginContext) -> Self:
+        parameter = "limit" if params.limit > 1 else "ENV_LIMIT"
+        raise PluginConfigError(
+            "somewhere", "too high", plugin_name=name, plugin_type="?", parameter=parameter
+        )
+
+
+@pytest.mark.parametrize(
+    ("params", "path", "message"),
+    [
+        pytest.param(
+            {"limit": 2},
+            "plugins[1].parameters.limit",
+            "plugins[1].parameters.limit: plugin 'lim' (type 'limited'): too high",
+            id="names-a-parameter",
+        ),
+        pytest.param(
+            None,
+            "plugins[1].parameters",
+            "plugins[1].parameters: plugin 'lim' (type 'limited'): ENV_LIMIT: too high",
+            id="names-something-else",
+        ),
+    ],
+)
+def test_plugin_raised_config_errors_are_relocated(params: object, path: str, message: str) -> None:
+    registry = Registry([("limited", Limited)])
+    with pytest.raises(PluginConfigError) as err:
+        registry.build("limited", "lim", params, context(), path="plugins[1]")
+    assert err.value.path == path and str(err.value) == message
 
 
 def test_context_random_streams_are_per_plugin_and_reproducible() -> None:

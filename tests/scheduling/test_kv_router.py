@@ -192,17 +192,21 @@ def test_tie_goes_to_smallest_index() -> None:
         assert router.select(request(), cands("a", "b"), now=0.0).worker == "b"
 
 
-def test_tie_with_non_dyadic_weight_still_goes_to_smallest_index() -> None:
-    """Equal costs reached by different terms must compare equal (no float drift)."""
-    router = make_router(overlap_score_weight=0.3)
+@pytest.mark.parametrize(
+    ("weight", "pending_b"),
+    [(0.1, 16), (0.1, 48), (0.1, 96), (0.3, 16), (0.7, 0), (2.3, 32)],
+    ids=str,
+)
+def test_equal_costs_by_different_terms_tie_exactly(weight: float, pending_b: int) -> None:
+    """a: 1 block cached but 16 more tokens queued than b; the same cost, so the smaller index
+    (a's) must win — which needs the two costs to compare equal, not one ulp apart."""
+    router = make_router(overlap_score_weight=weight)
     cache(router, "a", 1)
-    busy_with(router, "a", "la", blocks=0, pending=32)  # -1 block overlap, +2 blocks queued
-    busy_with(router, "b", "lb", blocks=0, pending=16)  # +1 block queued
+    busy_with(router, "a", "la", blocks=0, pending=pending_b + 16)
+    busy_with(router, "b", "lb", blocks=0, pending=pending_b)
     cache(router, "b", 3, tokens=UNRELATED)  # b's index is larger
-    cache(router, "c", 2, tokens=UNRELATED)
-    busy_with(router, "c", "lc", blocks=0, pending=16)
-    sel = router.select(request(), cands("a", "b", "c"), now=0.0)
-    assert math.isclose(sel.costs["a"], sel.costs["b"])
+    sel = router.select(request(), cands("a", "b"), now=0.0)
+    assert sel.costs["a"] == sel.costs["b"]
     assert sel.worker == "a"
 
 
@@ -314,6 +318,14 @@ def test_all_busy_is_refused() -> None:
     assert (
         router.select(request(), [Candidate("a", 10), Candidate("b", 100)], now=0.0).worker == "a"
     )
+
+
+def test_duplicate_candidates_are_harmless() -> None:
+    router = make_router(busy_threshold=0.5)
+    busy_with(router, "a", "la", blocks=6, pending=0)
+    candidates = [Candidate("a", 10), Candidate("a", 10), Candidate("b", 10), Candidate("b", 10)]
+    sel = router.select(request(), candidates, now=0.0)
+    assert (sel.worker, sel.busy, list(sel.costs)) == ("b", ["a"], ["b"])
 
 
 def test_no_candidates() -> None:

@@ -12,7 +12,7 @@ from kvgate.scheduling.plugins.prefix_cache_scorer import (
     PrefixCacheScorer,
     PrefixCacheScorerParams,
     hash_prompt,
-    prompt_text,
+    prompt_bytes,
 )
 from tests.scheduling.test_epp_builders import chat, completion, endpoint
 
@@ -53,7 +53,7 @@ def text(blocks: int, fill: str = "x") -> str:
 
 def test_block_hashes_match_a_pinned_vector() -> None:
     hashes = hash_prompt(
-        "0123456789abcdef" * 8, block_chars=BLOCK, max_blocks=256, model="llama", cache_salt=None
+        b"0123456789abcdef" * 8, block_chars=BLOCK, max_blocks=256, model="llama", cache_salt=None
     )
     assert [hex(h) for h in hashes] == ["0x6e59d8ec539f103b", "0xce91136ffc108e22"]
 
@@ -68,12 +68,16 @@ def test_block_hashes_match_a_pinned_vector() -> None:
     ],
 )
 def test_block_hashes_follow_the_reference_chain(prompt: str, salt: str | None) -> None:
-    got = hash_prompt(prompt, block_chars=BLOCK, max_blocks=256, model="m", cache_salt=salt)
+    got = hash_prompt(
+        prompt.encode(), block_chars=BLOCK, max_blocks=256, model="m", cache_salt=salt
+    )
     assert got == reference_hashes(prompt.encode(), "m", salt or "")
 
 
 def test_hashing_stops_at_max_prefix_blocks() -> None:
-    got = hash_prompt(text(10), block_chars=BLOCK, max_blocks=4, model="m", cache_salt=None)
+    got = hash_prompt(
+        text(10).encode(), block_chars=BLOCK, max_blocks=4, model="m", cache_salt=None
+    )
     assert got == reference_hashes(text(10).encode(), "m")[:4]
 
 
@@ -81,20 +85,32 @@ def test_chat_text_is_the_compact_json_of_messages() -> None:
     messages = [{"role": "system", "content": "sé"}, {"role": "user", "content": "hi " * 50}]
     req = chat("unused")
     req.body["messages"] = messages
-    full = json.dumps(messages, separators=(",", ":"), ensure_ascii=False)
-    assert prompt_text(req, 10**6) == full
-    short = prompt_text(req, 10)
+    full = json.dumps(messages, separators=(",", ":"), ensure_ascii=False).encode()
+    assert prompt_bytes(req, 10**6) == full
+    short = prompt_bytes(req, 10)
     assert short is not None and full.startswith(short) and len(short) >= 10
 
 
 def test_completion_text_is_the_prompt() -> None:
-    assert prompt_text(completion("abc" * 30), 10**6) == "abc" * 30
+    assert prompt_bytes(completion("abc" * 30), 10**6) == b"abc" * 30
+
+
+def test_a_token_id_prompt_is_hashed_as_json() -> None:
+    req = completion("unused")
+    req.body["prompt"] = [1, 2, 3]
+    assert prompt_bytes(req, 100) == b"[1,2,3]"
+
+
+def test_an_unencodable_body_has_nothing_to_hash() -> None:
+    req = chat("x")
+    req.body["messages"] = [{"content": object()}]
+    assert prompt_bytes(req, 100) is None
 
 
 def test_nothing_to_hash_scores_nothing() -> None:
     req = chat("x")
     del req.body["messages"]
-    assert prompt_text(req, 100) is None
+    assert prompt_bytes(req, 100) is None
     assert scorer().score(req, [A, B]) == {}
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvgate.tokens import RequestKind
 
 from kvgate.scheduling.config import ConfigError, validate_block_size
 
@@ -35,7 +39,7 @@ def _read_body(source: str) -> dict[str, Any]:
     return body
 
 
-def run(args: argparse.Namespace) -> dict[str, list[int]]:
+def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
     from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
     from kvgate.tokens.hashing import block_hashes
 
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, list[int]]:
     except ConfigError as err:
         raise UsageError(str(err)) from None
     body = _read_body(args.request)
+    kind: RequestKind
     if "messages" in body:
         kind = "chat"
     elif "prompt" in body:

@@ -55,6 +55,7 @@ ROUTING_HEADERS = (
     "x-dynamo-routing-mode",
 )
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
+DECISION_HEADER = "x-kvgate-decision"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 # Parsing JSON costs ~1 ms per 100 KB; above this size it moves off the event loop.
 _OFFLOAD_PARSE_BYTES = 64 * 1024
@@ -90,9 +91,11 @@ class Director:
         options: EppOptions,
         metrics: EppMetrics,
         *,
+        saturation: Callable[[list[Endpoint]], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoints = endpoints
+        self.saturated = saturation
         self.scheduler = scheduler
         self.options = options
         self.metrics = metrics
@@ -121,6 +124,8 @@ class Director:
                 raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
         if not candidates:
             raise SchedulingError(503, "no ready endpoints")
+        if request.priority < 0 and self.saturated is not None and self.saturated(candidates):
+            raise SchedulingError(429, "pool saturated; sheddable request (priority < 0) dropped")
         async with self._slots:
             await self.scheduler.prepare(request)
             return self.scheduler.schedule(request, candidates)
@@ -263,6 +268,10 @@ class RequestStream:
     ) -> pb.HeaderMutation:
         headers = {proto.DESTINATION_HEADER: ",".join(destinations[:1])}
         headers.update(routing_headers)
+        if self.d.options.decision_header and self.request is not None:
+            headers[DECISION_HEADER] = (
+                self.request.decision_summary or f"endpoint={destinations[0]}"
+            )
         if "x-request-id" not in self.headers:
             headers["x-request-id"] = self.request_id
         if length is not None and self.full_duplex:
@@ -272,6 +281,7 @@ class RequestStream:
         return proto.header_mutation(headers, remove)
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             if len(body) > _OFFLOAD_PARSE_BYTES:
                 parsed = await asyncio.to_thread(json.loads, body)
@@ -283,6 +293,7 @@ class RequestStream:
             raise SchedulingError(
                 400, f"request body must be a JSON object, got {type(parsed).__name__}"
             )
+        self.d.metrics.stage_duration.labels("parse").observe(time.perf_counter() - started)
         return parsed
 
     def _build_request(self, body: dict[str, Any]) -> LLMRequest:

@@ -185,7 +185,13 @@ class EppRuntime:
         else:
             self.endpoints.replace(parse_endpoints_flag(s.endpoints, defaults))
 
-        director = Director(self.endpoints, scheduler, s.options, self.metrics)
+        director = Director(
+            self.endpoints,
+            scheduler,
+            s.options,
+            self.metrics,
+            saturation=self.plugins.saturation_detector.is_saturated,
+        )
         self.metrics.watch(self.endpoints, s.pool_name or "kvgate", self._gauges())
         await self._serve_grpc(director)
         await self._serve_health()
@@ -315,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="full-duplex",
         help="request body mode assumed when Envoy does not announce it",
     )
+    p.add_argument(
+        "--objectives",
+        default="",
+        help="InferenceObjective priorities, name=priority,... (chosen per request by the "
+        "x-gateway-inference-objective header; priority < 0 is shed when the pool is saturated)",
+    )
     p.add_argument("--decision-header", action="store_true", help="add x-kvgate-decision")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -341,12 +353,22 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes", "must be positive")
     adapters = frozenset(a.strip() for a in args.lora_adapters.split(",") if a.strip())
+    priorities: dict[str, int] = {}
+    for item in filter(None, (i.strip() for i in args.objectives.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            priorities[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError("--objectives", f"{item!r}: expected name=integer priority")
     options = EppOptions(
         max_body_bytes=args.max_body_bytes,
         default_full_duplex=args.body_mode == "full-duplex",
         served_model=args.model,
         lora_adapters=adapters,
         decision_header=args.decision_header,
+        priorities=priorities,
     )
     return EppSettings(
         bind=args.bind,

@@ -14,7 +14,8 @@ Endpoints file
     A YAML or JSON (by the ``.json`` suffix) list. Each entry is a string in the flag's syntax or a
     mapping with ``address`` and optionally ``instance_id``, ``engine``, ``role``, ``labels``
     (string to string), ``events`` and ``replay`` (ZMQ endpoints of the engine's KV-event
-    publisher and replay socket). Unknown keys are refused. ``events`` absent means "by
+    publisher and replay socket); YAML needs IPv6 addresses quoted (``"[fd00::1]:8000"``), or
+    it reads the brackets as a list. Unknown keys are refused. ``events`` absent means "by
     convention" (see `events_endpoint_for`); ``events: null`` means the engine publishes none.
     An empty file is an error, not an empty fleet (write ``[]`` for that): a writer that truncates
     before writing must not empty the fleet for a moment.
@@ -38,6 +39,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ _ZMQ_SCHEMES: Final = ("tcp://", "ipc://")
 # Filesystems with 1-2 s mtime granularity can give two writes the same mtime; a file modified
 # this recently is re-read on every poll instead of trusting its stat.
 _RACY_WINDOW_NS: Final = 2_000_000_000
+_UNQUOTED_IPV6: Final = re.compile(r"(?:^|[\s:-])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:", re.MULTILINE)
 
 
 class EndpointSpecError(ValueError):
@@ -288,7 +291,10 @@ def _decode_document(data: bytes, path: Path) -> object:
     try:
         document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise EndpointSpecError(f"{path}: {exc}") from None
+        hint = ""
+        if isinstance(exc, yaml.YAMLError) and _UNQUOTED_IPV6.search(text):
+            hint = ' (YAML reads [...] as a list: quote IPv6 addresses, "[fd00::1]:8000")'
+        raise EndpointSpecError(f"{path}: {exc}{hint}") from None
     if document is None:
         raise EndpointSpecError(f"{path}: the file is empty; write [] for no endpoints")
     return document
@@ -307,6 +313,10 @@ def load_endpoints_file(
 
 
 _StatKey = tuple[int, int, int, int]
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class EndpointsFileWatcher:
@@ -350,8 +360,9 @@ class EndpointsFileWatcher:
         if self._task is not None:
             return
         try:
-            data = self.path.read_bytes()
+            # Stat before reading: a write in between then shows as a change at the next poll.
             stat = self._stat_key()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             logger.warning(
                 "endpoints file %s does not exist: starting with no endpoints; they are added "
@@ -362,7 +373,7 @@ class EndpointsFileWatcher:
             self._endpoints.replace([])
         else:
             endpoints = _parse_file_bytes(data, self.path, self._defaults)
-            self._apply(endpoints, data, stat)
+            self._apply(endpoints, _digest(data), stat)
         self._task = asyncio.get_running_loop().create_task(
             self._watch(), name=f"endpoints-file {self.path}"
         )
@@ -423,7 +434,7 @@ class EndpointsFileWatcher:
             )
             return False
         self._stat = stat
-        digest = hashlib.blake2b(data, digest_size=16).digest()
+        digest = _digest(data)
         if digest == self._applied:
             self._pending = None
             self._recovered()
@@ -439,12 +450,12 @@ class EndpointsFileWatcher:
                 str(exc), f"{exc}; keeping the last {len(self._endpoints)} endpoints until fixed"
             )
             return False
-        self._apply(endpoints, data, stat)
+        self._apply(endpoints, digest, stat)
         return True
 
-    def _apply(self, endpoints: list[Endpoint], data: bytes, stat: _StatKey) -> None:
+    def _apply(self, endpoints: list[Endpoint], digest: bytes, stat: _StatKey) -> None:
         self._stat = stat
-        self._applied = hashlib.blake2b(data, digest_size=16).digest()
+        self._applied = digest
         self._recovered()
         self._endpoints.replace(endpoints)
         self.applied += 1

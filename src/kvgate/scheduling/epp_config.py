@@ -19,7 +19,7 @@ with the path of the offending value, e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -172,9 +172,34 @@ def load_epp_config(
     return build_epp_config(parse_epp_config(text), registry=registry, context=context)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *anchor` may override on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_epp_config(text: str) -> EndpointPickerConfig:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -194,7 +219,8 @@ def _describe(value: object) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[Any, Any]:
@@ -254,7 +280,8 @@ def epp_config_from_dict(raw: object) -> EndpointPickerConfig:
         profiles = _profiles(top["schedulingProfiles"], first_at, known)
 
     gates: list[str] = []
-    for i, gate in enumerate(_list(top.get("featureGates") or [], "featureGates")):
+    raw_gates = top.get("featureGates")
+    for i, gate in enumerate(_list([] if raw_gates is None else raw_gates, "featureGates")):
         gates.append(_name(gate, f"featureGates[{i}]"))
 
     detector: SaturationDetectorSpec | None = None
@@ -293,7 +320,10 @@ def _profiles(raw: object, plugin_paths: Mapping[str, str], known: str) -> tuple
         seen[name] = path
         refs: list[PluginRef] = []
         referenced: dict[str, str] = {}
-        for j, ref_entry in enumerate(_list(fields.get("plugins") or [], f"{path}.plugins")):
+        raw_refs = fields.get("plugins")
+        for j, ref_entry in enumerate(
+            _list([] if raw_refs is None else raw_refs, f"{path}.plugins")
+        ):
             ref_path = f"{path}.plugins[{j}]"
             ref_fields = _mapping(ref_entry, ref_path, _REF_KEYS)
             if "pluginRef" not in ref_fields:
@@ -357,28 +387,39 @@ def build_epp_config(
         if found is None:
             found = plugins[type_name] = registry.build(type_name, type_name, None, context)
         elif not isinstance(found, kind):
+            index = next(i for i, spec in enumerate(config.plugins) if spec.name == type_name)
             _fail(
-                "plugins",
+                f"plugins[{index}].name",
                 f"plugin {type_name!r} has type {found.type_name!r}, but the default "
                 f"{type_name} needs that name; rename the plugin",
             )
         return found
 
-    located: list[tuple[ProfileSpec, str]]
+    # Where each profile's references sit in the text, for error messages: the implicit profile
+    # points at the plugin entries themselves.
+    located: list[tuple[ProfileSpec, str, Callable[[int, str], str]]]
     if config.scheduling_profiles is not None:
         located = [
-            (spec, f"schedulingProfiles[{i}]") for i, spec in enumerate(config.scheduling_profiles)
+            (spec, f"profile {spec.name!r}", _ref_locator(i))
+            for i, spec in enumerate(config.scheduling_profiles)
         ]
     else:
+        entries = {spec.name: f"plugins[{i}]" for i, spec in enumerate(config.plugins)}
         refs = tuple(
             PluginRef(name)
             for name, plugin in plugins.items()
             if isinstance(plugin, Filter | Scorer | Picker)
         )
-        located = [(ProfileSpec(DEFAULT_PROFILE, refs), "plugins (implicit profile 'default')")]
+        located = [
+            (
+                ProfileSpec(DEFAULT_PROFILE, refs),
+                f"the implicit profile {DEFAULT_PROFILE!r} (no schedulingProfiles given)",
+                lambda j, _key: entries[refs[j].plugin_ref],
+            )
+        ]
     profiles: dict[str, SchedulerProfile] = {}
-    for profile_spec, path in located:
-        profile = _assemble(profile_spec, plugins, path)
+    for profile_spec, label, where in located:
+        profile = _assemble(profile_spec, plugins, label, where)
         if profile.picker is None:
             picker = default(DEFAULT_PICKER_TYPE, Picker)
             assert isinstance(picker, Picker)
@@ -401,16 +442,27 @@ def build_epp_config(
     return EppPlugins(config, plugins, handler, profiles, detector)
 
 
-def _assemble(spec: ProfileSpec, plugins: Mapping[str, Plugin], path: str) -> SchedulerProfile:
+def _ref_locator(profile_index: int) -> Callable[[int, str], str]:
+    def where(ref_index: int, key: str) -> str:
+        return f"schedulingProfiles[{profile_index}].plugins[{ref_index}].{key}"
+
+    return where
+
+
+def _assemble(
+    spec: ProfileSpec,
+    plugins: Mapping[str, Plugin],
+    label: str,
+    where: Callable[[int, str], str],
+) -> SchedulerProfile:
     profile = SchedulerProfile(spec.name)
     for j, ref in enumerate(spec.plugins):
-        ref_path = f"{path}.plugins[{j}]"
         plugin = plugins[ref.plugin_ref]
         what = f"plugin {plugin.name!r} (type {plugin.type_name!r})"
         if not isinstance(plugin, Filter | Scorer | Picker):
             role = "profile handler" if isinstance(plugin, ProfileHandler) else "request-control"
             _fail(
-                f"{ref_path}.pluginRef",
+                where(j, "pluginRef"),
                 f"{what} is a {role} plugin, not a filter, scorer or picker; list it under "
                 "plugins only",
             )
@@ -420,13 +472,13 @@ def _assemble(spec: ProfileSpec, plugins: Mapping[str, Plugin], path: str) -> Sc
             weight = 1.0 if ref.weight is None else ref.weight
             profile.scorers.append(WeightedScorer(plugin, weight))
         elif ref.weight is not None:
-            _fail(f"{ref_path}.weight", f"{what} is not a scorer; only scorers take a weight")
+            _fail(where(j, "weight"), f"{what} is not a scorer; only scorers take a weight")
         if isinstance(plugin, Picker):
             if profile.picker is not None:
                 _fail(
-                    f"{ref_path}.pluginRef",
-                    f"profile {spec.name!r} already has the picker {profile.picker.name!r}; "
-                    "a profile has one picker",
+                    where(j, "pluginRef"),
+                    f"{label} already has the picker {profile.picker.name!r}; a profile has "
+                    "one picker",
                 )
             profile.picker = plugin
     return profile

@@ -51,6 +51,8 @@ class LLMRequest:
     block_size: int | None = None
     routing_headers: dict[str, str] = field(default_factory=dict)
     """Headers plugins want set on the routed request (e.g. Dynamo's x-worker-instance-id)."""
+    decision_summary: str | None = None
+    """One line explaining the pick (for logs and the optional decision header)."""
 
 
 @dataclass(slots=True)

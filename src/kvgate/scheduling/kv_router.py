@@ -91,8 +91,14 @@ class KvRouter:
         return self.index.find_matches(request.hashes)
 
     def select(
-        self, request: RoutingRequest, candidates: Sequence[Candidate], now: float
+        self,
+        request: RoutingRequest,
+        candidates: Sequence[Candidate],
+        now: float,
+        overlaps: dict[WorkerId, int] | None = None,
     ) -> Selection:
+        """Choose a worker; ``overlaps`` (from `overlaps`) may be passed in when the caller
+        times the index lookup on its own."""
         if not candidates:
             raise NoCandidates("no candidate workers")
         block_size = self.block_size
@@ -102,34 +108,40 @@ class KvRouter:
         temperature = request.temperature
         if temperature is None:
             temperature = self.config.temperature
-        overlaps = self.overlaps(request, now)
+        if overlaps is None:
+            overlaps = self.overlaps(request, now)
         active_run = self.active.blocks.find_matches(request.hashes)
         request_blocks = -(-request.isl // block_size)
-        # cost_w = weight * (isl - overlap_w*bs + prefill_w) / bs + active_w + blocks - run_w,
-        # split into a request constant, a per-worker load term (two dict reads per worker: this
-        # loop runs for every candidate of every request) and corrections for the few workers
-        # that hold part of the prefix.
-        constant = weight * request.isl / block_size + request_blocks
+        # cost_w = weight * (isl - overlap_w*bs + prefill_w) / bs + active_w + blocks - run_w:
+        # first without the overlap terms for every candidate (two dict reads per worker: this
+        # loop runs for every candidate of every request), then recomputed whole for the few
+        # workers that hold part of the prefix. Each cost is one float op on integer token and
+        # block counts, so equal costs compare equal and reach the tie-break (subtracting float
+        # corrections afterwards drifts by an ulp for weights like 0.1).
+        isl = request.isl
         per_token = weight / block_size
         pending = self.active.prefill.get
         active_blocks = self.active.blocks.per_worker.get
         costs = {
-            c.worker: constant + per_token * pending(c.worker, 0) + active_blocks(c.worker, 0)
+            c.worker: per_token * (isl + pending(c.worker, 0))
+            + (request_blocks + active_blocks(c.worker, 0))
             for c in candidates
         }
         busy: list[WorkerId] = []
         threshold = self.config.busy_threshold
         if threshold is not None:
             for c in candidates:
-                if c.total_kv_blocks and active_blocks(c.worker, 0) / c.total_kv_blocks > threshold:
+                if (
+                    c.total_kv_blocks
+                    and active_blocks(c.worker, 0) / c.total_kv_blocks > threshold
+                    and costs.pop(c.worker, None) is not None  # a duplicate candidate: once
+                ):
                     busy.append(c.worker)
-                    del costs[c.worker]
-        for worker, overlap in overlaps.items():
+        for worker in {**overlaps, **active_run}:
             if worker in costs:
-                costs[worker] -= weight * overlap
-        for worker, run in active_run.items():
-            if worker in costs:
-                costs[worker] -= run
+                tokens = isl - overlaps.get(worker, 0) * block_size + pending(worker, 0)
+                blocks = request_blocks + active_blocks(worker, 0) - active_run.get(worker, 0)
+                costs[worker] = per_token * tokens + blocks
         if not costs:
             raise AllWorkersBusy(f"all {len(candidates)} candidate workers are busy")
         worker = self._argmin(costs) if temperature <= 0 else self._sample(costs, temperature)

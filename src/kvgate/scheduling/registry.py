@@ -95,7 +95,8 @@ class EppConfigError(ConfigError):
 
 
 class PluginConfigError(EppConfigError):
-    """A plugin could not be configured: unknown type or invalid parameters."""
+    """A plugin's parameters are invalid. A plugin's ``from_config`` may raise it with any path:
+    the registry relocates it under the plugin's entry in the configuration."""
 
     def __init__(
         self,
@@ -111,6 +112,7 @@ class PluginConfigError(EppConfigError):
         if allowed is not None:
             detail += f"; allowed: {allowed}"
         super().__init__(path, detail)
+        self.problem = reason
         self.plugin_name = plugin_name
         self.plugin_type = plugin_type
         self.parameter = parameter
@@ -433,6 +435,21 @@ class Registry:
         )
         try:
             return cls.from_config(name, spec, context)
+        except PluginConfigError as err:
+            keys = {pf.key for pf in _param_fields(cls.params_type)}
+            where, problem = params_path, err.problem
+            if err.parameter in keys:
+                where = f"{params_path}.{err.parameter}"
+            elif err.parameter is not None:
+                problem = f"{err.parameter}: {problem}"
+            raise PluginConfigError(
+                where,
+                problem,
+                plugin_name=name,
+                plugin_type=type_name,
+                parameter=err.parameter,
+                allowed=err.allowed,
+            ) from err
         except EppConfigError:
             raise
         except ValueError as err:

@@ -163,6 +163,7 @@ class KvAwareScorer(Scorer):
             return
         tokenizer = self.tokenizer
         body = request.body
+        started = time.perf_counter()
         try:
             if _prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
                 tokens = tokenizer.tokenize_request(body, kind)
@@ -173,8 +174,13 @@ class KvAwareScorer(Scorer):
                 )
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
+        tokenized = time.perf_counter()
         block_size = self.config.block_size
         _, hashes = hash_blocks(tokens, block_size, lora_seed(request.lora_name))
+        if self.metrics is not None:
+            stages = self.metrics.stage_duration
+            stages.labels("tokenize").observe(tokenized - started)
+            stages.labels("hash").observe(time.perf_counter() - tokenized)
         request.tokens = tokens
         request.block_hashes = hashes
         request.block_size = block_size
@@ -191,14 +197,22 @@ class KvAwareScorer(Scorer):
             request.request_id, len(request.tokens), request.block_hashes or []
         )
         candidates = [Candidate(ep.address, ep.metrics.num_gpu_blocks) for ep in endpoints]
+        now = self.clock()
+        started = time.perf_counter()
+        overlaps = self.router.overlaps(routing, now)
+        matched = time.perf_counter()
         try:
-            selection = self.router.select(routing, candidates, self.clock())
+            selection = self.router.select(routing, candidates, now, overlaps)
         except AllWorkersBusy as err:
             if self.metrics is not None:
                 self.metrics.busy_rejections.inc()
             raise SchedulingError(429, str(err)) from None
         except NoCandidates as err:
             raise SchedulingError(503, str(err)) from None
+        if self.metrics is not None:
+            stages = self.metrics.stage_duration
+            stages.labels("match").observe(matched - started)
+            stages.labels("score").observe(time.perf_counter() - matched)
         self._pending[request.request_id] = selection
         return _scores(selection)
 
@@ -219,6 +233,10 @@ class KvAwareScorer(Scorer):
         )
         self.router.book(routing, selection, self.clock())
         request.predicted_overlap_blocks = overlap
+        request.decision_summary = (
+            f"endpoint={chosen.address} overlap_blocks={overlap} "
+            f"best_overlap_blocks={selection.best_overlap} block_size={self.config.block_size}"
+        )
         if self.metrics is not None:
             self.metrics.predicted_overlap.observe(overlap)
             self.metrics.predicted_cached_tokens.inc(overlap * self.config.block_size)

@@ -4,8 +4,9 @@ No tokenizer: the prompt's text is cut into blocks of ``blockSizeTokens`` × 4 b
 per token is the reference's guess; the text is UTF-8, so non-ASCII characters take more than one
 byte) and each block is hashed with xxhash64 over ``block ‖ previous hash`` (previous as 8 bytes
 little-endian), the chain starting from the hash of the model name followed by the body's
-``cache_salt``. The text is ``prompt`` for completions and the compact JSON of ``messages`` for
-chat. Only full blocks count, and at most ``maxPrefixBlocksToMatch`` of them.
+``cache_salt``. The text is ``prompt`` for completions (the compact JSON of it when it is not a
+string, e.g. token ids) and the compact JSON of ``messages`` for chat. Only full blocks count, and
+at most ``maxPrefixBlocksToMatch`` of them.
 
 The scorer learns only from its own decisions: after a pick (`pre_request`) it records the
 request's blocks as cached on the chosen endpoint of every profile (prefill and decode workers both
@@ -22,12 +23,13 @@ per block rather than a set operation per endpoint. Not thread-safe: owned by th
 
 from __future__ import annotations
 
-import json
+import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, NewType, Self
+from typing import Annotated, Any, NewType, Self, cast
 
+import msgspec
 import xxhash
 
 from kvgate.fleet.endpoint import Endpoint
@@ -46,7 +48,10 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 _PENDING_LIMIT = 256
 
 _xxh64 = xxhash.xxh64_intdigest
-_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_pack_u64 = struct.Struct("<Q").pack
+_splitters: dict[tuple[int, int], struct.Struct] = {}
+# Compact JSON, non-ASCII as UTF-8 (as Go's encoder writes it); ~7x faster than the json module.
+_compact_json = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +66,9 @@ class PrefixCacheScorerParams:
     """Block hashes remembered per endpoint when its GPU block count is unknown."""
 
 
-def prompt_text(request: LLMRequest, limit: int) -> str | None:
-    """At least the first ``limit`` characters of the text the scorer hashes (more is allowed),
-    or None when the body has nothing to hash."""
+def prompt_bytes(request: LLMRequest, limit: int) -> bytes | None:
+    """At least the first ``limit`` bytes of the UTF-8 text the scorer hashes (more is
+    allowed), or None when the body has nothing to hash."""
     body = request.body
     kind = request.kind
     if kind == "chat" or (kind is None and "messages" in body):
@@ -72,45 +77,57 @@ def prompt_text(request: LLMRequest, limit: int) -> str | None:
     prompt = body.get("prompt")
     if prompt is None:
         return None
-    return prompt[:limit] if isinstance(prompt, str) else _json_prefix(prompt, limit)
+    # A character is at least one byte, so `limit` characters cover `limit` bytes.
+    return prompt[:limit].encode() if isinstance(prompt, str) else _json_prefix(prompt, limit)
 
 
-def _json_prefix(value: object, limit: int) -> str | None:
+def _json_prefix(value: object, limit: int) -> bytes | None:
     # A list is encoded item by item and the encoding stops once long enough: the start of a
-    # 200 KB conversation costs what its first blocks cost, and the text is the same as
+    # 200 KB conversation costs what its first blocks cost, and the bytes are those of
     # encoding the whole list.
     try:
         if not isinstance(value, list):
             return _compact_json(value)
-        parts = ["["]
+        parts = [b"["]
         size = 1
         for i, item in enumerate(value):
             if i:
-                parts.append(",")
+                parts.append(b",")
+                size += 1
             piece = _compact_json(item)
             parts.append(piece)
-            size += len(piece) + (i > 0)
+            size += len(piece)
             if size >= limit:
-                return "".join(parts)
-        parts.append("]")
-        return "".join(parts)
-    except (TypeError, ValueError):
+                return b"".join(parts)
+        parts.append(b"]")
+        return b"".join(parts)
+    except (TypeError, ValueError, msgspec.EncodeError):
         return None
 
 
 def hash_prompt(
-    text: str, *, block_chars: int, max_blocks: int, model: str, cache_salt: str | None
+    data: bytes, *, block_chars: int, max_blocks: int, model: str, cache_salt: str | None
 ) -> list[PromptBlockHash]:
-    """The chained block hashes of ``text`` (full blocks only, at most ``max_blocks``)."""
-    limit = block_chars * max_blocks
-    data = text[:limit].encode()[:limit]
+    """The chained block hashes of ``data`` (full blocks only, at most ``max_blocks``)."""
+    blocks = min(len(data) // block_chars, max_blocks)
     seed_text = model + cache_salt if cache_salt else model
     prev = _xxh64(seed_text.encode())
-    hashes: list[PromptBlockHash] = []
-    for start in range(0, len(data) - block_chars + 1, block_chars):
-        prev = _xxh64(data[start : start + block_chars] + prev.to_bytes(8, "little"))
-        hashes.append(PromptBlockHash(prev))
-    return hashes
+    hashes: list[int] = []
+    for block in _splitter(block_chars, blocks).unpack_from(data):
+        prev = _xxh64(block + _pack_u64(prev))
+        hashes.append(prev)
+    # NewType is a call per item at run time; the list is typed once instead.
+    return cast(list[PromptBlockHash], hashes)
+
+
+def _splitter(block_chars: int, blocks: int) -> struct.Struct:
+    # One precompiled unpack cuts the text into blocks faster than slicing block by block; at
+    # most max_blocks structs per block size are ever made.
+    key = (block_chars, blocks)
+    found = _splitters.get(key)
+    if found is None:
+        found = _splitters[key] = struct.Struct(f"{block_chars}s" * blocks)
+    return found
 
 
 class _ServerCache:
@@ -138,7 +155,7 @@ class PrefixCacheScorer(Scorer):
         self._holders: dict[PromptBlockHash, int] = {}
         """Block hash → bitmask of the slots of the endpoints holding it."""
         self._pending: OrderedDict[str, tuple[int, list[PromptBlockHash]]] = OrderedDict()
-        """Request id → (block size in characters, hashes) from scoring, for `pre_request`."""
+        """Request id → (block size in bytes, hashes) from scoring, for `pre_request`."""
 
     @classmethod
     def from_config(
@@ -222,12 +239,12 @@ class PrefixCacheScorer(Scorer):
             hashes = found[1]
         else:
             max_blocks = self.params.max_prefix_blocks_to_match
-            text = prompt_text(request, block_chars * max_blocks)
+            data = prompt_bytes(request, block_chars * max_blocks)
             hashes = (
                 []
-                if text is None
+                if data is None
                 else hash_prompt(
-                    text,
+                    data,
                     block_chars=block_chars,
                     max_blocks=max_blocks,
                     model=request.model,

@@ -25,10 +25,10 @@ class SingleProfileHandler(ProfileHandler):
 
     def validate_profiles(self, names: Sequence[str]) -> None:
         if len(names) != 1:
+            configured = f"{len(names)} are configured ({', '.join(names)})" if names else "none is"
             raise ValueError(
-                f"runs exactly one scheduling profile, {len(names)} are configured "
-                f"({', '.join(names)}); keep one or use a multi-profile handler such as "
-                "pd-profile-handler"
+                f"runs exactly one scheduling profile and {configured}; configure one, or use a "
+                "multi-profile handler such as pd-profile-handler"
             )
 
     def pick_profiles(
