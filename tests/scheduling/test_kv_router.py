@@ -421,6 +421,7 @@ WORKERS = ["w0", "w1", "w2", "w3"]
             st.lists(st.sampled_from(WORKERS), max_size=4, unique=True),
             st.integers(0, 9),  # request id
         ),
+        min_size=5,
         max_size=30,
     ),
     seed=st.integers(0, 3),
