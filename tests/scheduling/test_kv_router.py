@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,7 @@ from kvgate.scheduling.kv_router import (
     RoutingRequest,
 )
 from kvgate.tokens.hashing import block_hashes
-from tests.index.utils import BS, stored, tokens_of
+from tests.index.utils import BS, leading, ref_seq, stored, tokens_of
 
 # A 70-token prompt: 4 full blocks + 6 tokens, so 5 blocks of load.
 PROMPT = tokens_of(seed=1, blocks=5)[:70]
@@ -403,7 +404,16 @@ def test_stale_bookings_expire() -> None:
 # Invariants
 
 DOCS = [tokens_of(seed=20 + i, blocks=6) for i in range(3)]
+DOC_SEQS = [ref_seq(d) for d in DOCS]
 WORKERS = ["w0", "w1", "w2", "w3"]
+
+
+@dataclass
+class Live:
+    worker: str
+    hashes: list[int]
+    prefill: int
+    prefill_done: bool = False
 
 
 @settings(max_examples=40, deadline=None)
@@ -436,6 +446,8 @@ def test_selection_invariants(
     ops: list[tuple[str, int, int, list[str], int]],
     seed: int,
 ) -> None:
+    """Against a model kept by the test alone: what each worker caches (events, or the router's
+    own picks without them), each live request's blocks and pending prefill."""
     router = make_router(
         seed=seed,
         use_kv_events=use_kv_events,
@@ -444,22 +456,28 @@ def test_selection_invariants(
         overlap_score_weight=weight,
     )
     cap = dict(zip(WORKERS, capacity, strict=True))
+    cached: dict[str, set[int]] = {w: set() for w in WORKERS}
+    live: dict[str, Live] = {}
     now = 0.0
-    for kind, doc, n, workers, rid in ops:
+    for kind, doc, n, workers, rid_n in ops:
         now += 0.5
+        rid = f"r{rid_n}"
         if kind == "store" and use_kv_events and workers:
             cache(router, workers[0], n % 7, tokens=DOCS[doc])
+            cached[workers[0]] |= set(DOC_SEQS[doc][: n % 7])
         elif kind == "route":
             tokens = DOCS[doc][:n]
-            req = request(f"r{rid}", tokens=tokens)
-            candidates = [Candidate(w, cap[w]) for w in workers]
+            hashes = DOC_SEQS[doc][: n // BS]
+            req = request(rid, tokens=tokens)
+            mine = {w: [r for r in live.values() if r.worker == w] for w in WORKERS}
+            active = {w: {h for r in mine[w] for h in r.hashes} for w in WORKERS}
+            pending = {w: sum(r.prefill for r in mine[w] if not r.prefill_done) for w in WORKERS}
             busy = [
                 w
                 for w in workers
-                if threshold is not None
-                and cap[w]
-                and router.active.active_blocks(w) / cap[w] > threshold  # type: ignore[operator]
+                if threshold is not None and cap[w] and len(active[w]) / cap[w] > threshold  # type: ignore[operator]
             ]
+            candidates = [Candidate(w, cap[w]) for w in workers]
             if not workers:
                 with pytest.raises(NoCandidates):
                     router.route(req, candidates, now)
@@ -468,30 +486,40 @@ def test_selection_invariants(
                 with pytest.raises(AllWorkersBusy):
                     router.route(req, candidates, now)
                 continue
-            run = router.active.blocks.find_matches(req.hashes)
-            pending = {w: router.active.prefill_tokens(w) for w in workers}
-            active = {w: router.active.active_blocks(w) for w in workers}
             sel = router.route(req, candidates, now)
             assert sel.worker in workers
             assert sel.worker not in busy
             assert sel.busy == busy
-            assert set(sel.costs) == set(workers) - set(busy)
-            assert 0 <= sel.overlap_blocks <= len(req.hashes)
-            assert all(0 < v <= len(req.hashes) for v in sel.overlaps.values())
-            for w, cost in sel.costs.items():
-                ov = sel.overlaps.get(w, 0)
-                expected = weight * (max(0, len(tokens) - ov * BS) + pending[w]) / BS + (
-                    active[w] + math.ceil(len(tokens) / BS) - run.get(w, 0)
-                )
-                assert cost == pytest.approx(expected)
+            overlaps = {w: leading(cached[w], hashes) for w in WORKERS}
+            assert sel.overlaps == {w: o for w, o in overlaps.items() if o}
+            assert sel.overlap_blocks == overlaps[sel.worker] <= len(hashes)
+            expected = {
+                w: weight * (len(tokens) - overlaps[w] * BS + pending[w]) / BS
+                + len(active[w])
+                + math.ceil(len(tokens) / BS)
+                - leading(active[w], hashes)
+                for w in workers
+                if w not in busy
+            }
+            assert sel.costs == pytest.approx(expected)
             if temperature == 0:
-                assert sel.costs[sel.worker] == min(sel.costs.values())
+                best = min(expected.values())
+                tied = [w for w, c in expected.items() if math.isclose(c, best)]
+                smallest = min(len(cached[w]) for w in tied)
+                assert sel.worker in [w for w in tied if len(cached[w]) == smallest]
+            live.pop(rid, None)
+            live[rid] = Live(sel.worker, hashes, len(tokens) - overlaps[sel.worker] * BS)
+            if not use_kv_events:
+                cached[sel.worker] |= set(hashes)
         elif kind == "prefill":
-            router.mark_prefill_complete(f"r{rid}")
+            assert router.mark_prefill_complete(rid) == (rid in live and not live[rid].prefill_done)
+            if rid in live:
+                live[rid].prefill_done = True
         elif kind == "free":
-            router.free(f"r{rid}")
-    for rid in range(10):
-        router.free(f"r{rid}")
+            assert router.free(rid) == (rid in live)
+            live.pop(rid, None)
+    for rid in list(live):
+        assert router.free(rid)
     for w in WORKERS:
         assert router.active.prefill_tokens(w) == 0
         assert router.active.active_blocks(w) == 0

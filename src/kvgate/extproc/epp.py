@@ -124,6 +124,10 @@ class Director:
                 raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
         if not candidates:
             raise SchedulingError(503, "no ready endpoints")
+        # A worker whose metrics stopped answering is probably gone: route around it, unless
+        # nothing answers at all (then metrics are what is broken, not every worker).
+        fresh = [ep for ep in candidates if not ep.metrics.stale]
+        candidates = fresh or candidates
         if request.priority < 0 and self.saturated is not None and self.saturated(candidates):
             raise SchedulingError(429, "pool saturated; sheddable request (priority < 0) dropped")
         async with self._slots:

@@ -198,6 +198,30 @@ class EppRuntime:
         await self._serve_metrics()
         self.endpoints.subscribe(lambda _j, _l: self._update_readiness())
         self._update_readiness()
+        liveness = asyncio.get_running_loop().create_task(self._watch_liveness())
+        self._stack.push_async_callback(_cancel, liveness)
+
+    async def _watch_liveness(self, interval_s: float = 0.5) -> None:
+        """Drop the cached-block and load state of workers whose metrics went stale after having
+        answered: a dead worker's cache is gone, and its in-flight requests will never complete.
+        It is routed to again, with state rebuilt from its events, once it answers again."""
+        down: set[str] = set()
+        while True:
+            await asyncio.sleep(interval_s)
+            for endpoint in self.endpoints:
+                metrics = endpoint.metrics
+                if metrics.stale and metrics.updated_at is not None:
+                    if endpoint.address not in down:
+                        down.add(endpoint.address)
+                        log.warning(
+                            "worker %s stopped answering; dropping its state", endpoint.address
+                        )
+                        for scorer in self.kv_scorers:
+                            scorer.router.remove_worker(endpoint.address)
+                elif not metrics.stale and endpoint.address in down:
+                    down.discard(endpoint.address)
+                    log.info("worker %s answers again", endpoint.address)
+            down &= {ep.address for ep in self.endpoints}
 
     def _gauges(self) -> dict[str, tuple[str, Any]]:
         def index_blocks() -> float:
@@ -279,6 +303,12 @@ class EppRuntime:
         self._stack.push_async_callback(runner.cleanup)
         if runner.addresses:
             self.bound_ports["metrics"] = int(runner.addresses[0][1])
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def build_parser() -> argparse.ArgumentParser:

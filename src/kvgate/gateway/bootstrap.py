@@ -1,0 +1,250 @@
+"""The Envoy bootstrap `kvgate up` runs: the seed's request path on one machine.
+
+    client ─▶ listener ─▶ strip client routing headers ─▶ ext_proc: EPP ─▶ [ext_proc: body
+    transformer | Lua nvext] ─▶ router ─▶ ORIGINAL_DST cluster keyed on
+    x-gateway-destination-endpoint ─▶ worker
+
+- Client-sent routing headers are removed *before* the EPP sees the request, on every route, so a
+  client can never steer routing, even when the EPP is down and the request fails open.
+- The EPP gets request and response headers and both bodies in FULL_DUPLEX_STREAMED mode (the GAIE
+  reference), so it sees first token and completion. The body transformer is configured as the
+  seed configures it: request headers SEND, request body BUFFERED, responses skipped.
+- Failure mode: ``FailClose`` rejects when the EPP is unreachable; ``FailOpen`` passes the request
+  on, to a round-robin cluster of the workers (the destination header is then absent, and a
+  second route catches that case). Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so
+  ``FailOpen`` runs the EPP with a buffered request body and a STREAMED response body.
+- Admin listens on loopback only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+ROUTING_HEADERS = (
+    DESTINATION_HEADER,
+    "x-worker-instance-id",
+    "x-prefiller-host-port",
+    "x-dynamo-routing-mode",
+)
+BodyTransformer = Literal["ext-proc", "inline", "lua", "off"]
+FailureMode = Literal["FailOpen", "FailClose"]
+
+_HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_HEADER_MUTATION = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+)
+_HTTP2_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+
+
+@dataclass
+class GatewaySpec:
+    listen_host: str
+    listen_port: int
+    admin_port: int
+    epp_address: tuple[str, int]
+    workers: Sequence[tuple[str, int]]
+    """Used only for the fail-open fallback cluster."""
+    failure_mode: FailureMode = "FailClose"
+    body_transformer: BodyTransformer = "off"
+    body_transformer_address: tuple[str, int] | None = None
+    lua_code: str | None = None
+    request_timeout_s: float = 600.0
+    extra_clusters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                        for host, port in hosts
+                    ]
+                }
+            ],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = _HTTP2_OPTIONS
+    return cluster
+
+
+def _ext_proc(
+    cluster: str, *, full_duplex: bool, fail_open: bool, responses: bool
+) -> dict[str, Any]:
+    body_mode = "FULL_DUPLEX_STREAMED" if full_duplex else "BUFFERED"
+    # Envoy cannot fail open once body chunks went to the processor in full-duplex mode (it
+    # answers 500 instead), so fail-open configs use the buffered request body and the
+    # chunk-by-chunk STREAMED response mode, which keep responses streaming.
+    response_mode = "STREAMED" if body_mode == "BUFFERED" else body_mode
+    mode = {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND" if responses else "SKIP",
+        "request_body_mode": body_mode,
+        "response_body_mode": response_mode if responses else "NONE",
+        "request_trailer_mode": "SEND" if full_duplex else "SKIP",
+        "response_trailer_mode": "SEND" if full_duplex and responses else "SKIP",
+    }
+    return {
+        "name": f"envoy.filters.http.ext_proc.{cluster}",
+        "typed_config": {
+            "@type": _EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "10s"},
+            "processing_mode": mode,
+            "message_timeout": "1000s",
+            "failure_mode_allow": fail_open,
+            "allow_mode_override": False,
+        },
+    }
+
+
+def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
+    fail_open = spec.failure_mode == "FailOpen"
+    filters: list[dict[str, Any]] = [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": _HEADER_MUTATION,
+                "mutations": {
+                    "request_mutations": [{"remove": h} for h in ROUTING_HEADERS],
+                },
+            },
+        },
+        _ext_proc("epp", full_duplex=not fail_open, fail_open=fail_open, responses=True),
+    ]
+    clusters = [
+        {
+            "name": "original_destination_cluster",
+            "type": "ORIGINAL_DST",
+            "connect_timeout": "5s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {
+                "use_http_header": True,
+                "http_header_name": DESTINATION_HEADER,
+            },
+            "circuit_breakers": {
+                "thresholds": [
+                    {
+                        "max_connections": 40000,
+                        "max_pending_requests": 40000,
+                        "max_requests": 40000,
+                    }
+                ]
+            },
+        },
+        _cluster("epp", [spec.epp_address], http2=True),
+    ]
+    if spec.workers:
+        clusters.append(_cluster("fail_open_workers", spec.workers, http2=False))
+    if spec.body_transformer == "ext-proc":
+        if spec.body_transformer_address is None:
+            raise ValueError("body transformer address required for --body-transformer ext-proc")
+        filters.append(
+            _ext_proc("body_transformer", full_duplex=False, fail_open=False, responses=False)
+        )
+        clusters.append(_cluster("body_transformer", [spec.body_transformer_address], http2=True))
+    elif spec.body_transformer == "lua":
+        if not spec.lua_code:
+            raise ValueError("Lua code required for --body-transformer lua")
+        filters.append(
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": _LUA,
+                    "default_source_code": {"inline_string": spec.lua_code},
+                },
+            }
+        )
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
+    timeout = f"{spec.request_timeout_s:g}s"
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": DESTINATION_HEADER, "present_match": True}],
+            },
+            "route": {
+                "cluster": "original_destination_cluster",
+                "timeout": timeout,
+                "idle_timeout": timeout,
+            },
+        }
+    ]
+    if fail_open and spec.workers:
+        routes.append(
+            {
+                "match": {"prefix": "/"},
+                "route": {"cluster": "fail_open_workers", "timeout": timeout},
+            }
+        )
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "kvgate",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "kvgate",
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": filters,
+        "stream_idle_timeout": timeout,
+        "request_timeout": "0s",
+    }
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": spec.admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "kvgate",
+                    "address": {
+                        "socket_address": {
+                            "address": spec.listen_host,
+                            "port_value": spec.listen_port,
+                        }
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [*clusters, *spec.extra_clusters],
+        },
+    }
+
+
+def bootstrap_yaml(spec: GatewaySpec) -> str:
+    return yaml.safe_dump(build_bootstrap(spec), sort_keys=False)

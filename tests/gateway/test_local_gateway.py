@@ -1,0 +1,235 @@
+"""End to end: a real Envoy, the real EPP and simulated engines as separate processes, real
+sockets, requests from an HTTP client — the path `kvgate up` runs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from kvgate.gateway.client import ChatResult, chat
+from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
+
+MODEL = "Qwen/Qwen3-0.6B"
+SYSTEM = "You are the end-to-end test assistant. " + " ".join(
+    f"Fact {i}: the gateway keeps prefix {i} warm." for i in range(150)
+)
+
+
+def body(question: str, *, system: str | None = SYSTEM, stream: bool = False) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
+    out: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": 6}
+    if stream:
+        out.update(stream=True, stream_options={"include_usage": True})
+    return out
+
+
+def send(url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> ChatResult:
+    async def go() -> ChatResult:
+        async with aiohttp.ClientSession() as session:
+            return await chat(session, url, payload, headers=headers, timeout_s=30)
+
+    return asyncio.run(go())
+
+
+def metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def metric_value(text: str, name: str) -> float:
+    found = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
+    return sum(float(v) for v in found)
+
+
+@pytest.fixture(scope="module")
+def kv_gateway(
+    qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    config = LocalGatewayConfig(
+        workers=3,
+        port=free_port(),
+        tokenizer=str(qwen3_dir),
+        speedup=20.0,
+        run_dir=tmp_path_factory.mktemp("kv-gateway"),
+    )
+    with LocalGateway(config) as running:
+        yield running
+
+
+def test_shared_prefix_lands_on_the_same_worker_with_cached_tokens(
+    kv_gateway: RunningGateway,
+) -> None:
+    first = send(kv_gateway.url, body("What is the first fact?"))
+    assert first.status == 200, first.error
+    assert first.worker in kv_gateway.workers
+    deadline = time.monotonic() + 10
+    second = send(kv_gateway.url, body("And what is the second fact?"))
+    # KV events travel engine → EPP asynchronously; the first follow-up may beat them.
+    while second.cached_tokens in (None, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        second = send(kv_gateway.url, body("And what is the second fact?"))
+    assert second.worker == first.worker
+    assert second.cached_tokens is not None and second.cached_tokens > 1000
+
+
+def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
+    kv_gateway: RunningGateway,
+) -> None:
+    before = metrics(kv_gateway.epp_metrics_url)
+    result = send(kv_gateway.url, body("Stream me a short answer.", stream=True))
+    assert result.status == 200, result.error
+    assert result.chunks >= 3  # one SSE event per token, plus usage
+    assert result.completion_tokens == 6
+    after = metrics(kv_gateway.epp_metrics_url)
+    ttft = "inference_objective_request_ttft_seconds_count"
+    assert metric_value(after, ttft) == metric_value(before, ttft) + 1
+    assert metric_value(after, "inference_objective_running_requests") == 0
+
+
+def test_models_and_completions_pass_through(kv_gateway: RunningGateway) -> None:
+    with urllib.request.urlopen(f"{kv_gateway.url}/v1/models", timeout=10) as resp:
+        assert resp.status == 200
+        assert MODEL in resp.read().decode()
+    request = urllib.request.Request(
+        f"{kv_gateway.url}/v1/completions",
+        data=b'{"model": "%s", "prompt": "Once upon a time", "max_tokens": 3}' % MODEL.encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+        assert b'"text_completion"' in resp.read()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "x-gateway-destination-endpoint",
+        "x-worker-instance-id",
+        "x-prefiller-host-port",
+        "x-dynamo-routing-mode",
+    ],
+)
+def test_client_routing_headers_cannot_steer(kv_gateway: RunningGateway, header: str) -> None:
+    result = send(kv_gateway.url, body("steer me", system=None), {header: "127.0.0.1:1"})
+    assert result.status == 200, result.error
+    assert result.worker in kv_gateway.workers
+
+
+def test_bad_requests_get_json_errors_through_envoy(kv_gateway: RunningGateway) -> None:
+    request = urllib.request.Request(
+        f"{kv_gateway.url}/v1/chat/completions",
+        data=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    assert b"not valid JSON" in err.value.read()
+
+
+def test_standard_mode_spreads_evenly(qwen3_dir: Path, tmp_path: Path) -> None:
+    config = LocalGatewayConfig(
+        workers=3, port=free_port(), mode="standard", tokenizer=str(qwen3_dir),
+        speedup=20.0, run_dir=tmp_path,
+    )  # fmt: skip
+    with LocalGateway(config) as running:
+        served = Counter(send(running.url, body(f"q{i}")).worker for i in range(9))
+    assert sorted(served.values()) == [3, 3, 3]
+    assert set(served) == set(running.workers)
+
+
+def _sim_process(tokenizer: str, port: int, events: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+        [sys.executable, "-m", "kvgate", "sim", "--workers", "1", "--base-port", str(port),
+         "--events-base-port", str(events), "--replay-base-port", str(events + 1),
+         "--tokenizer", tokenizer, "--model", MODEL, "--speedup", "20"],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_log(log: Path, needle: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
+def test_killed_worker_is_no_longer_picked_and_its_state_goes(
+    qwen3_dir: Path, tmp_path: Path
+) -> None:
+    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]
+    sims = [
+        _sim_process(str(qwen3_dir), http, ev, tmp_path / f"sim{i}.log")
+        for i, (http, ev, _) in enumerate(ports)
+    ]
+    try:
+        for i in range(2):
+            _wait_log(tmp_path / f"sim{i}.log", "ready workers=")
+        entries: list[dict[str, object]] = [
+            {"address": f"127.0.0.1:{http}", "events": f"tcp://127.0.0.1:{ev}"}
+            for http, ev, _ in ports
+        ]
+        config = LocalGatewayConfig(
+            endpoint_entries=entries, port=free_port(), tokenizer=str(qwen3_dir),
+            run_dir=tmp_path / "gw",
+        )  # fmt: skip
+        with LocalGateway(config) as running:
+            first = send(running.url, body("Which worker holds me?"))
+            assert first.status == 200
+            victim = sims[running.workers.index(str(first.worker))]
+            victim.kill()
+            victim.wait(timeout=10)
+            time.sleep(3.0)  # metrics go stale after 2 s without an answer
+            for i in range(4):
+                result = send(running.url, body(f"Which worker holds me? {i}"))
+                assert result.status == 200, result.error
+                assert result.worker != first.worker
+            text = metrics(running.epp_metrics_url)
+            assert metric_value(text, "inference_pool_ready_pods") == 1
+    finally:
+        for sim in sims:
+            if sim.poll() is None:
+                sim.kill()
+            sim.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("mode", "status_when_down"), [("FailClose", 500), ("FailOpen", 200)])
+def test_epp_failure_mode_and_recovery(
+    qwen3_dir: Path, tmp_path: Path, mode: str, status_when_down: int
+) -> None:
+    config = LocalGatewayConfig(
+        workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0,
+        failure_mode=mode, run_dir=tmp_path,  # type: ignore[arg-type]
+    )  # fmt: skip
+    gateway = LocalGateway(config)
+    with gateway as running:
+        assert send(running.url, body("before")).status == 200
+        epp = running.children["epp"]
+        gateway.supervisor.kill(epp)
+        down = send(running.url, body("while the picker is down"))
+        if status_when_down == 200:
+            assert down.status == 200 and down.worker in running.workers
+        else:
+            assert down.status >= 500
+        gateway.restart_epp()
+        deadline = time.monotonic() + 15
+        again = send(running.url, body("after restart"))
+        while again.status != 200 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            again = send(running.url, body("after restart"))
+        assert again.status == 200, again.error
+        streamed = send(running.url, body("stream after restart", stream=True))
+        assert streamed.status == 200 and streamed.chunks >= 3
