@@ -351,20 +351,20 @@ def test_removed_worker_rejoining_starts_empty() -> None:
 # Cap
 
 
-def test_cap_evicts_oldest_blocks_of_largest_worker() -> None:
+def test_cap_evicts_newest_blocks_of_largest_worker() -> None:
     index = index_with(("b", stored(OTHER, 0, 3)), ("a", stored(DOC, 0, 6)), max_entries=10)
     index.apply_event("b", stored(OTHER, 3, 4))
     assert index.entries == 10  # at the cap, not over it
     assert index.stats.evicted_entries == 0
     index.apply_event("b", stored(OTHER, 4, 5))
-    # 11 > 10: trim to int(10 * 0.9) = 9, taking the 2 oldest blocks of the largest worker (a).
+    # 11 > 10: trim to int(10 * 0.9) = 9, taking the 2 newest blocks of the largest worker (a).
     assert index.entries == 9
     assert index.stats.evicted_entries == 2
     assert index.sizes() == {"b": 5, "a": 4}
-    assert list(index.blocks_of("a")) == DOC_SEQ[2:6]
+    assert list(index.blocks_of("a")) == DOC_SEQ[:4]
     assert index.find_matches(OTHER_SEQ) == {"b": 5}
-    # Oldest-first evicts a's *leading* blocks, so what it keeps can no longer match.
-    assert index.find_matches(DOC_SEQ) == {}
+    # Newest-first trims a's leaves, so the prefix it keeps still matches.
+    assert index.find_matches(DOC_SEQ) == {"a": 4}
     assert_consistent(index)
 
 

@@ -34,7 +34,7 @@ from kvgate.events.types import BlockStored, EngineHash
 from kvgate.index.prefix_index import PrefixIndex
 from kvgate.scheduling.config import KvRouterConfig
 from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
-from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks
+from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks, sequence_hashes_of
 
 PROMPT_TOKENS = (1024, 4096, 32768)
 BLOCK_SIZES = (16, 64)
@@ -180,7 +180,7 @@ def _decision(
     counter = iter(range(1 << 62))
 
     def decide() -> object:
-        _, hashes = hash_blocks(tokens, block_size)
+        hashes = sequence_hashes_of(tokens, block_size)
         request = RoutingRequest(f"r{next(counter)}", len(tokens), hashes)
         return router.select(request, candidates, 0.0)
 

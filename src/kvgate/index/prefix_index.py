@@ -17,9 +17,9 @@ removal of one of them does not hide the other.
 Memory: each (block, worker) entry costs one per-slot dict entry (key: the engine id, value: a
 reference to the sequence-hash int shared with the block dict), plus a share of the block dict
 entry. ``bytes_per_entry`` in ``kvgate microbench`` measures it (about 100 bytes). A cap on the
-number of entries bounds the whole index: when exceeded, the largest worker forgets its oldest
-blocks in one batch (dict order is insertion order), which only costs routing quality — a missed
-hit — never correctness.
+number of entries bounds the whole index: when exceeded, the largest worker forgets its newest
+blocks in one batch (dict order is insertion order; the newest are leaves, so the prefixes that
+remain still match), which only costs routing quality — a missed hit — never correctness.
 
 Thread-safety: none. The index is owned by one asyncio loop (events and lookups both run there).
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
-from kvgate.tokens.hashing import SequenceHash, hash_blocks, lora_seed
+from kvgate.tokens.hashing import SequenceHash, lora_seed, sequence_hashes_of
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,14 @@ class PrefixIndex(MaskIndex):
                 log.debug("worker %s: BlockStored under unknown parent; skipped", worker)
                 return 0
             parent = SequenceHash(known)
-        _, seqs = hash_blocks(event.token_ids, block_size, lora_seed(event.lora_name), parent)
+        try:
+            seqs = sequence_hashes_of(
+                event.token_ids, block_size, lora_seed(event.lora_name), parent
+            )
+        except (ValueError, TypeError) as err:
+            self.stats.malformed_stores += 1
+            log.warning("worker %s: BlockStored with bad token ids (%s); skipped", worker, err)
+            return 0
         return self._insert(slot, event.block_hashes, seqs)
 
     def store_hashes(
@@ -317,14 +324,16 @@ class PrefixIndex(MaskIndex):
         while self._entries > target:
             slot = max(self._slot_of.values(), key=lambda s: len(self._by_engine[s]))
             by_engine = self._by_engine[slot]
+            # Newest first: they are the leaves of the newest prefixes, so what stays is still
+            # whole prefixes that match. popitem() is O(1) from the end of a dict.
             excess = min(len(by_engine), self._entries - target)
-            victims = list(islice(by_engine, excess))
-            for engine_hash in victims:
-                self._unlink(slot, by_engine.pop(engine_hash))
-            self._entries -= len(victims)
-            self.stats.evicted_entries += len(victims)
+            for _ in range(excess):
+                _, seq = by_engine.popitem()
+                self._unlink(slot, seq)
+            self._entries -= excess
+            self.stats.evicted_entries += excess
         log.warning(
-            "prefix index over its cap of %d entries: evicted the oldest blocks of the largest "
+            "prefix index over its cap of %d entries: evicted the newest blocks of the largest "
             "workers (raise the cap if engines really hold this much)",
             self.max_entries,
         )

@@ -37,7 +37,9 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args) {
     Py_ssize_t block_size;
     unsigned long long seed;
     PyObject *parent_obj;
-    if (!PyArg_ParseTuple(args, "OnKO", &tokens_obj, &block_size, &seed, &parent_obj)) {
+    int with_local = 1;
+    if (!PyArg_ParseTuple(args, "OnKO|p", &tokens_obj, &block_size, &seed, &parent_obj,
+                          &with_local)) {
         return NULL;
     }
     if (block_size <= 0) {
@@ -114,25 +116,39 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-    local_list = PyList_New(blocks);
+    /* The request path needs only the sequence hashes; building the local ones as Python ints
+     * would double the allocations. Without them, None stands in their place. */
     seq_list = PyList_New(blocks);
-    if (local_list == NULL || seq_list == NULL) {
+    if (seq_list == NULL) {
         goto fail;
     }
-    for (Py_ssize_t b = 0; b < blocks; b++) {
-        PyObject *l = PyLong_FromUnsignedLongLong(out[b]);
-        PyObject *s = PyLong_FromUnsignedLongLong(out[blocks + b]);
-        if (l == NULL || s == NULL) {
-            Py_XDECREF(l);
-            Py_XDECREF(s);
+    if (with_local) {
+        local_list = PyList_New(blocks);
+        if (local_list == NULL) {
             goto fail;
         }
-        PyList_SET_ITEM(local_list, b, l);
+    }
+    for (Py_ssize_t b = 0; b < blocks; b++) {
+        PyObject *s = PyLong_FromUnsignedLongLong(out[blocks + b]);
+        if (s == NULL) {
+            goto fail;
+        }
         PyList_SET_ITEM(seq_list, b, s);
+        if (local_list != NULL) {
+            PyObject *l = PyLong_FromUnsignedLongLong(out[b]);
+            if (l == NULL) {
+                goto fail;
+            }
+            PyList_SET_ITEM(local_list, b, l);
+        }
     }
     PyMem_Free(buf);
     PyMem_Free(out);
     Py_DECREF(seq);
+    if (local_list == NULL) {
+        Py_INCREF(Py_None);
+        local_list = Py_None;
+    }
     return Py_BuildValue("(NN)", local_list, seq_list);
 
 fail:

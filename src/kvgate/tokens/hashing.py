@@ -21,7 +21,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import repeat
-from typing import NewType
+from typing import Any, NewType
 
 import xxhash
 
@@ -139,7 +139,7 @@ def hash_blocks_python(
     return local, extend_sequence_hashes(parent, local)
 
 
-_native_hash_blocks: Callable[..., tuple[list[LocalHash], list[SequenceHash]]] | None
+_native_hash_blocks: Callable[..., tuple[Any, list[SequenceHash]]] | None
 try:
     from kvgate.tokens._blockhash import hash_blocks as _native_hash_blocks
 except ImportError:  # pragma: no cover - depends on how kvgate was installed
@@ -158,8 +158,23 @@ def hash_blocks(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if _native_hash_blocks is not None:
-        return _native_hash_blocks(tokens, block_size, seed, parent)
+        local, seqs = _native_hash_blocks(tokens, block_size, seed, parent)
+        return local, seqs
     return hash_blocks_python(tokens, block_size, seed, parent)
+
+
+def sequence_hashes_of(
+    tokens: Sequence[int],
+    block_size: int,
+    seed: int = DYNAMO_HASH_SEED,
+    parent: SequenceHash | None = None,
+) -> list[SequenceHash]:
+    """Only the sequence hashes: what routing needs, without the cost of the local ones."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if _native_hash_blocks is not None:
+        return _native_hash_blocks(tokens, block_size, seed, parent, False)[1]
+    return hash_blocks_python(tokens, block_size, seed, parent)[1]
 
 
 def block_hashes(

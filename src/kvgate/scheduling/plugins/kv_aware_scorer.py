@@ -43,7 +43,7 @@ from kvgate.scheduling.kv_router import (
 )
 from kvgate.scheduling.registry import PluginConfigError, PluginContext
 from kvgate.tokens import ModelTokenizer, RequestError
-from kvgate.tokens.hashing import hash_blocks, lora_seed
+from kvgate.tokens.hashing import lora_seed, sequence_hashes_of
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class KvAwareScorer(Scorer):
             raise SchedulingError(400, f"invalid request: {err}") from None
         tokenized = time.perf_counter()
         block_size = self.config.block_size
-        _, hashes = hash_blocks(tokens, block_size, lora_seed(request.lora_name))
+        hashes = sequence_hashes_of(tokens, block_size, lora_seed(request.lora_name))
         if self.metrics is not None:
             stages = self.metrics.stage_duration
             stages.labels("tokenize").observe(tokenized - started)

@@ -1,0 +1,475 @@
+"""`kvgate body-transformer`: an Envoy ext_proc service that writes the endpoint picker's routing
+headers into the request body's ``nvext`` field (see :mod:`kvgate.extproc.nvext`) for Dynamo
+workers, which read only the body.
+
+It sits in the filter chain *after* the picker, so it sees the headers the picker set. Envoy
+announces its body mode in the first message's ``protocol_config``; without it BUFFERED (the
+seed's configuration: request headers SEND, request body BUFFERED, responses skipped) is assumed.
+
+- BUFFERED: request headers are answered CONTINUE at once (Envoy holds them until the body has
+  been answered, so the body answer can still set ``content-length``); the complete body is
+  answered with a body mutation plus ``content-length``, or a plain CONTINUE when unchanged.
+- FULL_DUPLEX_STREAMED: nothing is answered until the body is complete; then the headers (with
+  ``content-length``) and the body as ≤62,000-byte streamed chunks — sent even when unchanged,
+  because in this mode Envoy forwards only what the processor sends back.
+- BUFFERED_PARTIAL: Envoy sends the body in one message, or — past its buffer limit — only a first
+  part and lets the rest flow past the processor. A complete body is transformed like BUFFERED;
+  a partial one cannot be, and passes through unchanged (reason ``partial_body``).
+- STREAMED: not supported (chunks are answered as they come); passes through, counted.
+
+Bodies that are not transformed are counted by reason and each reason is logged once, not per
+request. Bodies above ``--max-body-bytes`` get 413. Parsing large bodies happens off the event
+loop. Ports: ext_proc 9004, gRPC health 9005 (services ``""`` and the ext_proc service), metrics
+9091.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvgate.extproc import protocol as proto
+from kvgate.extproc.nvext import (
+    MODE_HEADER,
+    PREFILL_HEADER,
+    WORKER_ID_HEADER,
+    Injected,
+    NvextResult,
+    Reason,
+    Unchanged,
+    inject_nvext,
+)
+
+log = logging.getLogger("kvgate.body_transformer")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_Mode = processing_mode_pb2.ProcessingMode
+_ROUTING_HEADERS = frozenset({WORKER_ID_HEADER, PREFILL_HEADER, MODE_HEADER})
+# Parsing + splicing costs ~1 ms per 100 KB; above this size it moves off the event loop.
+_OFFLOAD_BYTES = 64 * 1024
+# Pass-through reasons of the transformer itself, beside the nvext ones.
+NO_BODY = "no_body"
+PARTIAL_BODY = "partial_body"
+UNSUPPORTED_MODE = "unsupported_mode"
+PASS_REASONS = (*(r.value for r in Reason), NO_BODY, PARTIAL_BODY, UNSUPPORTED_MODE)
+# Reasons that are normal traffic (a request the picker did not route, a GET) log at INFO.
+_QUIET_REASONS = frozenset({Reason.MISSING_HEADER.value, NO_BODY})
+
+
+class TransformerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.transformed = Counter(
+            "kvgate_body_transformer_transformed",
+            "Request bodies given an nvext routing field",
+            ["mode"],
+            registry=r,
+        )
+        self.passed_through = Counter(
+            "kvgate_body_transformer_passed_through",
+            "Request bodies forwarded unchanged, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.nvext_replaced = Counter(
+            "kvgate_body_transformer_nvext_replaced",
+            "Client nvext values that were not objects and were replaced",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "kvgate_body_transformer_rejected",
+            "Requests answered with an error (413 too large, 500 internal)",
+            ["code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "kvgate_body_transformer_duration_seconds",
+            "Time to parse and rewrite one body",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.25, 1.0),
+            registry=r,
+        )
+        for reason in PASS_REASONS:
+            self.passed_through.labels(reason)
+
+
+class BodyTransformer:
+    """State shared by all streams: limits, metrics, and which reasons were already logged."""
+
+    def __init__(self, metrics: TransformerMetrics, *, max_body_bytes: int) -> None:
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self._logged: set[str] = set()
+
+    async def transform(self, body: bytes, headers: dict[str, str]) -> NvextResult:
+        started = time.perf_counter()
+        if len(body) > _OFFLOAD_BYTES:
+            result = await asyncio.to_thread(inject_nvext, body, headers)
+        else:
+            result = inject_nvext(body, headers)
+        self.metrics.duration.observe(time.perf_counter() - started)
+        if isinstance(result, Unchanged):
+            self.pass_through(result.reason.value, result.detail)
+        else:
+            self.metrics.transformed.labels(result.routing.mode).inc()
+            if result.replaced_non_object:
+                self.metrics.nvext_replaced.inc()
+                self._log_once(
+                    "nvext_replaced",
+                    logging.WARNING,
+                    "a client sent an nvext value that is not an object; it was replaced",
+                )
+        return result
+
+    def pass_through(self, reason: str, detail: str) -> None:
+        self.metrics.passed_through.labels(reason).inc()
+        level = logging.INFO if reason in _QUIET_REASONS else logging.WARNING
+        self._log_once(
+            reason,
+            level,
+            f"request body passed through unchanged ({reason}): {detail}; further ones are only "
+            f'counted in kvgate_body_transformer_passed_through{{reason="{reason}"}}',
+        )
+
+    def _log_once(self, key: str, level: int, message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, "%s", message)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RequestStream:
+    """One ext_proc stream (one HTTP request)."""
+
+    def __init__(self, transformer: BodyTransformer) -> None:
+        self.t = transformer
+        self.request_mode: int = _Mode.BUFFERED
+        self.response_mode: int = _Mode.NONE
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.answered = False
+        """The request body has been answered (or passed through); later chunks just continue."""
+
+    async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if msg.HasField("protocol_config"):
+            self.request_mode = msg.protocol_config.request_body_mode
+            self.response_mode = msg.protocol_config.response_body_mode
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            return self._request_headers(msg.request_headers)
+        if kind == "request_body":
+            return await self._request_body(msg.request_body)
+        if kind == "request_trailers":
+            out = await self._finish() if self._full_duplex and not self.answered else []
+            return [*out, proto.continue_response("request_trailers")]
+        if kind == "response_body" and self.response_mode == _Mode.FULL_DUPLEX_STREAMED:
+            body = msg.response_body
+            return [proto.echo_response_chunk(body.body, body.end_of_stream)]
+        if kind in ("response_headers", "response_body", "response_trailers"):
+            return [proto.continue_response(kind)]
+        return []
+
+    @property
+    def _full_duplex(self) -> bool:
+        return bool(self.request_mode == _Mode.FULL_DUPLEX_STREAMED)
+
+    def _request_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        self.headers = {k: v for k, v in proto.header_map(headers).items() if k in _ROUTING_HEADERS}
+        if headers.end_of_stream:
+            self.answered = True
+            self.t.pass_through(NO_BODY, "the request has no body")
+            return [proto.request_headers_response()]
+        if self._full_duplex:
+            return []
+        return [proto.request_headers_response()]
+
+    async def _request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.answered:
+            return [] if self._full_duplex else [proto.continue_response("request_body")]
+        mode = self.request_mode
+        if mode == _Mode.BUFFERED_PARTIAL:
+            if not body.end_of_stream:
+                self.answered = True
+                self.t.pass_through(
+                    PARTIAL_BODY, "Envoy sent only the part of the body that fits its buffer"
+                )
+                return [proto.continue_response("request_body")]
+            self._append(body.body)
+            return await self._finish()
+        if mode in (_Mode.BUFFERED, _Mode.FULL_DUPLEX_STREAMED):
+            self._append(body.body)
+            return await self._finish() if body.end_of_stream else []
+        if body.end_of_stream:
+            self.answered = True
+            self.t.pass_through(
+                UNSUPPORTED_MODE, f"request body mode {_Mode.BodySendMode.Name(mode)}"
+            )
+        return [proto.continue_response("request_body")]
+
+    def _append(self, chunk: bytes) -> None:
+        if len(self.body) + len(chunk) > self.t.max_body_bytes:
+            raise _TooLarge
+        self.body += chunk
+
+    async def _finish(self) -> list[pb.ProcessingResponse]:
+        self.answered = True
+        original = bytes(self.body)
+        self.body = bytearray()
+        result = await self.t.transform(original, self.headers)
+        new_body = result.body if isinstance(result, Injected) else None
+        if self._full_duplex:
+            out = new_body if new_body is not None else original
+            length = proto.header_mutation({"content-length": str(len(out))})
+            return [proto.request_headers_response(length), *proto.streamed_body_responses(out)]
+        if new_body is None:
+            return [proto.continue_response("request_body")]
+        length = proto.header_mutation({"content-length": str(len(new_body))})
+        return [proto.buffered_body_response(length, new_body, clear_route_cache=False)]
+
+
+async def process_stream(
+    transformer: BodyTransformer, requests: AsyncIterator[pb.ProcessingRequest]
+) -> AsyncIterator[pb.ProcessingResponse]:
+    stream = RequestStream(transformer)
+    async for msg in requests:
+        try:
+            responses = await stream.handle(msg)
+        except _TooLarge:
+            transformer.metrics.rejected.labels("413").inc()
+            yield proto.immediate_error(
+                413,
+                f"request body exceeds {transformer.max_body_bytes} bytes",
+                reason="body_too_large",
+            )
+            return
+        except Exception:
+            log.exception("internal error in the body transformer")
+            transformer.metrics.rejected.labels("500").inc()
+            yield proto.immediate_error(500, "internal error in the body transformer")
+            return
+        for response in responses:
+            yield response
+
+
+class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, transformer: BodyTransformer) -> None:
+        self._transformer = transformer
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for response in process_stream(self._transformer, request_iterator):
+            yield response
+
+
+@dataclass
+class TransformerSettings:
+    bind: str = "0.0.0.0"
+    port: int = 9004
+    health_port: int = 9005
+    metrics_port: int = 9091
+    secure: bool = False
+    cert_path: Path | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+class BodyTransformerRuntime:
+    """The ext_proc, health and metrics servers, started and stopped as one unit. Ports given as
+    0 are chosen by the system; ``bound_ports`` has the real ones (``grpc``, ``health``,
+    ``metrics``)."""
+
+    def __init__(self, settings: TransformerSettings) -> None:
+        self.settings = settings
+        self.metrics = TransformerMetrics()
+        self.transformer = BodyTransformer(self.metrics, max_body_bytes=settings.max_body_bytes)
+        self.bound_ports: dict[str, int] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> BodyTransformerRuntime:
+        try:
+            await self._serve_grpc()
+            await self._serve_health()
+            await self._serve_metrics()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _serve_grpc(self) -> None:
+        s = self.settings
+        # Envoy sends a buffered body as one message: leave room to see (and 413) bodies up to
+        # twice the limit instead of failing them with a gRPC error.
+        limit = 2 * s.max_body_bytes + (1 << 20)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProc(self.transformer), server)
+        address = f"{s.bind}:{s.port}"
+        if s.secure:
+            from kvgate.extproc.tls import server_credentials
+
+            port = server.add_secure_port(address, server_credentials(s.cert_path))
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        self.bound_ports["grpc"] = port
+        self._stack.push_async_callback(server.stop, 2.0)
+
+    async def _serve_health(self) -> None:
+        s = self.settings
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        self.bound_ports["health"] = server.add_insecure_port(f"{s.bind}:{s.health_port}")
+        for service in ("", EXT_PROC_SERVICE):
+            await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self._stack.push_async_callback(server.stop, 1.0)
+
+    async def _serve_metrics(self) -> None:
+        registry = self.metrics.registry
+
+        async def handle(_: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        app = web.Application()
+        app.router.add_get("/metrics", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.settings.bind, self.settings.metrics_port)
+        await site.start()
+        if runner.addresses:
+            self.bound_ports["metrics"] = int(runner.addresses[0][1])
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvgate body-transformer",
+        description="Envoy ext_proc service writing Dynamo routing headers "
+        "(x-worker-instance-id, x-prefiller-host-port, x-dynamo-routing-mode) into the "
+        "request body's nvext field.",
+    )
+    p.add_argument("--port", type=int, default=9004, help="ext_proc port (default 9004)")
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--grpc-health-port", type=int, default=9005, help="gRPC health port")
+    p.add_argument("--metrics-port", type=int, default=9091, help="Prometheus port")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=TransformerSettings.max_body_bytes,
+        help="larger request bodies get 413 (default 16 MiB)",
+    )
+    p.add_argument(
+        "--secure-serving",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TLS on the ext_proc port (self-signed unless --cert-path); default off",
+    )
+    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> TransformerSettings:
+    for flag, value in (
+        ("--port", args.port),
+        ("--grpc-health-port", args.grpc_health_port),
+        ("--metrics-port", args.metrics_port),
+    ):
+        if not 0 <= value < 65536:
+            raise _UsageError(f"{flag}: got {value}; must be a port in 0..65535")
+    if args.max_body_bytes <= 0:
+        raise _UsageError(f"--max-body-bytes: got {args.max_body_bytes}; must be positive")
+    if args.cert_path is not None and not args.secure_serving:
+        raise _UsageError("--cert-path needs --secure-serving")
+    return TransformerSettings(
+        bind=args.bind,
+        port=args.port,
+        health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        secure=args.secure_serving,
+        cert_path=args.cert_path,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+async def serve(settings: TransformerSettings, stop: asyncio.Event) -> None:
+    async with BodyTransformerRuntime(settings) as runtime:
+        ports = runtime.bound_ports
+        log.info(
+            "kvgate body-transformer serving ext_proc on %s:%d (%s), health on %d, metrics on %s",
+            settings.bind,
+            ports["grpc"],
+            "TLS" if settings.secure else "plaintext",
+            ports["health"],
+            ports.get("metrics", settings.metrics_port),
+        )
+        await stop.wait()
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from_args(args)
+    except _UsageError as err:
+        print(f"kvgate body-transformer: {err}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        _run(run())
+    except (OSError, RuntimeError) as err:  # grpc reports a port it cannot bind as RuntimeError
+        print(f"kvgate body-transformer: {err}", file=sys.stderr)
+        return 1
+    return 0
