@@ -13,6 +13,7 @@ Everything binds 127.0.0.1. The builders below make the bootstrap pieces tests n
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 
 from kvgate.gateway.envoy_binary import find_envoy
 
@@ -312,3 +314,74 @@ def bootstrap(
     listeners: Sequence[Mapping[str, Any]], clusters: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     return {"static_resources": {"listeners": list(listeners), "clusters": list(clusters)}}
+
+
+def ext_proc_filter(
+    cluster: str, processing_mode: Mapping[str, str], *, message_timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """An ext_proc HTTP filter calling the gRPC service behind ``cluster``; fails closed."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+            "ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "10s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{message_timeout_s}s",
+            "processing_mode": dict(processing_mode),
+        },
+    }
+
+
+def lua_filter(source: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": source},
+        },
+    }
+
+
+# -- an upstream that shows what Envoy forwarded --------------------------------------------------
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path_qs,
+            "body_b64": base64.b64encode(body).decode(),
+            "content_length": request.headers.get("content-length"),
+            "transfer_encoding": request.headers.get("transfer-encoding"),
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def echo_upstream(max_body_bytes: int = 64 << 20) -> AsyncIterator[int]:
+    """An HTTP server on 127.0.0.1 answering every request with JSON describing it (body as
+    base64, ``content_length``, ``transfer_encoding``, ``headers``); yields its port. The
+    listening socket has TCP_NODELAY (inherited by accepted sockets): without it small answers
+    wait ~40 ms for delayed ACKs."""
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((LOOPBACK, 0))
+        sock.listen(256)
+        site = web.SockSite(runner, sock)
+        await site.start()
+        yield int(sock.getsockname()[1])
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
+def echoed_body(answer: Mapping[str, Any]) -> bytes:
+    return base64.b64decode(answer["body_b64"])

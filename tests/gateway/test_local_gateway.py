@@ -233,3 +233,44 @@ def test_epp_failure_mode_and_recovery(
         assert again.status == 200, again.error
         streamed = send(running.url, body("stream after restart", stream=True))
         assert streamed.status == 200 and streamed.chunks >= 3
+
+
+CLIENT_NVEXT = {"backend_instance_id": 1, "prefill_worker_id": 2, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("transformer", ["ext-proc", "inline"])
+def test_aggregated_nvext_names_the_serving_worker(
+    qwen3_dir: Path, tmp_path: Path, transformer: str
+) -> None:
+    config = LocalGatewayConfig(
+        workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0,
+        body_transformer=transformer, run_dir=tmp_path,  # type: ignore[arg-type]
+    )  # fmt: skip
+    with LocalGateway(config) as running:
+        result = send(running.url, {**body("nvext please"), "nvext": dict(CLIENT_NVEXT)})
+    assert result.status == 200, result.error
+    assert result.received_nvext == {"backend_instance_id": result.instance_id, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("transformer", ["ext-proc", "inline"])
+def test_disaggregated_headers_and_nvext_carry_prefill_and_decode(
+    qwen3_dir: Path, tmp_path: Path, transformer: str
+) -> None:
+    config = LocalGatewayConfig(
+        workers=3, prefill_workers=1, port=free_port(), tokenizer=str(qwen3_dir),
+        speedup=20.0, body_transformer=transformer, run_dir=tmp_path,  # type: ignore[arg-type]
+    )  # fmt: skip
+    with LocalGateway(config) as running:
+        prefill_id = int(running.workers[0].rsplit(":", 1)[1])  # instance id = HTTP port
+        served = set()
+        for i in range(3):
+            result = send(running.url, {**body(f"disagg {i}"), "nvext": dict(CLIENT_NVEXT)})
+            assert result.status == 200, result.error
+            assert result.worker != running.workers[0]  # the prefill worker never decodes
+            assert result.received_nvext == {
+                "ignore_eos": True,
+                "prefill_worker_id": prefill_id,
+                "decode_worker_id": result.instance_id,
+            }
+            served.add(result.worker)
+    assert served <= set(running.workers[1:])

@@ -33,6 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.metrics import EppMetrics
+from kvgate.extproc.nvext import Injected, inject_nvext
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.framework import (
@@ -79,6 +80,9 @@ class EppOptions:
     """InferenceObjective name → priority (``x-gateway-inference-objective``)."""
     decision_header: bool = False
     """Add ``x-kvgate-decision`` with a summary of the pick to the routed request."""
+    inline_nvext: bool = False
+    """Merge Dynamo's ``nvext`` routing fields into the body here (the body transformer's job,
+    one ext_proc hop less)."""
 
 
 class Director:
@@ -256,14 +260,18 @@ class RequestStream:
         self.d.scheduler.pre_request(request, result)
         destinations = [ep.address for ep in result.primary.endpoints]
         self.d.metrics.observe_decision(request, result, self.d.clock() - started)
-        new_body = body  # plugins that rewrite the body (nvext inline) replace request.body
-        mutation = self._route_mutation(destinations, request.routing_headers, len(new_body))
+        new_body = await self._inline_nvext(body, request) if self.d.options.inline_nvext else body
+        changed = new_body is not body
+        length = len(new_body) if self.full_duplex or changed else None
+        mutation = self._route_mutation(destinations, request.routing_headers, length)
         metadata = proto.lb_metadata(destinations)
         if self.full_duplex:
             head = proto.request_headers_response(mutation, clear_route_cache=True)
             head.dynamic_metadata.CopyFrom(metadata)
             return [head, *proto.streamed_body_responses(new_body)]
-        answer = proto.buffered_body_response(mutation, None, clear_route_cache=True)
+        answer = proto.buffered_body_response(
+            mutation, new_body if changed else None, clear_route_cache=True
+        )
         answer.dynamic_metadata.CopyFrom(metadata)
         return [answer]
 
@@ -278,11 +286,21 @@ class RequestStream:
             )
         if "x-request-id" not in self.headers:
             headers["x-request-id"] = self.request_id
-        if length is not None and self.full_duplex:
+        if length is not None:
             headers["content-length"] = str(length)
         # Client-sent routing headers the plugins did not set are removed, not passed on.
         remove = [h for h in ROUTING_HEADERS if h in self.headers and h not in headers]
         return proto.header_mutation(headers, remove)
+
+    async def _inline_nvext(self, body: bytes, request: LLMRequest) -> bytes:
+        if len(body) > _OFFLOAD_PARSE_BYTES:
+            result = await asyncio.to_thread(inject_nvext, body, request.routing_headers)
+        else:
+            result = inject_nvext(body, request.routing_headers)
+        if isinstance(result, Injected):
+            return result.body
+        self.d.metrics.nvext_unchanged.labels(str(result.reason)).inc()
+        return body
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
         started = time.perf_counter()

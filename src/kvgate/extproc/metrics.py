@@ -150,6 +150,12 @@ class EppMetrics:
             "Picks of an endpoint other than the one caching the longest prefix",
             registry=r,
         )
+        self.nvext_unchanged = Counter(
+            "kvgate_inline_nvext_unchanged",
+            "Bodies passed on without nvext routing fields in inline mode, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.busy_rejections = Counter(
             "kvgate_busy_rejections", "Requests refused because every worker was busy", registry=r
         )

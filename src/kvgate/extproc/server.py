@@ -359,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "x-gateway-inference-objective header; priority < 0 is shed when the pool is saturated)",
     )
     p.add_argument("--decision-header", action="store_true", help="add x-kvgate-decision")
+    p.add_argument(
+        "--inline-nvext",
+        action="store_true",
+        help="merge Dynamo nvext routing fields into the body here (no body transformer)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -399,6 +404,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         served_model=args.model,
         lora_adapters=adapters,
         decision_header=args.decision_header,
+        inline_nvext=args.inline_nvext,
         priorities=priorities,
     )
     return EppSettings(

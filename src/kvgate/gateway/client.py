@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
 WORKER_HEADER = "x-kvgate-worker"
+INSTANCE_HEADER = "x-worker-instance-id-served"
+NVEXT_HEADER = "x-kvgate-received-nvext"
 
 
 @dataclass
@@ -25,6 +28,10 @@ class ChatResult:
     completion_tokens: int | None = None
     chunks: int = 0
     error: str | None = None
+    instance_id: int | None = None
+    """The serving worker's instance id (simulated engines report it)."""
+    received_nvext: dict[str, Any] | None = None
+    """The ``nvext`` object the worker received (simulated engines echo it)."""
 
 
 async def chat(
@@ -53,11 +60,13 @@ async def chat(
             payload = await resp.json()
             elapsed = time.perf_counter() - started
             result = ChatResult(200, worker, elapsed, elapsed, _message_text(payload))
+            _identity(result, resp.headers)
             _usage(result, payload)
             return result
         ttft: float | None = None
         parts: list[str] = []
         result = ChatResult(200, worker, None, 0.0, "")
+        _identity(result, resp.headers)
         async for raw in resp.content:
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -78,6 +87,15 @@ async def chat(
         result.latency_s = time.perf_counter() - started
         result.text = "".join(parts)
         return result
+
+
+def _identity(result: ChatResult, headers: Mapping[str, str]) -> None:
+    instance = headers.get(INSTANCE_HEADER)
+    if instance is not None and instance.isdigit():
+        result.instance_id = int(instance)
+    nvext = headers.get(NVEXT_HEADER)
+    if nvext is not None:
+        result.received_nvext = json.loads(nvext)
 
 
 def _message_text(payload: dict[str, Any]) -> str:

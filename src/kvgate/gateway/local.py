@@ -43,6 +43,34 @@ schedulingProfiles:
   - pluginRef: picker
 """
 
+# Prefill/decode disaggregation: a decode worker for every request and, when the uncached prompt
+# is long enough, a prefill worker; both chosen by the KV scorer among workers of that role.
+DISAGG_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: pd-profile-handler
+- type: decode-filter
+- type: prefill-filter
+- name: dyn-kv
+  type: kv-aware-scorer
+- name: picker
+  type: max-score-picker
+- name: dynamo-cleanup
+  type: dynamo-response-complete
+schedulingProfiles:
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: dyn-kv
+  - pluginRef: picker
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: dyn-kv
+  - pluginRef: picker
+"""
+
 # The standard EPP fallback of the seed: no tokens, no KV logic, round-robin.
 STANDARD_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -94,7 +122,8 @@ class LocalGatewayConfig:
     num_gpu_blocks: int | None = None
     speedup: float = 1.0
     run_dir: Path | None = None
-    epp_replicas: int = 1
+    prefill_workers: int = 0
+    """Disaggregated serving: the first N simulated workers take the prefill role."""
 
 
 @dataclass
@@ -155,6 +184,8 @@ class LocalGateway:
         epp_config = self.run_dir / "epp-config.yaml"
         if cfg.config_file is not None:
             epp_config.write_text(cfg.config_file.read_text())
+        elif cfg.prefill_workers and cfg.mode == "kv":
+            epp_config.write_text(DISAGG_CONFIG)
         else:
             epp_config.write_text(KV_CONFIG if cfg.mode == "kv" else STANDARD_CONFIG)
         ports = {name: free_port() for name in ("grpc", "health", "metrics")}
@@ -277,15 +308,18 @@ class LocalGateway:
         sim = self.supervisor.start("engines", self._kvgate(*args))
         children["engines"] = sim
         self.supervisor.wait_ready(sim, lambda: "ready workers=" in sim.log.read_text())
-        entries = [
-            {
+        entries = []
+        for i in range(n):
+            spec: dict[str, object] = {
                 "address": f"127.0.0.1:{base + i}",
                 "instance_id": base + i,
                 "events": f"tcp://127.0.0.1:{events + i}",
                 "replay": f"tcp://127.0.0.1:{events + n + i}",
             }
-            for i in range(n)
-        ]
+            if cfg.prefill_workers:
+                role = "prefill" if i < cfg.prefill_workers else "decode"
+                spec["labels"] = {"llm-d.ai/role": role}
+            entries.append(spec)
         return entries, [str(e["address"]) for e in entries]
 
 

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--body-transformer", choices=["ext-proc", "inline", "lua", "off"], default="off"
     )
+    p.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="disaggregated serving: the first N simulated workers prefill, the rest decode",
+    )
     p.add_argument("--failure-mode", choices=["FailClose", "FailOpen"], default="FailClose")
     p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: bundled Qwen3)")
     p.add_argument("--block-size", type=int, default=16)
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.endpoint and not 1 <= args.workers <= 64:
         print("kvgate up: --workers must be in 1..64", file=sys.stderr)
+        return 2
+    if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
+        print("kvgate up: --prefill-workers must leave at least one decode worker", file=sys.stderr)
         return 2
     config = LocalGatewayConfig(
         workers=args.workers,
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         num_gpu_blocks=args.num_gpu_blocks,
         speedup=args.speedup,
         run_dir=args.run_dir,
+        prefill_workers=args.prefill_workers,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

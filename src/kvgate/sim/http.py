@@ -44,6 +44,9 @@ from kvgate.tokens import RequestKind
 log = logging.getLogger(__name__)
 
 WORKER_HEADER: Final = "x-kvgate-worker"
+NVEXT_HEADER: Final = "x-kvgate-received-nvext"
+"""Response header echoing the request's ``nvext`` object, when it had one."""
+NVEXT_KEY: Final = "kvgate.nvext"
 INSTANCE_HEADER: Final = "x-worker-instance-id-served"
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 # vLLM's default for /v1/completions (OpenAI's too); chat defaults to the rest of the context.
@@ -290,9 +293,13 @@ class SimWorker:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return ApiError(500, "internal error in the simulated engine").response()
 
-    async def _identify(self, _request: web.Request, response: web.StreamResponse) -> None:
+    async def _identify(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = self.address
         response.headers[INSTANCE_HEADER] = str(self.instance_id)
+        nvext = request.get(NVEXT_KEY)
+        if nvext is not None:
+            # Dynamo backends route on nvext; echoing it lets tests see what the gateway sent.
+            response.headers[NVEXT_HEADER] = _json_encode(nvext).decode()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -302,6 +309,8 @@ class SimWorker:
             raise ApiError(400, f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object")
+        if isinstance(body.get("nvext"), dict):
+            request[NVEXT_KEY] = body["nvext"]
         model = body.get("model")
         if model is not None and model != self.config.model:
             raise ApiError(404, f"The model `{model}` does not exist.", "model")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from kvgate.scheduling.framework import (
     LLMRequest,
@@ -40,6 +40,10 @@ class PdProfileHandlerParams:
     """Uncached prompt tokens from which a request is prefilled on a separate worker."""
     decode_profile: str = "decode"
     prefill_profile: str = "prefill"
+    prefiller_header: Literal["instance-id", "address"] = "instance-id"
+    """What ``x-prefiller-host-port`` carries: Dynamo backends (and the body transformer's
+    ``nvext.prefill_worker_id``) need the prefill worker's integer instance id despite the
+    header's name; llm-d's routing sidecar reads ``ip:port``."""
 
 
 class PdProfileHandler(ProfileHandler):
@@ -102,7 +106,12 @@ class PdProfileHandler(ProfileHandler):
         ):
             chosen[self.params.prefill_profile] = prefill
             headers[ROUTING_MODE_HEADER] = "disaggregated"
-            headers[PREFILLER_HEADER] = prefill.endpoints[0].address
+            prefill_worker = prefill.endpoints[0]
+            headers[PREFILLER_HEADER] = (
+                str(prefill_worker.worker_instance_id())
+                if self.params.prefiller_header == "instance-id"
+                else prefill_worker.address
+            )
         else:
             headers[ROUTING_MODE_HEADER] = "aggregated"
         return SchedulingResult(primary_profile=decode_name, profiles=chosen)
