@@ -130,9 +130,12 @@ def _start(
         *extra_args,
     ]
     process = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     envoy = RunningEnvoy(process, "", log_path, config_path)
     try:
         _wait_ready(envoy, admin_path)

@@ -74,7 +74,9 @@ CASES: list[NvextCase] = [
     ),
     NvextCase("aggregated_mode_absent", dumps(chat()), agg(mode=None), expected=chat(nvext=AGG_42)),
     NvextCase("mode_empty_is_absent", dumps(chat()), agg(mode=""), expected=chat(nvext=AGG_42)),
-    NvextCase("mode_case_insensitive", dumps(chat()), agg(mode="Aggregated"), expected=chat(nvext=AGG_42)),  # fmt: skip
+    NvextCase(
+        "mode_case_insensitive", dumps(chat()), agg(mode="Aggregated"), expected=chat(nvext=AGG_42)
+    ),
     NvextCase("disaggregated", dumps(chat()), disagg(), expected=chat(nvext=DISAGG_10_42)),
     NvextCase(
         "unrelated_headers_ignored",
@@ -112,7 +114,9 @@ CASES: list[NvextCase] = [
     NvextCase("hex_id", b"{}", agg("0x2a"), reason=Reason.BAD_ID),
     NvextCase("word_id", b"{}", agg("worker-a"), reason=Reason.BAD_ID),
     NvextCase("repeated_header_joined", b"{}", agg("1,2"), reason=Reason.BAD_ID),
-    NvextCase("llm_d_host_port_prefill", b"{}", disagg(prefill="10.0.0.1:8000"), reason=Reason.BAD_ID),  # fmt: skip
+    NvextCase(
+        "llm_d_host_port_prefill", b"{}", disagg(prefill="10.0.0.1:8000"), reason=Reason.BAD_ID
+    ),
     NvextCase("disaggregated_bad_decode", b"{}", disagg(decode="x"), reason=Reason.BAD_ID),
     NvextCase("no_headers", dumps(chat()), {}, reason=Reason.MISSING_HEADER),
     NvextCase(
@@ -322,6 +326,12 @@ CASES: list[NvextCase] = [
     NvextCase("utf8_bom", b'\xef\xbb\xbf{"a":1}', agg(), reason=Reason.NOT_JSON),
     NvextCase("invalid_json_inside_nvext", b'{"nvext":{"a":}}', agg(), reason=Reason.NOT_JSON),
     NvextCase("unclosed_nested_array", b'{"a":[1,{"b":2}}', agg(), reason=Reason.NOT_JSON),
+    NvextCase(
+        "nesting_too_deep",
+        b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        agg(),
+        reason=Reason.NOT_JSON,
+    ),
     NvextCase("array_body", b'[{"model":"m"}]', agg(), reason=Reason.NOT_OBJECT),
     NvextCase("string_body", b'"hello"', agg(), reason=Reason.NOT_OBJECT),
     NvextCase("number_body", b" 42 ", agg(), reason=Reason.NOT_OBJECT),

@@ -149,7 +149,9 @@ async def test_buffered_partial_complete_body_is_transformed(service: Service) -
     expected = inject_nvext(body, agg())
     assert isinstance(expected, Injected)
     assert common.body_mutation.body == expected.body
-    assert common.header_mutation.set_headers[0].header.raw_value == str(len(expected.body)).encode()
+    assert (
+        common.header_mutation.set_headers[0].header.raw_value == str(len(expected.body)).encode()
+    )
 
 
 async def test_buffered_partial_cut_body_passes_through(service: Service) -> None:
@@ -164,7 +166,9 @@ async def test_buffered_partial_cut_body_passes_through(service: Service) -> Non
 
 
 async def test_streamed_mode_is_continued_chunk_by_chunk(service: Service) -> None:
-    before = service.count("kvgate_body_transformer_passed_through_total", reason="unsupported_mode")
+    before = service.count(
+        "kvgate_body_transformer_passed_through_total", reason="unsupported_mode"
+    )
     stream = service.stream()
     await stream.send(headers_msg(agg(), body_mode=STREAMED))
     assert (await stream.recv()).WhichOneof("response") == "request_headers"
@@ -196,7 +200,9 @@ async def test_request_without_body(service: Service) -> None:
     before = service.count("kvgate_body_transformer_passed_through_total", reason="no_body")
     for mode in (BUFFERED, FULL_DUPLEX):
         stream = service.stream()
-        await stream.send(headers_msg({":method": "GET", **agg()}, end_of_stream=True, body_mode=mode))
+        await stream.send(
+            headers_msg({":method": "GET", **agg()}, end_of_stream=True, body_mode=mode)
+        )
         answer = await stream.recv()
         assert answer.WhichOneof("response") == "request_headers"
         assert not answer.request_headers.response.HasField("header_mutation")
@@ -214,7 +220,9 @@ async def test_mode_defaults_to_buffered_when_not_announced(service: Service) ->
     assert answer.request_body.response.body_mutation.body == inject_nvext(body, agg()).body  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("mode", [BUFFERED, FULL_DUPLEX, PARTIAL], ids=["buffered", "full_duplex", "partial"])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode", [BUFFERED, FULL_DUPLEX, PARTIAL], ids=["buffered", "full_duplex", "partial"]
+)
 async def test_body_over_the_limit_gets_413(service: Service, mode: int) -> None:
     before = service.count("kvgate_body_transformer_rejected_total", code="413")
     body = dumps(chat(prompt="z" * MAX_BODY))
@@ -255,7 +263,8 @@ async def test_internal_error_is_a_500_not_a_crash(
 async def test_garbage_messages_do_not_break_the_stream(service: Service) -> None:
     stream = service.stream()
     await stream.send(pb.ProcessingRequest())  # no phase at all
-    await stream.send(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"\xff\x00", end_of_stream=True)))  # fmt: skip
+    garbage = pb.HttpBody(body=b"\xff\x00", end_of_stream=True)
+    await stream.send(pb.ProcessingRequest(request_body=garbage))
     _assert_plain_continue(await stream.recv())  # body before headers: no routing headers
 
 
@@ -291,7 +300,11 @@ async def test_each_reason_is_logged_once(caplog: pytest.LogCaptureFixture) -> N
     assert sum("(bad_id)" in m for m in messages) == 1
     assert sum("(missing_header)" in m for m in messages) == 1
     levels = {r.getMessage().split("(")[1].split(")")[0]: r.levelno for r in caplog.records}
-    assert levels == {"not_json": logging.WARNING, "bad_id": logging.WARNING, "missing_header": logging.INFO}  # fmt: skip
+    assert levels == {
+        "not_json": logging.WARNING,
+        "bad_id": logging.WARNING,
+        "missing_header": logging.INFO,
+    }
 
 
 async def test_health_serves_both_services(service: Service) -> None:
@@ -360,10 +373,21 @@ async def _read_line(stream: asyncio.StreamReader, pattern: str, timeout: float)
 
 async def test_command_serves_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvgate", "body-transformer", "--bind", "127.0.0.1",
-        "--port", "0", "--grpc-health-port", "0", "--metrics-port", "0",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "kvgate",
+        "body-transformer",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--grpc-health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stderr is not None
         match = await _read_line(

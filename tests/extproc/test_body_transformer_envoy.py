@@ -28,7 +28,7 @@ from tests.extproc.envoy_harness import (
     http_listener,
     static_cluster,
 )
-from tests.extproc.nvext_cases import CASE_IDS, CASES, BIG_TEXT, NvextCase, agg, chat, dumps
+from tests.extproc.nvext_cases import BIG_TEXT, CASE_IDS, CASES, NvextCase, agg, chat, dumps
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -82,7 +82,9 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
             http_listener(
                 "full_duplex", "upstream", [ext_proc_filter("bt", _mode("FULL_DUPLEX_STREAMED"))]
             ),
-            http_listener("partial", "upstream", [ext_proc_filter("bt", _mode("BUFFERED_PARTIAL"))]),
+            http_listener(
+                "partial", "upstream", [ext_proc_filter("bt", _mode("BUFFERED_PARTIAL"))]
+            ),
             http_listener(
                 "partial_small_buffer",
                 "upstream",

@@ -28,11 +28,14 @@ def picker(name: str) -> MaxScorePicker:
     return MaxScorePicker(name, rng=random.Random(0))
 
 
-def pd_scheduler(*, threshold: int = 0, with_prefill: bool = True) -> Scheduler:
+def pd_scheduler(
+    *, threshold: int = 0, with_prefill: bool = True, prefiller_header: str = "instance-id"
+) -> Scheduler:
     profiles = {"decode": SchedulerProfile("decode", [DecodeFilter("df")], [], picker("dp"))}
     if with_prefill:
         profiles["prefill"] = SchedulerProfile("prefill", [PrefillFilter("pf")], [], picker("pp"))
-    handler = PdProfileHandler("pd", PdProfileHandlerParams(threshold=threshold))
+    params = PdProfileHandlerParams(threshold=threshold, prefiller_header=prefiller_header)  # type: ignore[arg-type]
+    handler = PdProfileHandler("pd", params)
     return Scheduler(handler, profiles, [])
 
 
@@ -68,15 +71,24 @@ def test_pd_handler_accepts_decode_alone_or_with_prefill() -> None:
     PdProfileHandler("pd").validate_profiles(["decode", "prefill"])
 
 
-def test_disaggregated_when_a_prefill_worker_is_chosen() -> None:
+@pytest.mark.parametrize(
+    ("prefiller_header", "expected"),
+    [
+        pytest.param("instance-id", str(PREFILL.worker_instance_id()), id="dynamo-instance-id"),
+        pytest.param("address", PREFILL.address, id="llm-d-address"),
+    ],
+)
+def test_disaggregated_when_a_prefill_worker_is_chosen(
+    prefiller_header: str, expected: str
+) -> None:
     req = chat("hello")
-    result = pd_scheduler().schedule(req, [DECODE, PREFILL])
+    result = pd_scheduler(prefiller_header=prefiller_header).schedule(req, [DECODE, PREFILL])
     assert result.primary_profile == "decode"
     assert result.endpoint is DECODE
     assert result.profiles["prefill"].endpoints == [PREFILL]
     assert req.routing_headers == {
         ROUTING_MODE_HEADER: "disaggregated",
-        PREFILLER_HEADER: PREFILL.address,
+        PREFILLER_HEADER: expected,
     }
 
 

@@ -1,0 +1,63 @@
+{{/* Resource names derive from model.shortName so that several models can share a namespace. */}}
+{{- define "kvgate-gaie.pool" -}}{{ .Values.model.shortName }}-pool{{- end -}}
+{{- define "kvgate-gaie.epp" -}}{{ .Values.model.shortName }}-epp{{- end -}}
+{{- define "kvgate-gaie.route" -}}{{ .Values.model.shortName }}-route{{- end -}}
+{{- define "kvgate-gaie.objective" -}}{{ .Values.model.shortName }}-model{{- end -}}
+{{- define "kvgate-gaie.bodyTransformer" -}}{{ .Values.model.shortName }}-body-transformer{{- end -}}
+{{- define "kvgate-gaie.gatewayNamespace" -}}{{ .Values.httpRoute.gatewayNamespace | default .Release.Namespace }}{{- end -}}
+
+{{- define "kvgate-gaie.labels" -}}
+app.kubernetes.io/part-of: kvgate-gaie
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "kvgate-gaie.eppSelector" -}}
+app.kubernetes.io/name: {{ include "kvgate-gaie.epp" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kvgate-gaie.bodyTransformerSelector" -}}
+app.kubernetes.io/name: {{ include "kvgate-gaie.bodyTransformer" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The pool's target ports: inferencePool.targetPorts, else the single inferencePool.port. */}}
+{{- define "kvgate-gaie.targetPorts" -}}
+{{- if .Values.inferencePool.targetPorts -}}
+{{- toJson .Values.inferencePool.targetPorts -}}
+{{- else -}}
+{{- toJson (list .Values.inferencePool.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KV routing needs the block size: it is on unless epp.useDynamo or dynamo.useKvRouting is off. */}}
+{{- define "kvgate-gaie.kvRouting" -}}
+{{- if and .Values.epp.useDynamo .Values.dynamo.useKvRouting -}}true{{- end -}}
+{{- end -}}
+
+{{- define "kvgate-gaie.image" -}}
+{{- if .Values.epp.useDynamo -}}{{ .Values.extension.image }}{{- else -}}{{ .Values.extension.standardImage }}{{- end -}}
+{{- end -}}
+
+{{- define "kvgate-gaie.podSpecCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

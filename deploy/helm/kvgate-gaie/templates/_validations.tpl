@@ -1,0 +1,37 @@
+{{/*
+Fail-fast checks, run by every template that includes "kvgate-gaie.validate": a release that
+renders is one whose picker can route. Messages name the value to set.
+*/}}
+{{- define "kvgate-gaie.validate" -}}
+{{- $_ := required "model.identifier is required: the model name clients send (e.g. Qwen/Qwen3-0.6B)" .Values.model.identifier -}}
+{{- $_ := required "model.shortName is required: a DNS-safe name for resources (e.g. qwen)" .Values.model.shortName -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$" .Values.model.shortName) -}}
+{{- fail (printf "model.shortName %q must be lowercase letters, digits and '-', at most 40 characters" .Values.model.shortName) -}}
+{{- end -}}
+{{- if not .Values.inferencePool.selector.matchLabels -}}
+{{- fail "inferencePool.selector.matchLabels is required: the labels of the model server pods" -}}
+{{- end -}}
+{{- $ports := include "kvgate-gaie.targetPorts" . | fromJsonArray -}}
+{{- if gt (len $ports) 8 -}}
+{{- fail "inferencePool.targetPorts takes at most 8 ports" -}}
+{{- end -}}
+{{- if not (has .Values.inferencePool.failureMode (list "FailOpen" "FailClose")) -}}
+{{- fail (printf "inferencePool.failureMode must be FailOpen or FailClose, got %v" .Values.inferencePool.failureMode) -}}
+{{- end -}}
+{{- if include "kvgate-gaie.kvRouting" . -}}
+{{- $bs := required "dynamo.kvBlockSize is required when KV routing is on (epp.useDynamo and dynamo.useKvRouting): set it to the engines' --block-size, e.g. 16" .Values.dynamo.kvBlockSize -}}
+{{- $n := int $bs -}}
+{{- if or (lt $n 16) (gt $n 8192) (ne (bitwiseAnd $n (sub $n 1)) 0) -}}
+{{- fail (printf "dynamo.kvBlockSize must be a power of two in [16, 8192], got %v" $bs) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.dynamo.replicaSync.enabled (not .Values.dynamo.replicaSync.natsUrl) -}}
+{{- fail "dynamo.replicaSync.natsUrl is required when dynamo.replicaSync.enabled (e.g. nats://nats:4222)" -}}
+{{- end -}}
+{{- if and .Values.bodyTransformer.enabled (not (has .Values.bodyTransformer.mode (list "extProc" "istioLua" "envoyGatewayLua"))) -}}
+{{- fail (printf "bodyTransformer.mode must be extProc, istioLua or envoyGatewayLua, got %v" .Values.bodyTransformer.mode) -}}
+{{- end -}}
+{{- if and (not .Values.epp.config) (not (.Files.Get (printf "files/config/%s" .Values.epp.configFile))) -}}
+{{- fail (printf "epp.configFile %q is not in deploy/config; set epp.config to inline text instead" .Values.epp.configFile) -}}
+{{- end -}}
+{{- end -}}
