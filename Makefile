@@ -56,3 +56,26 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so microbench.json
+
+# Container image (Docker or a compatible CLI). IMAGE_TAG defaults to the package version.
+IMAGE_REGISTRY ?= ghcr.io/kvgate
+IMAGE_NAME ?= kvgate
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= $(IMAGE_REGISTRY)/$(IMAGE_NAME):$(IMAGE_TAG)
+DOCKER ?= docker
+KIND_CLUSTER ?= kind
+
+.PHONY: image-build image-push image-kind info
+
+image-build:
+	$(DOCKER) build -t $(IMAGE) .
+
+image-push: image-build
+	$(DOCKER) push $(IMAGE)
+
+image-kind: image-build
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+
+info:
+	@echo "image: $(IMAGE)"
+	@echo "helm:  --set-string extension.image=$(IMAGE)"

@@ -1,13 +1,16 @@
 """Latency the nvext rewrite adds to a request through Envoy, on this machine.
 
 One Envoy (one worker thread) with three listeners in front of the same upstream (an echo server
-in its own process): ``direct`` (no filter), ``ext_proc`` (the seed's processing mode — request headers SEND, body BUFFERED — calling
-`kvgate body-transformer`, run as its own process) and ``lua`` (the Lua filter of
-``deploy/lua-filter/``). Requests carry the routing headers, so every body is rewritten. Each
-(listener, body size) runs at a fixed arrival rate; reported: p50/p99/mean latency and what each
-filter adds over ``direct``. Bodies: a small chat request and one of ~2k tokens (~10 KB).
+in its own process): ``direct`` (no filter), ``ext_proc`` (the seed's processing mode: request
+headers SEND, body BUFFERED; calling `kvgate body-transformer`, run as its own process) and
+``lua`` (the Lua filter of ``deploy/lua-filter/``). Requests carry the routing headers, so every
+body is rewritten. Each (listener, body size) runs at a fixed arrival rate, in several rounds that
+alternate the listeners so that machine noise hits all of them alike; reported: p50/p99/mean
+latency and what each filter adds over ``direct``. Bodies: a small chat request and one of ~2k
+tokens (~10 KB).
 
-    python benchmarks/bench_body_transformer.py [--rate 100] [--duration 10] [--json out.json]
+    python benchmarks/bench_body_transformer.py [--rate 100] [--duration 20] [--rounds 4]
+                                                [--json out.json]
 
 Everything binds 127.0.0.1; every loop is bounded in count and time; the processes started are
 stopped on exit.
@@ -25,9 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -61,7 +64,8 @@ HEADERS = {
     "x-dynamo-routing-mode": "aggregated",
 }
 LISTENERS = ("direct", "ext_proc", "lua")
-WORDS = "cache prefix block worker engine token latency gateway envoy router index".split()
+T = TypeVar("T")
+WORDS = ["cache", "prefix", "block", "worker", "engine", "token", "latency", "gateway", "router"]
 
 
 def make_body(rng: random.Random, words: int) -> bytes:
@@ -147,8 +151,9 @@ def lua_http_filter() -> dict[str, Any]:
 
 async def run_rate(
     session: aiohttp.ClientSession, url: str, bodies: list[bytes], rate: float, duration: float
-) -> dict[str, float]:
-    """Open loop: request i starts at i/rate seconds whether or not earlier ones finished."""
+) -> tuple[list[float], int]:
+    """Open loop: request i starts at i/rate seconds whether or not earlier ones finished.
+    Returns the latencies (seconds) of the successful requests and the error count."""
     count = max(1, int(rate * duration))
     latencies: list[float] = []
     errors = 0
@@ -176,10 +181,13 @@ async def run_rate(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(bodies[i % len(bodies)])))
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 30)
-    latencies.sort()
-    ms = [x * 1000 for x in latencies] or [float("nan")]
+    return latencies, errors
+
+
+def summary(latencies: list[float], errors: int) -> dict[str, float]:
+    ms = sorted(x * 1000 for x in latencies) or [float("nan")]
     return {
-        "requests": count,
+        "requests": len(latencies) + errors,
         "errors": errors,
         "p50_ms": ms[len(ms) // 2],
         "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
@@ -196,6 +204,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "rate": args.rate,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "body_bytes": {k: len(v[0]) for k, v in sizes.items()},
     }
     with tempfile.TemporaryDirectory(prefix="bench-bt-") as tmp:
@@ -219,15 +228,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     for name in LISTENERS
                 }
                 for size, bodies in sizes.items():
-                    for name in LISTENERS:  # warm-up: connections, Lua VM, gRPC stream set-up
+                    for name in LISTENERS:  # warm-up: connections, Lua VM, gRPC channel
                         await run_rate(session, urls[name], bodies, args.rate, 1.0)
+                    collected: dict[str, tuple[list[float], int]] = {n: ([], 0) for n in LISTENERS}
+                    for _ in range(args.rounds):
+                        for name in LISTENERS:
+                            latencies, errors = await run_rate(
+                                session, urls[name], bodies, args.rate, args.duration / args.rounds
+                            )
+                            previous = collected[name]
+                            collected[name] = (previous[0] + latencies, previous[1] + errors)
                     for name in LISTENERS:
-                        stats = await run_rate(session, urls[name], bodies, args.rate, args.duration)
+                        stats = summary(*collected[name])
                         results[f"{size}/{name}"] = stats
                         print(
                             f"{size:>9} {name:>8}: p50 {stats['p50_ms']:6.2f} ms  "
                             f"p99 {stats['p99_ms']:6.2f} ms  mean {stats['mean_ms']:6.2f} ms  "
-                            f"errors {stats['errors']}",
+                            f"errors {stats['errors']:.0f}",
                             flush=True,
                         )
     for size in sizes:
@@ -241,19 +258,32 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """uvloop when installed (as the kvgate commands use): the client's own overhead is part of
+    every measured latency, so keep it small."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rate", type=float, default=100.0, help="requests per second (default 100)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    p.add_argument(
+        "--duration", type=float, default=20.0, help="seconds per listener and size (default 20)"
+    )
+    p.add_argument("--rounds", type=int, default=4, help="alternations of the listeners")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_upstream:
-        asyncio.run(serve_upstream())
+        run(serve_upstream())
         return 0
-    if not (0 < args.rate <= 2000 and 0 < args.duration <= 300):
-        p.error("--rate must be in (0, 2000] and --duration in (0, 300]")
-    results = asyncio.run(main_async(args))
+    if not (0 < args.rate <= 2000 and 0 < args.duration <= 300 and 1 <= args.rounds <= 50):
+        p.error("--rate must be in (0, 2000], --duration in (0, 300], --rounds in [1, 50]")
+    results = run(main_async(args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

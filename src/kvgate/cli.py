@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ext_proc service turning Dynamo routing headers into the nvext body field",
     ),
     "sim": ("kvgate.sim.cli", "run simulated vLLM-compatible engines"),
+    "simulate": ("kvgate.bench.simulate", "trace replay in virtual time: compare routing policies"),
+    "bench": ("kvgate.bench.live", "trace replay against an OpenAI endpoint (live load)"),
 }
 
 

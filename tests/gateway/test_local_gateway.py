@@ -274,3 +274,14 @@ def test_disaggregated_headers_and_nvext_carry_prefill_and_decode(
             }
             served.add(result.worker)
     assert served <= set(running.workers[1:])
+
+
+def test_lua_body_transformer_mode(qwen3_dir: Path, tmp_path: Path) -> None:
+    config = LocalGatewayConfig(
+        workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0,
+        body_transformer="lua", run_dir=tmp_path,
+    )  # fmt: skip
+    with LocalGateway(config) as running:
+        result = send(running.url, {**body("lua nvext"), "nvext": dict(CLIENT_NVEXT)})
+    assert result.status == 200, result.error
+    assert result.received_nvext == {"backend_instance_id": result.instance_id, "ignore_eos": True}

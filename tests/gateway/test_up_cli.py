@@ -35,8 +35,11 @@ def test_up_serves_then_ctrl_c_stops_every_process(qwen3_dir: Path, tmp_path: Pa
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(
-            {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi"}],
-             "max_tokens": 3}  # fmt: skip
+            {
+                "model": "Qwen/Qwen3-0.6B",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+            }
         ).encode(),
         headers={"content-type": "application/json"},
     )

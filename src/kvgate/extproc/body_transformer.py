@@ -7,8 +7,9 @@ announces its body mode in the first message's ``protocol_config``; without it B
 seed's configuration: request headers SEND, request body BUFFERED, responses skipped) is assumed.
 
 - BUFFERED: request headers are answered CONTINUE at once (Envoy holds them until the body has
-  been answered, so the body answer can still set ``content-length``); the complete body is
-  answered with a body mutation plus ``content-length``, or a plain CONTINUE when unchanged.
+  been answered, so the body answer can still set ``content-length``); the body, which Envoy
+  sends as one message, is answered with a body mutation plus ``content-length``, or a plain
+  CONTINUE when unchanged.
 - FULL_DUPLEX_STREAMED: nothing is answered until the body is complete; then the headers (with
   ``content-length``) and the body as ≤62,000-byte streamed chunks — sent even when unchanged,
   because in this mode Envoy forwards only what the processor sends back.
@@ -207,16 +208,18 @@ class RequestStream:
         if self.answered:
             return [] if self._full_duplex else [proto.continue_response("request_body")]
         mode = self.request_mode
-        if mode == _Mode.BUFFERED_PARTIAL:
-            if not body.end_of_stream:
-                self.answered = True
-                self.t.pass_through(
-                    PARTIAL_BODY, "Envoy sent only the part of the body that fits its buffer"
-                )
-                return [proto.continue_response("request_body")]
+        if mode == _Mode.BUFFERED_PARTIAL and not body.end_of_stream:
+            self.answered = True
+            self.t.pass_through(
+                PARTIAL_BODY, "Envoy sent only the part of the body that fits its buffer"
+            )
+            return [proto.continue_response("request_body")]
+        if mode in (_Mode.BUFFERED, _Mode.BUFFERED_PARTIAL):
+            # One message holds the whole buffered body and Envoy waits for its answer;
+            # end_of_stream is false only when trailers follow, so it must not be waited for.
             self._append(body.body)
             return await self._finish()
-        if mode in (_Mode.BUFFERED, _Mode.FULL_DUPLEX_STREAMED):
+        if mode == _Mode.FULL_DUPLEX_STREAMED:
             self._append(body.body)
             return await self._finish() if body.end_of_stream else []
         if body.end_of_stream:
@@ -384,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=9004, help="ext_proc port (default 9004)")
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--grpc-health-port", type=int, default=9005, help="gRPC health port")
-    p.add_argument("--metrics-port", type=int, default=9091, help="Prometheus port")
+    p.add_argument(
+        "--grpc-health-port", type=int, default=9005, help="gRPC health port (default 9005)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=9091, help="Prometheus metrics port (default 9091)"
+    )
     p.add_argument(
         "--max-body-bytes",
         type=int,

@@ -34,6 +34,12 @@ from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
+from kvgate.fleet.kubernetes import (
+    INSTANCE_ID_ANNOTATION,
+    KubeConfig,
+    KubeConfigError,
+    PoolDiscovery,
+)
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
 from kvgate.fleet.sources import (
     EndpointDefaults,
@@ -76,6 +82,8 @@ class EppSettings:
     """Bind one central SUB socket here that engines connect to (topic ``kv@<ip:port>@...``)."""
     pool_name: str | None = None
     pool_namespace: str = "default"
+    kubeconfig: Path | None = None
+    instance_id_annotation: str = INSTANCE_ID_ANNOTATION
     model: str | None = None
     tokenizer: str | None = None
     lora_adapters: frozenset[str] = frozenset()
@@ -179,7 +187,18 @@ class EppRuntime:
         await scraper.start()
         self._stack.push_async_callback(scraper.aclose)
 
-        if s.endpoints_file is not None:
+        if s.pool_name:
+            discovery = PoolDiscovery(
+                self.endpoints,
+                KubeConfig.load(s.kubeconfig),
+                s.pool_name,
+                s.pool_namespace,
+                defaults,
+                instance_id_annotation=s.instance_id_annotation,
+            )
+            await discovery.start()
+            self._stack.push_async_callback(discovery.aclose)
+        elif s.endpoints_file is not None:
             watcher = EndpointsFileWatcher(s.endpoints_file, self.endpoints, defaults)
             await watcher.start()
             self._stack.push_async_callback(watcher.aclose)
@@ -341,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pool-name", help="InferencePool to discover endpoints from (Kubernetes)")
     p.add_argument("--pool-namespace", default="default", help="namespace of the InferencePool")
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig for --pool-name outside a cluster (default: in-cluster service "
+        "account, else $KUBECONFIG, else ~/.kube/config)",
+    )
+    p.add_argument(
+        "--instance-id-annotation",
+        default=INSTANCE_ID_ANNOTATION,
+        help="pod annotation with the worker's Dynamo instance id (default %(default)s)",
+    )
     p.add_argument("--model", help="served model name; other model names get 404")
     p.add_argument("--lora-adapters", default="", help="comma-separated adapter names served")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (needed for KV routing)")
@@ -369,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> EppSettings:
-    if args.pool_name:
-        raise ConfigError("--pool-name", "Kubernetes discovery is not available in this build")
+    if args.pool_name and (args.endpoints or args.endpoints_file is not None):
+        raise ConfigError("--pool-name", "give either --pool-name or --endpoints[-file], not both")
     config_text = None
     if args.config_file is not None:
         try:
@@ -422,6 +452,8 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         events_bind=args.events_bind,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,
+        kubeconfig=args.kubeconfig,
+        instance_id_annotation=args.instance_id_annotation,
         model=args.model,
         tokenizer=args.tokenizer,
         lora_adapters=adapters,
@@ -468,7 +500,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     try:
         _run(run())
-    except (ConfigError, EndpointSpecError) as err:
+    except (ConfigError, EndpointSpecError, KubeConfigError) as err:
         print(f"kvgate epp: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -15,12 +15,10 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 
 {{- define "kvgate-gaie.eppSelector" -}}
 app.kubernetes.io/name: {{ include "kvgate-gaie.epp" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "kvgate-gaie.bodyTransformerSelector" -}}
 app.kubernetes.io/name: {{ include "kvgate-gaie.bodyTransformer" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The pool's target ports: inferencePool.targetPorts, else the single inferencePool.port. */}}
@@ -60,4 +58,27 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* The EndpointPickerConfig text: epp.config, else epp.configFile, else the variant's default. */}}
+{{- define "kvgate-gaie.eppConfig" -}}
+{{- if .Values.epp.config -}}
+{{- .Values.epp.config -}}
+{{- else if .Values.epp.configFile -}}
+{{- .Files.Get (printf "files/config/%s" .Values.epp.configFile) -}}
+{{- else if .Values.epp.useDynamo -}}
+{{- .Files.Get "files/config/epp-config-dynamo.yaml" -}}
+{{- else -}}
+# Standard endpoint picker without affinity: requests are spread at random; the model server
+# graph behind the pool does its own routing.
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: single-profile-handler
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: random-picker
+{{- end -}}
 {{- end -}}

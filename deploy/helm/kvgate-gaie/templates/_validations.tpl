@@ -20,8 +20,7 @@ renders is one whose picker can route. Messages name the value to set.
 {{- end -}}
 {{- if include "kvgate-gaie.kvRouting" . -}}
 {{- $bs := required "dynamo.kvBlockSize is required when KV routing is on (epp.useDynamo and dynamo.useKvRouting): set it to the engines' --block-size, e.g. 16" .Values.dynamo.kvBlockSize -}}
-{{- $n := int $bs -}}
-{{- if or (lt $n 16) (gt $n 8192) (ne (bitwiseAnd $n (sub $n 1)) 0) -}}
+{{- if not (has (int $bs) (list 16 32 64 128 256 512 1024 2048 4096 8192)) -}}
 {{- fail (printf "dynamo.kvBlockSize must be a power of two in [16, 8192], got %v" $bs) -}}
 {{- end -}}
 {{- end -}}
@@ -31,7 +30,10 @@ renders is one whose picker can route. Messages name the value to set.
 {{- if and .Values.bodyTransformer.enabled (not (has .Values.bodyTransformer.mode (list "extProc" "istioLua" "envoyGatewayLua"))) -}}
 {{- fail (printf "bodyTransformer.mode must be extProc, istioLua or envoyGatewayLua, got %v" .Values.bodyTransformer.mode) -}}
 {{- end -}}
-{{- if and (not .Values.epp.config) (not (.Files.Get (printf "files/config/%s" .Values.epp.configFile))) -}}
+{{- if and .Values.epp.configFile (not .Values.epp.config) (not (.Files.Get (printf "files/config/%s" .Values.epp.configFile))) -}}
 {{- fail (printf "epp.configFile %q is not in deploy/config; set epp.config to inline text instead" .Values.epp.configFile) -}}
+{{- end -}}
+{{- if not (include "kvgate-gaie.eppConfig" . | trim) -}}
+{{- fail "the EndpointPickerConfig is empty: files/config (a link to deploy/config) is missing from this copy of the chart; set epp.config to the config text" -}}
 {{- end -}}
 {{- end -}}

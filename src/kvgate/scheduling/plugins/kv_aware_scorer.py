@@ -156,7 +156,8 @@ class KvAwareScorer(Scorer):
     # -- prepare ---------------------------------------------------------------------------
 
     async def prepare(self, request: LLMRequest) -> None:
-        if not self.config.use_kv_routing or self.tokenizer is None:
+        # Tokens given by the caller (trace replay in `kvgate simulate`) are the engine's tokens.
+        if not self.config.use_kv_routing or self.tokenizer is None or request.tokens is not None:
             return
         kind = request.kind or _guess_kind(request.body)
         if kind is None:

@@ -1,0 +1,483 @@
+"""`kvgate simulate`: replay a trace in virtual time against simulated engines, per policy.
+
+For each policy a fresh fleet of `kvgate.sim` engines runs on one `VirtualDriver` (a heap of
+events in virtual time: no sleeping, no sockets), and the policy's EndpointPickerConfig is built
+into the EPP's own `Scheduler`. A request goes through the hooks in the order the EPP calls them:
+
+arrival      prepare → schedule → pre_request, then the engine gets it;
+first token  response_streaming(first_chunk=True): the KV scorer's prefill-complete signal;
+last token   response_complete, with the usage the engine reports (cached tokens included).
+
+The trace gives tokens, not text: each request's tokens come from `TokenSynth` and are set on the
+request with their block hashes before ``prepare`` (the KV scorer then skips tokenizing), and the
+body's ``prompt`` is the token id list, which is what the character-based prefix scorer hashes
+for a completions request carrying token ids.
+
+Engine state reaches the plugins as it would in a gateway: KV events go to every KV scorer's index
+``--event-delay-ms`` after the step that emitted them; endpoint metrics (queue, running, KV usage)
+are refreshed every ``--scrape-interval-ms`` as a metrics scraper would.
+
+Determinism: one seed drives the token content, the plugins' random streams and the engines
+(which use no randomness); the event heap orders ties by insertion. The same command prints the
+same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from queue import Empty
+from typing import Any, TextIO
+
+from kvgate.bench.policies import POLICIES, bench_registry
+from kvgate.bench.report import (
+    PolicyMetrics,
+    Progress,
+    RunRecord,
+    plot,
+    report_json,
+    summarize,
+    table,
+    write_json,
+)
+from kvgate.bench.traces import TokenSynth, TraceRequest, ideal_hit_rate, load_mooncake
+from kvgate.fleet.endpoint import Endpoint
+from kvgate.index.prefix_index import PrefixIndex
+from kvgate.scheduling.epp_config import EppConfigError, load_epp_config
+from kvgate.scheduling.framework import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
+from kvgate.scheduling.plugins.kv_aware_scorer import (
+    KV_SCORERS_EXTRA,
+    TOKENIZER_EXTRA,
+    KvAwareScorer,
+)
+from kvgate.scheduling.registry import PluginContext
+from kvgate.scheduling.scheduler import Scheduler
+from kvgate.sim.clock import VirtualClock
+from kvgate.sim.engine import ContextLengthError, Engine, EngineConfig, SimRequest, StepResult
+from kvgate.sim.virtual import VirtualDriver
+from kvgate.tokens.hashing import sequence_hashes_of
+
+MOONCAKE_WORKER_TOKENS = 512_000
+"""Default KV capacity per worker: ~1,000 blocks of 512 tokens, the setting under which the
+Mooncake paper's synthetic trace separates routing policies (random ≈ 0.06 hit rate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    workers: int = 8
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    """None: `MOONCAKE_WORKER_TOKENS` / block size."""
+    event_delay_s: float = 0.0
+    scrape_interval_s: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.event_delay_s < 0 or self.scrape_interval_s <= 0:
+            raise ValueError("event delay must be >= 0 and scrape interval > 0")
+
+    @property
+    def gpu_blocks(self) -> int:
+        return self.num_gpu_blocks or MOONCAKE_WORKER_TOKENS // self.block_size
+
+
+class _Placeholder:
+    """Stands in for the EPP's tokenizer: the KV scorer insists on one at configuration time,
+    but replayed requests arrive with their tokens and it is never asked to tokenize."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"kvgate simulate gives tokens; the tokenizer's {name} was used")
+
+
+def _run_sync(coro: Coroutine[Any, Any, None]) -> None:
+    # The prepare hooks only await when they tokenize, which replay never asks for; driving the
+    # coroutine by hand keeps the replay free of an event loop.
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a prepare hook awaited during replay")
+
+
+@dataclass(slots=True)
+class _Flight:
+    llm: LLMRequest
+    result: SchedulingResult
+    arrival: float
+    last_token: float = 0.0
+
+
+ProgressSink = Callable[[int], None]
+"""Told how many requests of the replay are done (served or refused)."""
+
+
+class Replay:
+    """One policy over one trace on a fresh simulated fleet."""
+
+    def __init__(
+        self,
+        requests: Sequence[TraceRequest],
+        config_text: str,
+        settings: SimSettings,
+        synth: TokenSynth,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.requests = requests
+        self.settings = settings
+        self.synth = synth
+        self.progress = progress
+        bs = settings.block_size
+        capacity = settings.gpu_blocks * bs
+        engine_config = EngineConfig(
+            block_size=bs, num_gpu_blocks=settings.gpu_blocks, max_model_len=capacity
+        )
+        self.engines = [Engine(engine_config) for _ in range(settings.workers)]
+        self.clock = VirtualClock()
+        self.driver = VirtualDriver(self.engines, self.clock, on_step=self._on_step)
+        self.endpoints = [
+            Endpoint(f"10.0.{i // 250}.{i % 250 + 1}:8000") for i in range(settings.workers)
+        ]
+        for ep in self.endpoints:
+            ep.metrics.block_size = bs
+            ep.metrics.num_gpu_blocks = settings.gpu_blocks
+        context = PluginContext(
+            env={"DYNAMO_KV_BLOCK_SIZE": str(bs)},
+            now=self.clock.now,
+            rng_seed=settings.seed,
+            extras={TOKENIZER_EXTRA: _Placeholder()},
+        )
+        plugins = load_epp_config(config_text, registry=bench_registry(), context=context)
+        self.scheduler: Scheduler = plugins.scheduler()
+        scorers: list[KvAwareScorer] = context.extras.get(KV_SCORERS_EXTRA, [])
+        self._indexes = [s.router.index for s in scorers if isinstance(s.router.index, PrefixIndex)]
+        self.record = RunRecord(per_worker={ep.address: 0 for ep in self.endpoints})
+        self._flights: dict[str, _Flight] = {}
+        self._done = 0
+
+    def run(self) -> RunRecord:
+        started = time.perf_counter()
+        driver = self.driver
+        for i, r in enumerate(self.requests):
+            driver.call_at(r.timestamp_ms / 1000.0, partial(self._arrive, i))
+        self._scrape()
+        driver.run()
+        self.record.wall_s = time.perf_counter() - started
+        return self.record
+
+    # -- the gateway's side ----------------------------------------------------------------
+
+    def _scrape(self) -> None:
+        now = self.clock.now()
+        for engine, ep in zip(self.engines, self.endpoints, strict=True):
+            m = ep.metrics
+            m.waiting = engine.num_waiting
+            m.running = engine.num_running
+            m.kv_usage = engine.cache.usage
+            m.updated_at = now
+            m.stale = False
+        if self._done < len(self.requests):
+            self.driver.call_at(now + self.settings.scrape_interval_s, self._scrape)
+
+    def _arrive(self, index: int) -> None:
+        trace = self.requests[index]
+        request_id = f"r{index}"
+        now = self.clock.now()
+        tokens = self.synth.tokens(trace)
+        bs = self.settings.block_size
+        llm = LLMRequest(
+            request_id=request_id,
+            model="trace",
+            kind=None,
+            body={"prompt": tokens, "max_tokens": trace.output_length},
+            headers={},
+            stream=True,
+            tokens=tokens,
+            block_hashes=sequence_hashes_of(tokens, bs),
+            block_size=bs,
+        )
+        scheduler = self.scheduler
+        record = self.record
+        try:
+            _run_sync(scheduler.prepare(llm))
+            result = scheduler.schedule(llm, self.endpoints)
+        except SchedulingError as err:
+            record.error(f"scheduling {err.status}")
+            self._finished()
+            return
+        scheduler.pre_request(llm, result)
+        address = result.endpoint.address
+        worker = self.endpoints.index(result.endpoint)
+        sim = SimRequest(request_id, tokens, max_tokens=trace.output_length, ignore_eos=True)
+        try:
+            self.driver.submit(worker, sim)
+        except ContextLengthError:
+            record.error("context length")
+            scheduler.response_complete(llm, result, ResponseInfo(status=400, aborted=True))
+            self._finished()
+            return
+        record.per_worker[address] += 1
+        record.first_arrival_s = min(record.first_arrival_s, now)
+        self._flights[request_id] = _Flight(llm, result, now)
+
+    def _on_step(self, index: int, step: StepResult) -> None:
+        end = step.end
+        flights = self._flights
+        record = self.record
+        for sim in step.outputs:
+            flight = flights[sim.request_id]
+            if sim.num_output_tokens == 1:
+                record.ttft_s.append(end - flight.arrival)
+                self.scheduler.response_streaming(flight.llm, flight.result, True)
+            else:
+                record.itl_s.append(end - flight.last_token)
+            flight.last_token = end
+            if sim.finish_reason is not None:
+                self._complete(flight, sim, end)
+        if step.events and self._indexes:
+            events = step.events
+            address = self.endpoints[index].address
+            delay = self.settings.event_delay_s
+            if delay:
+                self.driver.call_at(end + delay, lambda: self._apply(address, events))
+            else:
+                self._apply(address, events)
+
+    def _apply(self, address: str, events: list[Any]) -> None:
+        for index in self._indexes:
+            for event in events:
+                index.apply_event(address, event)
+
+    def _complete(self, flight: _Flight, sim: SimRequest, end: float) -> None:
+        del self._flights[sim.request_id]
+        record = self.record
+        record.e2e_s.append(end - flight.arrival)
+        record.prompt_tokens += sim.num_prompt_tokens
+        record.cached_tokens += sim.num_cached_tokens
+        record.output_tokens += sim.num_output_tokens
+        record.last_finish_s = max(record.last_finish_s, end)
+        info = ResponseInfo(
+            status=200,
+            streaming=True,
+            served_endpoint=flight.result.endpoint.address,
+            prompt_tokens=sim.num_prompt_tokens,
+            completion_tokens=sim.num_output_tokens,
+            cached_tokens=sim.num_cached_tokens,
+        )
+        self.scheduler.response_complete(flight.llm, flight.result, info)
+        self._finished()
+
+    def _finished(self) -> None:
+        self._done += 1
+        if self.progress is not None:
+            self.progress(self._done)
+
+
+def resolve_policy(name: str) -> str:
+    """The EndpointPickerConfig text of a policy name or ``config:FILE``."""
+    if name.startswith("config:"):
+        return Path(name[len("config:") :]).read_text(encoding="utf-8")
+    config = POLICIES.get(name)
+    if config is None:
+        raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)}, config:FILE)")
+    return config
+
+
+def replay_policy(
+    requests: Sequence[TraceRequest],
+    config_text: str,
+    settings: SimSettings,
+    synth: TokenSynth | None = None,
+    progress: ProgressSink | None = None,
+) -> RunRecord:
+    """One policy's replay, with the cyclic garbage collector out of the way."""
+    # Replay allocates millions of long-lived small objects (token lists, index entries, event
+    # batches) and frees them in order; the cyclic collector would rescan them again and again
+    # and find nothing to collect, so it is paused for the run and the survivors frozen.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        synth = synth or TokenSynth(settings.seed)
+        return Replay(requests, config_text, settings, synth, progress).run()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+# Per worker process: the queue progress goes to, as (policy, done) pairs.
+_CHILD_STATE: dict[str, Any] = {}
+
+
+def _init_child(queue: Any) -> None:
+    _CHILD_STATE["queue"] = queue
+
+
+def _child_replay(
+    name: str, requests: Sequence[TraceRequest], config_text: str, settings: SimSettings
+) -> RunRecord:
+    queue = _CHILD_STATE["queue"]
+    step = max(1, len(requests) // 100)
+    # One token table per process, reused by the policies it replays.
+    synth = _CHILD_STATE.get("synth")
+    if synth is None or synth.seed != settings.seed:
+        synth = _CHILD_STATE["synth"] = TokenSynth(settings.seed)
+
+    def report(done: int) -> None:
+        if done % step == 0 or done == len(requests):
+            queue.put((name, done))
+
+    return replay_policy(requests, config_text, settings, synth, progress=report)
+
+
+def simulate(
+    requests: Sequence[TraceRequest],
+    policies: Sequence[str],
+    settings: SimSettings,
+    *,
+    jobs: int = 1,
+    progress: TextIO | None = None,
+) -> dict[str, RunRecord]:
+    """Replay ``requests`` once per policy; records by policy name, in the order given.
+
+    With ``jobs`` > 1 policies run in that many worker processes at once (each replay is
+    independent and seeded alike, so the records are the same as with one job)."""
+    configs = {name: resolve_policy(name) for name in policies}
+    bars = {
+        name: Progress(name, len(requests), progress) if progress is not None else None
+        for name in configs
+    }
+    jobs = max(1, min(jobs, len(configs)))
+    if jobs == 1:
+        synth = TokenSynth(settings.seed)
+        records: dict[str, RunRecord] = {}
+        for name, text in configs.items():
+            bar = bars[name]
+            records[name] = replay_policy(
+                requests, text, settings, synth, None if bar is None else bar.update
+            )
+        return records
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_init_child, initargs=(queue,)
+    ) as pool:
+        futures = {
+            name: pool.submit(_child_replay, name, requests, text, settings)
+            for name, text in configs.items()
+        }
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(queue, bars)
+        _drain(queue, bars)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _drain(queue: Any, bars: dict[str, Progress | None]) -> None:
+    while True:
+        try:
+            name, done = queue.get_nowait()
+        except Empty:
+            return
+        bar = bars.get(name)
+        if bar is not None:
+            bar.update(done)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvgate simulate",
+        description="Replay a Mooncake trace in virtual time against simulated engines and "
+        "compare routing policies (the EPP's own scheduler and plugins).",
+    )
+    p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument(
+        "--policy",
+        default="kv",
+        help=f"comma-separated: {', '.join(POLICIES)}, all, or config:FILE (default: kv)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="engine KV block size (tokens)")
+    p.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=None,
+        help=f"KV blocks per worker (default: {MOONCAKE_WORKER_TOKENS} tokens / block size)",
+    )
+    p.add_argument("--event-delay-ms", type=float, default=0.0, help="KV event propagation delay")
+    p.add_argument("--scrape-interval-ms", type=float, default=50.0, help="metrics refresh")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace timestamps")
+    p.add_argument("--max-input-length", type=int, default=None, help="cut longer prompts")
+    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="policies replayed in parallel processes (default: min(2, CPUs))",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(POLICIES)
+    try:
+        settings = SimSettings(
+            workers=args.workers,
+            block_size=args.block_size,
+            num_gpu_blocks=args.num_gpu_blocks,
+            event_delay_s=args.event_delay_ms / 1000.0,
+            scrape_interval_s=args.scrape_interval_ms / 1000.0,
+            seed=args.seed,
+        )
+        for name in names:
+            resolve_policy(name)
+        requests = load_mooncake(
+            args.trace,
+            time_scale=args.time_scale,
+            max_input_length=args.max_input_length,
+            limit=args.limit,
+        )
+        started = time.perf_counter()
+        records = simulate(
+            requests,
+            names,
+            settings,
+            jobs=args.jobs,
+            progress=None if args.quiet else sys.stderr,
+        )
+    except (OSError, ValueError, EppConfigError) as err:
+        print(f"kvgate simulate: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    ideal = ideal_hit_rate(requests)
+    results: dict[str, PolicyMetrics] = {n: summarize(r) for n, r in records.items()}
+    print(table(results, ideal))
+    print(
+        f"{len(requests)} requests, {settings.workers} workers, {len(names)} policies "
+        f"in {elapsed:.1f} s",
+        file=sys.stderr,
+    )
+    if args.json is not None:
+        write_json(args.json, report_json(str(args.trace), ideal, results))
+    if args.plot is not None:
+        plot(args.plot, records, results, ideal, f"{args.trace} — {settings.workers} workers")
+    return 0
