@@ -30,10 +30,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from kvgate.extproc.nvext import (
     Unchanged,
     inject_nvext,
 )
+from kvgate.extproc.running import run_until_signalled
 
 log = logging.getLogger("kvgate.body_transformer")
 
@@ -447,15 +447,6 @@ async def serve(settings: TransformerSettings, stop: asyncio.Event) -> None:
         await stop.wait()
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -467,15 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvgate body-transformer: {err}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
     try:
-        _run(run())
+        run_until_signalled(lambda stop: serve(settings, stop))
     except (OSError, RuntimeError) as err:  # grpc reports a port it cannot bind as RuntimeError
         print(f"kvgate body-transformer: {err}", file=sys.stderr)
         return 1

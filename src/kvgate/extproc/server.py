@@ -13,7 +13,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.events.types import KvEvent
 from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.metrics import EppMetrics
+from kvgate.extproc.running import run_until_signalled
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kubernetes import (
@@ -491,15 +491,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"kvgate epp: {err}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
     try:
-        _run(run())
+        run_until_signalled(lambda stop: serve(settings, stop))
     except (ConfigError, EndpointSpecError, KubeConfigError) as err:
         print(f"kvgate epp: {err}", file=sys.stderr)
         return 2
@@ -507,12 +500,3 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"kvgate epp: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def _run(coro: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
