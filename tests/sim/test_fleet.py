@@ -69,8 +69,12 @@ async def test_fleet_workers_are_distinct(codec: TokensCodec) -> None:
 
 
 def assert_port_free(port: int) -> None:
+    # SO_REUSEADDR: connections just closed leave TIME_WAIT entries on the port, which are not a
+    # listener left behind; binding still fails if anything is listening.
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
