@@ -58,6 +58,14 @@ from kvgate.scheduling.plugins.kv_aware_scorer import (
 )
 from kvgate.scheduling.registry import PluginContext
 from kvgate.scheduling.scheduler import PluginTimings
+from kvgate.sync.replica import (
+    DEFAULT_NATS_URL,
+    ReplicaSync,
+    ReplicaSyncConfig,
+    SyncMetrics,
+    default_subject,
+    new_router_id,
+)
 
 log = logging.getLogger("kvgate.epp")
 
@@ -91,6 +99,15 @@ class EppSettings:
     options: EppOptions = field(default_factory=EppOptions)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     seed: int | None = None
+    replica_sync: bool | None = None
+    """Share in-flight load with other replicas; None: as DYNAMO_ROUTER_REPLICA_SYNC says."""
+    nats_url: str | None = None
+    """Default: $NATS_SERVER, else nats://127.0.0.1:4222."""
+    sync_subject: str | None = None
+    """Default: one subject per pool (pool name, else Dynamo namespace, else model)."""
+    router_id: str | None = None
+    sync_heartbeat_s: float = 1.0
+    sync_lease_s: float = 3.0
 
 
 class _FanOutSink:
@@ -132,6 +149,7 @@ class EppRuntime:
         self.plugins: EppPlugins | None = None
         self.kv_scorers: list[KvAwareScorer] = []
         self.subscriber: KvEventSubscriber | None = None
+        self.sync: ReplicaSync | None = None
         self._health: Any = None
 
     async def __aenter__(self) -> EppRuntime:
@@ -161,6 +179,7 @@ class EppRuntime:
             self._stack.callback(scorer.close)
         scheduler = self.plugins.scheduler(observer=self._observe)
         self.endpoints.subscribe(scheduler.endpoints_changed)
+        await self._start_replica_sync()
 
         event_indexes = [
             sc.router.index for sc in self.kv_scorers if isinstance(sc.router.index, PrefixIndex)
@@ -220,6 +239,59 @@ class EppRuntime:
         self._update_readiness()
         liveness = asyncio.get_running_loop().create_task(self._watch_liveness())
         self._stack.push_async_callback(_cancel, liveness)
+
+    async def _start_replica_sync(self) -> None:
+        s = self.settings
+        enabled = s.replica_sync
+        if enabled is None:
+            enabled = any(sc.config.replica_sync for sc in self.kv_scorers)
+        if not enabled:
+            return
+        if not self.kv_scorers:
+            log.warning("replica sync is on but no kv-aware-scorer is configured: nothing to share")
+            return
+        namespace = next(
+            (sc.config.namespace for sc in self.kv_scorers if sc.config.namespace), None
+        )
+        config = ReplicaSyncConfig(
+            nats_url=s.nats_url or s.env.get("NATS_SERVER") or DEFAULT_NATS_URL,
+            subject=s.sync_subject or default_subject(s.pool_name or namespace or s.model),
+            heartbeat_s=s.sync_heartbeat_s,
+            lease_s=s.sync_lease_s,
+            router_id=s.router_id or new_router_id(),
+        )
+        self.sync = ReplicaSync(
+            {sc.name: sc.router for sc in self.kv_scorers},
+            config,
+            metrics=SyncMetrics(self.metrics.registry),
+        )
+        for scorer in self.kv_scorers:
+            scorer.journal = self.sync
+        await self.sync.start()
+        self._stack.push_async_callback(self.sync.aclose)
+        log.info(
+            "replica sync on: router id %s, NATS %s, subject %s",
+            config.router_id,
+            config.nats_url,
+            config.subject,
+        )
+
+    def health_details(self) -> dict[str, Any]:
+        """What /healthz on the metrics port shows: readiness and the state of replica sync."""
+        events = self.subscriber.stats.total() if self.subscriber is not None else None
+        return {
+            "ready": bool(self.endpoints.known),
+            "endpoints": len(self.endpoints),
+            "fresh_endpoints": sum(1 for ep in self.endpoints if not ep.metrics.stale),
+            "kv_events": None
+            if events is None
+            else {
+                "events": events.events,
+                "gaps": events.gaps,
+                "malformed": events.malformed,
+            },
+            "replica_sync": self.sync.status() if self.sync is not None else {"state": "off"},
+        }
 
     async def _watch_liveness(self, interval_s: float = 0.5) -> None:
         """Drop the cached-block and load state of workers whose metrics went stale after having
@@ -314,8 +386,12 @@ class EppRuntime:
                 body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
 
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response(self.health_details())
+
         app = web.Application()
         app.router.add_get("/metrics", handle)
+        app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.bind, self.settings.metrics_port)
@@ -394,6 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge Dynamo nvext routing fields into the body here (no body transformer)",
     )
+    sync = p.add_argument_group("replica sync (several EPP replicas sharing in-flight load)")
+    sync.add_argument(
+        "--replica-sync",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share in-flight load with other replicas over NATS "
+        "(default: $DYNAMO_ROUTER_REPLICA_SYNC, else off)",
+    )
+    sync.add_argument(
+        "--nats-url", help=f"NATS server (default $NATS_SERVER or {DEFAULT_NATS_URL})"
+    )
+    sync.add_argument(
+        "--replica-sync-subject",
+        help="NATS subject shared by the replicas of one pool (default "
+        "kvgate.<pool, namespace or model>.active_sequences)",
+    )
+    sync.add_argument("--replica-id", help="this replica's id (default host-pid-random)")
+    sync.add_argument(
+        "--replica-lease",
+        type=float,
+        default=3.0,
+        help="seconds without a heartbeat (sent every lease/3) before a replica's load is "
+        "dropped (default 3)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -418,6 +518,8 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
             raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes", "must be positive")
+    if not args.replica_lease > 0:
+        raise ConfigError("--replica-lease", f"got {args.replica_lease}; must be > 0")
     adapters = frozenset(a.strip() for a in args.lora_adapters.split(",") if a.strip())
     priorities: dict[str, int] = {}
     for item in filter(None, (i.strip() for i in args.objectives.split(","))):
@@ -459,6 +561,12 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         lora_adapters=adapters,
         scrape_interval_s=args.scrape_interval,
         options=options,
+        replica_sync=args.replica_sync,
+        nats_url=args.nats_url,
+        sync_subject=args.replica_sync_subject,
+        router_id=args.replica_id,
+        sync_heartbeat_s=args.replica_lease / 3,
+        sync_lease_s=args.replica_lease,
     )
 
 

@@ -9,16 +9,23 @@ in-flight requests on one worker are counted once (ref-counted), as the engine h
 Requests never reported complete (a lost response phase, a crashed client) are expired after
 ``expiry_s`` so that load cannot leak forever. Time is passed in by the caller.
 
+Requests are keyed by their request id; requests another replica routed (replica sync) are keyed
+by ``(router_id, request_id)`` so that they can never collide with this replica's own.
+
 Thread-safety: none; owned by the router's event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import TypeAlias
 
 from kvgate.index.prefix_index import MaskIndex, WorkerId
+
+RequestKey: TypeAlias = str | tuple[str, str]
+"""A request id (routed here) or ``(router_id, request_id)`` (routed by another replica)."""
 
 # Expired requests are swept at most this often.
 _SWEEP_INTERVAL_S = 1.0
@@ -97,7 +104,7 @@ class ActiveSequences:
         self.block_size = block_size
         self.expiry_s = expiry_s
         self.blocks = ActiveBlocks()
-        self._requests: dict[str, ActiveRequest] = {}
+        self._requests: dict[RequestKey, ActiveRequest] = {}
         self.prefill: dict[WorkerId, int] = {}
         """Prompt tokens routed but not yet prefilled, per worker."""
         self._in_flight: dict[WorkerId, int] = {}
@@ -110,8 +117,14 @@ class ActiveSequences:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def get(self, request_id: str) -> ActiveRequest | None:
+    def get(self, request_id: RequestKey) -> ActiveRequest | None:
         return self._requests.get(request_id)
+
+    def own(self) -> Iterator[tuple[str, ActiveRequest]]:
+        """The requests this replica routed (not those learned from other replicas)."""
+        for key, request in self._requests.items():
+            if isinstance(key, str):
+                yield key, request
 
     def prefill_tokens(self, worker: WorkerId) -> int:
         return self.prefill.get(worker, 0)
@@ -124,7 +137,7 @@ class ActiveSequences:
 
     def add(
         self,
-        request_id: str,
+        request_id: RequestKey,
         worker: WorkerId,
         hashes: Sequence[int],
         prefill_tokens: int,
@@ -139,7 +152,7 @@ class ActiveSequences:
         self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
         self.blocks.add(worker, hashes)
 
-    def mark_prefill_complete(self, request_id: str) -> bool:
+    def mark_prefill_complete(self, request_id: RequestKey) -> bool:
         req = self._requests.get(request_id)
         if req is None or req.prefill_done:
             return False
@@ -147,7 +160,7 @@ class ActiveSequences:
         self.prefill[req.worker] -= req.prefill_tokens
         return True
 
-    def free(self, request_id: str) -> bool:
+    def free(self, request_id: RequestKey) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from kvgate.index.approx_index import ApproxPrefixIndex
 from kvgate.index.prefix_index import PrefixIndex, WorkerId
-from kvgate.scheduling.active import ActiveSequences
+from kvgate.scheduling.active import ActiveSequences, RequestKey
 from kvgate.scheduling.config import KvRouterConfig
 
 
@@ -166,13 +166,26 @@ class KvRouter:
         weights = [math.exp(-((costs[w] - low) / span) / temperature) for w in workers]
         return self._rng.choices(workers, weights)[0]
 
-    def book(self, request: RoutingRequest, selection: Selection, now: float) -> None:
+    def book(self, request: RoutingRequest, selection: Selection, now: float) -> int:
         """Count the routed request in the chosen worker's load (and, without KV events, assume
-        the worker now caches its blocks)."""
+        the worker now caches its blocks). Returns the prompt tokens booked as pending prefill."""
         prefill = max(0, request.isl - selection.overlap_blocks * self.block_size)
-        self.active.add(request.request_id, selection.worker, request.hashes, prefill, now)
+        self.book_key(request.request_id, selection.worker, request.hashes, prefill, now)
+        return prefill
+
+    def book_key(
+        self,
+        key: RequestKey,
+        worker: WorkerId,
+        hashes: Sequence[int],
+        prefill_tokens: int,
+        now: float,
+    ) -> None:
+        """Book a request routed here or, keyed ``(router_id, request_id)``, by another replica:
+        both count in the worker's load, and both teach the approximate index."""
+        self.active.add(key, worker, hashes, prefill_tokens, now)
         if isinstance(self.index, ApproxPrefixIndex):
-            self.index.record(selection.worker, request.hashes, now)
+            self.index.record(worker, hashes, now)
 
     def route(
         self, request: RoutingRequest, candidates: Sequence[Candidate], now: float
@@ -181,10 +194,10 @@ class KvRouter:
         self.book(request, selection, now)
         return selection
 
-    def mark_prefill_complete(self, request_id: str) -> bool:
+    def mark_prefill_complete(self, request_id: RequestKey) -> bool:
         return self.active.mark_prefill_complete(request_id)
 
-    def free(self, request_id: str) -> bool:
+    def free(self, request_id: RequestKey) -> bool:
         return self.active.free(request_id)
 
     def remove_worker(self, worker: WorkerId) -> None:

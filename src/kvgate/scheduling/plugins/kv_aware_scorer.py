@@ -9,6 +9,9 @@ pre_request book the request on the endpoint finally picked (pending prefill, ac
 first chunk prefill done: pending prefill released;
 complete    request freed (also on abort, so bookkeeping cannot leak).
 
+Each of the last three changes is also told to the scorer's `journal` when one is set: replica
+sync (`kvgate.sync`) publishes them so that other EPP replicas count this replica's load.
+
 Configuration comes from the seed's ``DYNAMO_*`` environment variables; ``parameters`` in the
 EndpointPickerConfig override them field by field.
 """
@@ -18,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.config import ConfigError, KvRouterConfig
@@ -65,6 +68,23 @@ class KvAwareScorerParams:
     busy_threshold: float | None = None
     tokenizer: str | None = None
     """Tokenizer dir or hub id; default: the EPP's ``--tokenizer``."""
+
+
+class ActiveJournal(Protocol):
+    """Told of every change to a scorer's own in-flight bookings; must not block."""
+
+    def added(
+        self,
+        scorer: str,
+        request_id: str,
+        worker: str,
+        hashes: Sequence[int],
+        prefill_tokens: int,
+    ) -> None: ...
+
+    def prefill_completed(self, scorer: str, request_id: str) -> None: ...
+
+    def freed(self, scorer: str, request_id: str) -> None: ...
 
 
 # Keys of PluginContext.extras this plugin reads.
@@ -132,6 +152,7 @@ class KvAwareScorer(Scorer):
         self.clock = clock
         self.metrics = metrics
         self._pending: dict[str, Selection] = {}
+        self.journal: ActiveJournal | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize")
 
     @staticmethod
@@ -232,7 +253,11 @@ class KvAwareScorer(Scorer):
         routing = RoutingRequest(
             request.request_id, len(request.tokens), request.block_hashes or []
         )
-        self.router.book(routing, selection, self.clock())
+        prefill = self.router.book(routing, selection, self.clock())
+        if self.journal is not None:
+            self.journal.added(
+                self.name, request.request_id, chosen.address, routing.hashes, prefill
+            )
         request.predicted_overlap_blocks = overlap
         request.decision_summary = (
             f"endpoint={chosen.address} overlap_blocks={overlap} "
@@ -255,8 +280,12 @@ class KvAwareScorer(Scorer):
     def response_streaming(
         self, request: LLMRequest, result: SchedulingResult, first_chunk: bool
     ) -> None:
-        if first_chunk:
-            self.router.mark_prefill_complete(request.request_id)
+        if (
+            first_chunk
+            and self.router.mark_prefill_complete(request.request_id)
+            and self.journal is not None
+        ):
+            self.journal.prefill_completed(self.name, request.request_id)
 
     def response_complete(
         self, request: LLMRequest, result: SchedulingResult, response: ResponseInfo
@@ -265,7 +294,8 @@ class KvAwareScorer(Scorer):
 
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
-        self.router.free(request_id)
+        if self.router.free(request_id) and self.journal is not None:
+            self.journal.freed(self.name, request_id)
 
     def on_endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
         for endpoint in left:
