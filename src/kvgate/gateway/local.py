@@ -1,5 +1,6 @@
-"""The local gateway: simulated engines (or given endpoints), the EPP, the body transformer and a
-real Envoy, each a child process, wired together on loopback.
+"""The local gateway: simulated engines (or given endpoints), the EPP (one or several replicas,
+sharing in-flight load over a local nats-server), the body transformer and a real Envoy, each a
+child process, wired together on loopback.
 
 `LocalGateway` is the programmatic form (used by `kvgate up`, `kvgate demo` and the end-to-end
 tests); it writes everything it generates and every log into its run directory.
@@ -7,6 +8,7 @@ tests); it writes everything it generates and every log into its run directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import socket
@@ -124,6 +126,18 @@ class LocalGatewayConfig:
     run_dir: Path | None = None
     prefill_workers: int = 0
     """Disaggregated serving: the first N simulated workers take the prefill role."""
+    epp_replicas: int = 1
+    """EPP processes behind Envoy's ``epp`` cluster (round-robin, health-checked)."""
+    replica_sync: bool | None = None
+    """Replicas share in-flight load over a local nats-server; None: on iff ``epp_replicas > 1``
+    (and ``mode`` is "kv": standard mode has no KV scorer, so nothing to share)."""
+    sync_timeout_s: float = 30.0
+    """With replica sync: how long to wait for every replica to connect and see all its peers."""
+
+    def sync_enabled(self) -> bool:
+        if self.replica_sync is None:
+            return self.epp_replicas > 1 and self.mode == "kv"
+        return self.replica_sync
 
 
 @dataclass
@@ -132,8 +146,21 @@ class RunningGateway:
     run_dir: Path
     workers: list[str]
     epp_metrics_url: str
+    """Replica 0's; every replica's is in ``epp_metrics_urls``."""
     admin_url: str
     children: dict[str, Child]
+    """Every child process by name: ``epp`` with one replica, ``epp-0``… with several."""
+    epp_children: list[Child] = field(default_factory=list)
+    epp_metrics_urls: list[str] = field(default_factory=list)
+    epp_healthz_urls: list[str] = field(default_factory=list)
+    replica_ids: list[str] = field(default_factory=list)
+    """``--replica-id`` of each replica (with replica sync on), else empty."""
+    nats_url: str | None = None
+    """The local nats-server the replicas sync through; None with replica sync off."""
+
+    @property
+    def epp(self) -> Child:
+        return self.epp_children[0]
 
 
 class LocalGateway:
@@ -146,6 +173,30 @@ class LocalGateway:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = Supervisor(self.run_dir)
         self.running: RunningGateway | None = None
+        self.epp_children: list[Child] = []
+        self.epp_ports: list[int] = []
+        """gRPC (ext_proc) port of each EPP replica."""
+        self.epp_health_ports: list[int] = []
+        self.epp_metrics_ports: list[int] = []
+        self.replica_ids: list[str] = []
+        self.nats_url: str | None = None
+        self.nats_child: Child | None = None
+
+    @property
+    def epp_port(self) -> int:
+        return self.epp_ports[0]
+
+    @property
+    def epp_health_port(self) -> int:
+        return self.epp_health_ports[0]
+
+    @property
+    def epp_metrics_port(self) -> int:
+        return self.epp_metrics_ports[0]
+
+    @property
+    def epp_child(self) -> Child:
+        return self.epp_children[0]
 
     def __enter__(self) -> RunningGateway:
         try:
@@ -160,18 +211,21 @@ class LocalGateway:
     def stop(self) -> None:
         self.supervisor.stop_all()
 
-    def restart_epp(self) -> None:
-        """Start the EPP again after it died (failure-mode tests, operators)."""
+    def restart_epp(self, replica: int = 0) -> None:
+        """Start an EPP replica again after it died (failure-mode tests, operators)."""
         assert self.running is not None
-        epp = self.running.children["epp"]
+        epp = self.epp_children[replica]
         self.supervisor.restart(epp)
-        self.supervisor.wait_ready(epp, lambda: _grpc_ready(self.epp_health_port))
+        port = self.epp_health_ports[replica]
+        self.supervisor.wait_ready(epp, lambda: _grpc_ready(port))
 
     def _kvgate(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "kvgate", *args]
 
     def start(self) -> RunningGateway:
         cfg = self.config
+        if cfg.epp_replicas < 1:
+            raise StartupError(f"epp_replicas must be >= 1, got {cfg.epp_replicas}")
         envoy = find_envoy()
         tokenizer = cfg.tokenizer or default_tokenizer()
         if cfg.mode == "kv" and tokenizer is None:
@@ -188,26 +242,9 @@ class LocalGateway:
             epp_config.write_text(DISAGG_CONFIG)
         else:
             epp_config.write_text(KV_CONFIG if cfg.mode == "kv" else STANDARD_CONFIG)
-        ports = {name: free_port() for name in ("grpc", "health", "metrics")}
-        epp_args = [
-            "epp", "--bind", "127.0.0.1", "--no-secure-serving",
-            "--grpc-port", str(ports["grpc"]), "--grpc-health-port", str(ports["health"]),
-            "--metrics-port", str(ports["metrics"]), "--config-file", str(epp_config),
-            "--endpoints-file", str(endpoints_file), "--model", cfg.model,
-        ]  # fmt: skip
-        if tokenizer is not None and cfg.mode == "kv":
-            epp_args += ["--tokenizer", tokenizer]
-        if cfg.body_transformer == "inline":
-            epp_args.append("--inline-nvext")
-        env = {
-            "DYNAMO_KV_BLOCK_SIZE": str(cfg.block_size),
-            "DYNAMO_USE_KV_ROUTING": "true" if cfg.mode == "kv" else "false",
-            "HF_HUB_OFFLINE": "1",
-        }
-        epp = self.supervisor.start("epp", self._kvgate(*epp_args), env=env)
-        children["epp"] = epp
-        self.epp_health_port = ports["health"]
-        self.supervisor.wait_ready(epp, lambda: _grpc_ready(ports["health"]))
+        if cfg.sync_enabled():
+            self._start_nats(children)
+        self._start_epps(epp_config, endpoints_file, tokenizer, children)
 
         bt_address: tuple[str, int] | None = None
         lua_code: str | None = None
@@ -240,7 +277,11 @@ class LocalGateway:
             listen_host=cfg.host,
             listen_port=cfg.port,
             admin_port=admin_port,
-            epp_address=("127.0.0.1", ports["grpc"]),
+            epp_address=("127.0.0.1", self.epp_ports[0]),
+            epp_addresses=[("127.0.0.1", port) for port in self.epp_ports],
+            # One replica keeps the plain cluster: Envoy then reconnects to a restarted EPP
+            # without waiting for a health check to pass.
+            epp_health_ports=self.epp_health_ports if len(self.epp_ports) > 1 else [],
             workers=[_host_port(w) for w in workers],
             failure_mode=cfg.failure_mode,
             body_transformer=cfg.body_transformer,
@@ -268,11 +309,96 @@ class LocalGateway:
             url=f"http://{cfg.host}:{cfg.port}",
             run_dir=self.run_dir,
             workers=workers,
-            epp_metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics",
+            epp_metrics_url=f"http://127.0.0.1:{self.epp_metrics_ports[0]}/metrics",
             admin_url=f"http://127.0.0.1:{admin_port}",
             children=children,
+            epp_children=list(self.epp_children),
+            epp_metrics_urls=[f"http://127.0.0.1:{p}/metrics" for p in self.epp_metrics_ports],
+            epp_healthz_urls=[f"http://127.0.0.1:{p}/healthz" for p in self.epp_metrics_ports],
+            replica_ids=list(self.replica_ids),
+            nats_url=self.nats_url,
         )
         return self.running
+
+    def _start_nats(self, children: dict[str, Child]) -> None:
+        from kvgate.sync.nats_server import NatsServerNotFound, nats_server_argv
+
+        port = free_port()
+        try:
+            argv = nats_server_argv(port)
+        except NatsServerNotFound as err:
+            raise StartupError(str(err)) from err
+        nats = self.supervisor.start("nats-server", argv)
+        children["nats-server"] = nats
+        self.nats_child = nats
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        self.supervisor.wait_ready(nats, lambda: _tcp_open(port), timeout_s=15)
+
+    def _start_epps(
+        self,
+        epp_config: Path,
+        endpoints_file: Path,
+        tokenizer: str | None,
+        children: dict[str, Child],
+    ) -> None:
+        """Start every replica, then wait for all of them (they load the tokenizer in parallel);
+        with replica sync on, until each is connected to NATS and hears every other replica."""
+        cfg = self.config
+        n = cfg.epp_replicas
+        env = {
+            "DYNAMO_KV_BLOCK_SIZE": str(cfg.block_size),
+            "DYNAMO_USE_KV_ROUTING": "true" if cfg.mode == "kv" else "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+        for i in range(n):
+            grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+            epp_args = [
+                "epp", "--bind", "127.0.0.1", "--no-secure-serving",
+                "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+                "--metrics-port", str(metrics_port), "--config-file", str(epp_config),
+                "--endpoints-file", str(endpoints_file), "--model", cfg.model,
+            ]  # fmt: skip
+            if tokenizer is not None and cfg.mode == "kv":
+                epp_args += ["--tokenizer", tokenizer]
+            if cfg.body_transformer == "inline":
+                epp_args.append("--inline-nvext")
+            if self.nats_url is not None:
+                replica_id = f"epp-{i}"
+                epp_args += [
+                    "--replica-sync", "--nats-url", self.nats_url, "--replica-id", replica_id,
+                ]  # fmt: skip
+                self.replica_ids.append(replica_id)
+            name = "epp" if n == 1 else f"epp-{i}"
+            epp = self.supervisor.start(name, self._kvgate(*epp_args), env=env)
+            children[name] = epp
+            self.epp_children.append(epp)
+            self.epp_ports.append(grpc_port)
+            self.epp_health_ports.append(health_port)
+            self.epp_metrics_ports.append(metrics_port)
+        for epp, health_port in zip(self.epp_children, self.epp_health_ports, strict=True):
+            self.supervisor.wait_ready(epp, functools.partial(_grpc_ready, health_port))
+        if self.nats_url is None:
+            return
+        for epp, metrics_port in zip(self.epp_children, self.epp_metrics_ports, strict=True):
+            url = f"http://127.0.0.1:{metrics_port}/healthz"
+            try:
+                self.supervisor.wait_ready(
+                    epp, functools.partial(_synced, url, n - 1), timeout_s=cfg.sync_timeout_s
+                )
+            except _SyncOff as err:
+                raise StartupError(
+                    f"{epp.name}: replica sync is off although --replica-sync was passed (no "
+                    f"kv-aware-scorer in {epp_config}: nothing to share); run without replica "
+                    f"sync (--no-replica-sync); see {epp.log}"
+                ) from err
+            except StartupError as err:
+                raise StartupError(
+                    f"{epp.name}: replica sync not connected to {self.nats_url} with all "
+                    f"{n - 1} peer(s) after {cfg.sync_timeout_s:.0f} s (last /healthz: "
+                    f"{_sync_status(url)}); see {epp.log}\n{epp.tail()}"
+                    if epp.alive()
+                    else str(err)
+                ) from err
 
     def _start_workers(
         self, tokenizer: str | None, children: dict[str, Child]
@@ -357,6 +483,30 @@ def _http_ok(url: str) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+def _sync_status(healthz_url: str) -> dict[str, object] | str:
+    try:
+        with urllib.request.urlopen(healthz_url, timeout=1) as resp:
+            status = json.loads(resp.read()).get("replica_sync", {})
+    except (OSError, ValueError) as err:
+        return f"unavailable: {err}"
+    return status if isinstance(status, dict) else {"state": "?"}
+
+
+class _SyncOff(StartupError):
+    pass
+
+
+def _synced(healthz_url: str, peers: int) -> bool:
+    """The replica behind ``healthz_url`` is connected to NATS and has heard ``peers`` others."""
+    status = _sync_status(healthz_url)
+    if isinstance(status, dict) and status.get("state") == "off":
+        raise _SyncOff(healthz_url)
+    if not isinstance(status, dict) or status.get("state") != "connected":
+        return False
+    heard = status.get("peers")
+    return isinstance(heard, dict) and len(heard) >= peers
 
 
 def _grpc_ready(port: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import sys
@@ -18,17 +19,60 @@ _DECISION = re.compile(r'^kvgate_decisions_total\{endpoint="([^"]+)"\} ([0-9.e+]
 _INDEX = re.compile(r"^inference_extension_prefix_indexer_size ([0-9.e+]+)$", re.M)
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return str(resp.read().decode())
+
+
 def status_line(running: RunningGateway) -> str:
-    try:
-        with urllib.request.urlopen(running.epp_metrics_url, timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError as err:
-        return f"EPP metrics unavailable: {err}"
-    decisions = {m[0]: int(float(m[1])) for m in _DECISION.findall(text)}
-    index = _INDEX.search(text)
+    """Decisions per worker (summed over the EPP replicas) and, with several replicas, per
+    replica, with each one's replica-sync state and peer count."""
+    urls = running.epp_metrics_urls or [running.epp_metrics_url]
+    decisions: dict[str, int] = {}
+    per_replica: list[str] = []
+    blocks = 0
+    for i, url in enumerate(urls):
+        name = running.epp_children[i].name if running.epp_children else "epp"
+        try:
+            text = _get(url)
+        except OSError as err:
+            if len(urls) == 1:
+                return f"EPP metrics unavailable: {err}"
+            per_replica.append(f"{name}=down")
+            continue
+        routed = 0
+        for endpoint, value in _DECISION.findall(text):
+            decisions[endpoint] = decisions.get(endpoint, 0) + int(float(value))
+            routed += int(float(value))
+        index = _INDEX.search(text)
+        blocks = max(blocks, int(float(index.group(1))) if index else 0)
+        if len(urls) > 1:
+            per_replica.append(f"{name}={routed}{_sync_summary(running, i)}")
     per_worker = " ".join(f"{w.rsplit(':', 1)[1]}={decisions.get(w, 0)}" for w in running.workers)
-    blocks = int(float(index.group(1))) if index else 0
-    return f"routed {sum(decisions.values())} [{per_worker}] index entries {blocks}"
+    line = f"routed {sum(decisions.values())} [{per_worker}] index entries {blocks}"
+    if per_replica:
+        line += f" replicas [{' '.join(per_replica)}]"
+    return line
+
+
+def _sync_summary(running: RunningGateway, replica: int) -> str:
+    if running.nats_url is None or replica >= len(running.epp_healthz_urls):
+        return ""
+    try:
+        sync = json.loads(_get(running.epp_healthz_urls[replica])).get("replica_sync", {})
+    except (OSError, ValueError):
+        return " (sync ?)"
+    return f" (sync {sync.get('state', '?')}, {len(sync.get('peers') or {})} peers)"
+
+
+def _replicas(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks", type=int, help="KV capacity of each simulated engine")
     p.add_argument("--speedup", type=float, default=1.0, help="simulated engine time divisor")
     p.add_argument("--run-dir", type=Path, help="where logs and generated configs go")
+    p.add_argument(
+        "--epp-replicas",
+        type=_replicas,
+        default=1,
+        metavar="N",
+        help="EPP processes behind Envoy, round-robin and health-checked (default 1)",
+    )
+    p.add_argument(
+        "--replica-sync",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EPP replicas share in-flight load through a local nats-server "
+        "(default: on when --epp-replicas > 1 in kv mode)",
+    )
     p.add_argument("--status-interval", type=float, default=5.0, help="seconds; 0 = quiet")
     return p
 
@@ -89,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         speedup=args.speedup,
         run_dir=args.run_dir,
         prefill_workers=args.prefill_workers,
+        epp_replicas=args.epp_replicas,
+        replica_sync=args.replica_sync,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             for name, child in running.children.items():
                 print(f"  {name:<17} pid {child.process.pid:<7} log {child.log}")
             print(f"  workers           {' '.join(running.workers)}")
-            print(f"  EPP metrics       {running.epp_metrics_url}")
+            if len(running.epp_children) > 1:
+                sync = f"synced via {running.nats_url}" if running.nats_url else "no sync"
+                print(f"  EPP replicas      {len(running.epp_children)} ({sync})")
+                for child, url in zip(running.epp_children, running.epp_metrics_urls, strict=True):
+                    print(f"  {child.name + ' metrics':<17} {url}")
+            else:
+                print(f"  EPP metrics       {running.epp_metrics_url}")
+                if running.nats_url:
+                    print(f"  replica sync      {running.nats_url}")
             print(f"  Envoy admin       {running.admin_url}")
             print(f"  run directory     {running.run_dir}")
             print("Ctrl-C stops everything.", flush=True)

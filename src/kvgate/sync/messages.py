@@ -102,7 +102,8 @@ def encode(message: Message) -> bytes:
 def decode(payload: bytes) -> Message:
     try:
         message: Message = _decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    # msgspec raises UnicodeDecodeError (a ValueError) for invalid UTF-8 in a string.
+    except (msgspec.MsgspecError, ValueError, OverflowError) as err:
         raise MalformedSyncMessage(str(err)) from None
     if isinstance(message, Snapshot) and message.part >= message.parts:
         raise MalformedSyncMessage(f"snapshot part {message.part} of {message.parts}")
@@ -111,4 +112,5 @@ def decode(payload: bytes) -> Message:
 
 def add_size(op: Add) -> int:
     """Upper bound of an `Add`'s encoded size, for splitting messages under NATS' payload limit."""
-    return 9 * len(op.hashes) + len(op.scorer) + len(op.request) + len(op.worker) + 40
+    # Up to 4 UTF-8 bytes per character; ids are short, so the slack costs nothing.
+    return 9 * len(op.hashes) + 4 * (len(op.scorer) + len(op.request) + len(op.worker)) + 40

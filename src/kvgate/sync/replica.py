@@ -380,6 +380,8 @@ class ReplicaSync:
                 message,
             )
         self.last_error = message
+        if self.state == "connecting":
+            self._set_state("disconnected")
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -612,7 +614,7 @@ def _chunks(ops: Sequence[_OpT], budget: int) -> list[list[_OpT]]:
                 op = _truncate(op, budget)  # noqa: PLW2901
                 op_size = add_size(op)
         else:
-            op_size = len(op.scorer) + len(op.request) + 16
+            op_size = 4 * (len(op.scorer) + len(op.request)) + 16
         if size + op_size > budget:
             chunks.append([])
             size = 0

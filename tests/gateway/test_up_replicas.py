@@ -1,0 +1,160 @@
+"""Several EPP replicas behind one real Envoy, sharing in-flight load over a real nats-server:
+`kvgate up --epp-replicas N`. Real sim engines, real EPP processes, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from kvgate.gateway.client import ChatResult, chat
+from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
+from kvgate.gateway.up import build_parser, main, status_line
+
+MODEL = "Qwen/Qwen3-0.6B"
+LEASE_S = 3.0  # the EPP's default --replica-lease
+
+
+def body(question: str) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 4}
+
+
+def send_many(url: str, payloads: list[dict[str, Any]]) -> list[ChatResult]:
+    """One after the other, on fresh connections (Envoy opens one ext_proc stream per request)."""
+
+    async def go() -> list[ChatResult]:
+        async with aiohttp.ClientSession() as session:
+            return [await chat(session, url, p, timeout_s=30) for p in payloads]
+
+    return asyncio.run(go())
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def requests_served(metrics_url: str) -> float:
+    total = 0.0
+    for line in get(metrics_url).splitlines():
+        if line.startswith("inference_objective_request_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def sync_status(healthz_url: str) -> dict[str, Any]:
+    status = json.loads(get(healthz_url))["replica_sync"]
+    assert isinstance(status, dict)
+    return status
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalGateway, RunningGateway]]:
+    config = LocalGatewayConfig(
+        workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0, epp_replicas=2,
+        run_dir=tmp_path_factory.mktemp("replicas"),
+    )  # fmt: skip
+    local = LocalGateway(config)
+    with local as running:
+        yield local, running
+
+
+def test_both_replicas_serve_and_see_each_other(
+    gateway: tuple[LocalGateway, RunningGateway],
+) -> None:
+    local, running = gateway
+    assert running.nats_url is not None and running.nats_url.startswith("nats://127.0.0.1:")
+    assert [c.name for c in running.epp_children] == ["epp-0", "epp-1"]
+    assert running.replica_ids == ["epp-0", "epp-1"]
+    assert len(set(local.epp_ports)) == len(set(local.epp_metrics_ports)) == 2
+    assert local.epp_port == local.epp_ports[0]  # single-replica names: replica 0
+    assert local.epp_metrics_port == local.epp_metrics_ports[0]
+    assert running.epp is running.children["epp-0"]
+    assert running.epp_metrics_url == running.epp_metrics_urls[0]
+
+    before = [requests_served(url) for url in running.epp_metrics_urls]
+    results = send_many(running.url, [body(f"replica question {i}") for i in range(12)])
+    assert [r.status for r in results] == [200] * 12, [r.error for r in results]
+    served = [
+        requests_served(url) - b for url, b in zip(running.epp_metrics_urls, before, strict=True)
+    ]
+    assert sum(served) == 12, served
+    assert all(n > 0 for n in served), served  # round-robin over both replicas
+
+    for i, url in enumerate(running.epp_healthz_urls):
+        status = sync_status(url)
+        other = running.replica_ids[1 - i]
+        assert status["state"] == "connected", status
+        assert set(status["peers"]) == {other}, status
+    line = status_line(running)
+    assert "routed" in line and "epp-0=" in line and "epp-1=" in line, line
+
+
+def test_killed_replica_is_skipped_and_its_peer_expires(
+    gateway: tuple[LocalGateway, RunningGateway],
+) -> None:
+    local, running = gateway
+    victim, survivor = running.epp_children[1], running.epp_children[0]
+    local.supervisor.kill(victim)
+    killed_at = time.monotonic()
+    # Envoy learns of the death from the closed connection, the next health check (1 s) or the
+    # first failed connect (outlier ejection + retry on the other host); allow a few failures.
+    statuses: list[int] = []
+    for i in range(10):
+        statuses.append(send_many(running.url, [body(f"after the kill {i}")])[0].status)
+        if statuses[-3:] == [200, 200, 200]:
+            break
+    assert statuses[-3:] == [200, 200, 200], statuses
+    assert statuses.count(200) >= len(statuses) - 2, statuses
+
+    healthz = running.epp_healthz_urls[0]
+    deadline = killed_at + LEASE_S + 4.0
+    while sync_status(healthz)["peers"]:
+        assert time.monotonic() < deadline, sync_status(healthz)
+        time.sleep(0.2)
+    assert sync_status(healthz)["state"] == "connected"
+    assert survivor.alive()
+    assert "epp-1=down" in status_line(running)
+
+    # The survivor alone serves everything.
+    before = requests_served(running.epp_metrics_urls[0])
+    results = send_many(running.url, [body(f"survivor {i}") for i in range(4)])
+    assert [r.status for r in results] == [200] * 4, [r.error for r in results]
+    assert requests_served(running.epp_metrics_urls[0]) - before == 4
+
+
+def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args([])
+    assert args.epp_replicas == 1 and args.replica_sync is None
+    args = build_parser().parse_args(["--epp-replicas", "3", "--no-replica-sync"])
+    assert args.epp_replicas == 3 and args.replica_sync is False
+    assert build_parser().parse_args(["--replica-sync"]).replica_sync is True
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as err:
+            main(["--epp-replicas", bad])
+        assert err.value.code == 2
+        assert "--epp-replicas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("replicas", "sync", "mode", "expected"),
+    [
+        (1, None, "kv", False),
+        (2, None, "kv", True),
+        (2, False, "kv", False),
+        (1, True, "kv", True),
+        (2, None, "standard", False),
+    ],
+)
+def test_replica_sync_default(replicas: int, sync: bool | None, mode: str, expected: bool) -> None:
+    config = LocalGatewayConfig(epp_replicas=replicas, replica_sync=sync, mode=mode)  # type: ignore[arg-type]
+    assert config.sync_enabled() is expected
