@@ -267,17 +267,52 @@ async def test_a_publisher_restart_clears_the_worker(
     assert (stats.resets, stats.gaps, pub.replay_requests) == (1, 0, [])
 
 
-async def test_a_first_message_with_a_high_seq_is_the_baseline(
+async def test_joining_a_stream_under_way_rebuilds_the_index_from_replay(
     stack: contextlib.AsyncExitStack, zmq_ctx: zmq.asyncio.Context
 ) -> None:
+    # The engine served requests before kvgate (re)started: batches 0..4 went to nobody.
     sink = RecordingSink()
     sub, pub = await connected_pair(stack, zmq_ctx, sink, replay=True)
+    for index in range(5):
+        pub.publish(batch_events(index), send=False)
+    pub.publish(batch_events(5))
+    await wait_until(lambda: len(sink.calls) == 12)
+    assert sink.events(W1) == [e for i in range(6) for e in batch_events(i)]
+    stats = sub.stats.workers[W1]
+    assert (stats.backfills, stats.cold_starts, stats.resets, stats.gaps) == (1, 0, 0, 0)
+    assert pub.replay_requests == [0]
+    pub.publish(batch_events(6))
+    await wait_until(lambda: len(sink.calls) == 14)
+
+
+async def test_a_replay_buffer_that_lost_the_oldest_batches_still_backfills_the_rest(
+    stack: contextlib.AsyncExitStack, zmq_ctx: zmq.asyncio.Context, caplog: Any
+) -> None:
+    sink = RecordingSink()
+    sub, pub = await connected_pair(stack, zmq_ctx, sink, replay=True, replay_buffer=3)
+    for index in range(6):
+        pub.publish(batch_events(index), send=False)
+    caplog.set_level(logging.INFO, logger="kvgate.events.subscriber")
+    pub.publish(batch_events(6))  # the buffer now holds batches 4, 5, 6
+    await wait_until(lambda: len(sink.calls) == 6)
+    assert sink.events(W1) == batch_events(4) + batch_events(5) + batch_events(6)
+    assert sub.stats.workers[W1].backfills == 1
+    assert "blocks stored before batch 4 are unknown" in caplog.text
+
+
+async def test_joining_a_stream_under_way_without_replay_starts_empty_and_says_so(
+    stack: contextlib.AsyncExitStack, zmq_ctx: zmq.asyncio.Context, caplog: Any
+) -> None:
+    sink = RecordingSink()
+    sub, pub = await connected_pair(stack, zmq_ctx, sink)
     pub.next_seq = 12_345
     pub.publish(batch_events(0))
     pub.publish(batch_events(1))
     await wait_until(lambda: len(sink.calls) == 4)
     stats = sub.stats.workers[W1]
-    assert (stats.gaps, stats.resets, pub.replay_requests) == (0, 0, [])
+    assert (stats.gaps, stats.resets, stats.backfills, stats.cold_starts) == (0, 0, 0, 1)
+    assert "its index starts empty" in caplog.text
+    assert "no replay endpoint is configured" in caplog.text
 
 
 # -- block size ------------------------------------------------------------------------------------

@@ -54,6 +54,35 @@ def _loads(runtime: EppRuntime) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def _settings(
+    qwen3_dir: Path,
+    endpoints: Path,
+    name: str,
+    nats_url: str | None,
+    env: dict[str, str] | None = None,
+) -> EppSettings:
+    return EppSettings(
+        bind="127.0.0.1",
+        grpc_port=0,
+        health_port=0,
+        metrics_port=0,
+        secure=False,
+        config_text=SEED_CONFIG,
+        endpoints_file=endpoints,
+        model=MODEL,
+        tokenizer=str(qwen3_dir),
+        options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
+        env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
+        seed=7,  # the same seed: any difference comes from sync alone
+        replica_sync=nats_url is not None,
+        nats_url=nats_url,
+        sync_subject="kvgate.test.active_sequences",
+        router_id=name,
+        sync_heartbeat_s=0.2,
+        sync_lease_s=0.8,
+    )
+
+
 @asynccontextmanager
 async def _two_replicas(
     qwen3_dir: Path,
@@ -91,26 +120,7 @@ async def _two_replicas(
         )
         runtimes = []
         for name in ("epp-a", "epp-b"):
-            settings = EppSettings(
-                bind="127.0.0.1",
-                grpc_port=0,
-                health_port=0,
-                metrics_port=0,
-                secure=False,
-                config_text=SEED_CONFIG,
-                endpoints_file=endpoints,
-                model=MODEL,
-                tokenizer=str(qwen3_dir),
-                options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
-                env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
-                seed=7,  # the same seed: any difference comes from sync alone
-                replica_sync=nats_url is not None,
-                nats_url=nats_url,
-                sync_subject="kvgate.test.active_sequences",
-                router_id=name,
-                sync_heartbeat_s=0.2,
-                sync_lease_s=0.8,
-            )
+            settings = _settings(qwen3_dir, endpoints, name, nats_url, env)
             runtimes.append(await stack.enter_async_context(EppRuntime(settings)))
         for runtime in runtimes:
             await _eventually(
@@ -269,3 +279,28 @@ async def test_busy_threshold_holds_across_replicas_only_with_sync(
     assert sum(without_spread) == BURST and len(without_spread) == WORKERS, spreads
     assert with_active <= busy_at + 8, spreads
     assert len(with_spread) == WORKERS + 1 and sum(with_spread) == BURST, spreads
+
+
+async def test_a_restarted_replica_rebuilds_its_index_from_the_engines_replay(
+    qwen3_dir: Path, tmp_path: Path
+) -> None:
+    async with _two_replicas(qwen3_dir, tmp_path, None) as (fleet, runtimes):
+        hot = await _warm_one_worker(fleet, runtimes)
+        cached = _scorer(runtimes[0]).router.index.size(hot)
+        # A replica (re)started after the warm-up heard none of its events.
+        settings = _settings(qwen3_dir, tmp_path / "endpoints.json", "epp-new", None)
+        async with EppRuntime(settings) as restarted:
+            index = _scorer(restarted).router.index
+            await _eventually(lambda: len(restarted.endpoints) == WORKERS)
+            assert index.size(hot) == 0
+            # The worker's next event batch shows a stream under way: its replay buffer fills
+            # in everything before, so the restarted replica knows the cached prefix again.
+            body = json.loads(chat_body(_question(99), max_tokens=1))  # stores new blocks
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{fleet.workers[0].url}/v1/chat/completions", json=body) as reply,
+            ):
+                assert reply.status == 200
+            await _eventually(lambda: index.size(hot) >= cached)
+            events = restarted.health_details()["kv_events"]
+            assert events["backfills"] == 1 and events["cold_starts"] == 0

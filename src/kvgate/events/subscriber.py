@@ -133,6 +133,10 @@ class WorkerStats:
     replays_failed: int = 0
     resets: int = 0
     """Times the worker's blocks were cleared: after an unfilled gap or a publisher restart."""
+    backfills: int = 0
+    """First contacts after which the worker's earlier events were replayed (index rebuilt)."""
+    cold_starts: int = 0
+    """First contacts past seq 0 with no (working) replay: earlier blocks stay unknown."""
     block_size_mismatch: int = 0
     """BlockStored events refused because of their block_size."""
     sink_errors: int = 0
@@ -532,7 +536,11 @@ class KvEventSubscriber:
         seq = batch.seq
         stream = worker.streams.get(batch.data_parallel_rank)
         if stream is None:
-            worker.streams[batch.data_parallel_rank] = _Stream(seq)
+            stream = worker.streams[batch.data_parallel_rank] = _Stream(seq)
+            if seq > 0:
+                # Joining a stream already under way (kvgate restarted, or the worker is older
+                # than this subscriber): what the worker cached before is in its replay buffer.
+                return self._backfill(worker, stream, batch)
             self._apply(worker, batch)
             return None
         if seq == stream.last + 1:
@@ -583,10 +591,53 @@ class KvEventSubscriber:
         stream.last = batch.seq
         self._apply(worker, batch)
 
+    async def _backfill(self, worker: _Worker, stream: _Stream, batch: EventBatch) -> None:
+        reason = "no replay endpoint is configured for it"
+        replayed: list[EventBatch] | None = None
+        if worker.replay_endpoint is not None:
+            replayed, reason = await self._replay(worker, batch, 0, allow_late_start=True)
+            if not worker.active:
+                return
+        if replayed:
+            worker.stats.backfills += 1
+            for earlier in replayed:
+                self._apply(worker, earlier)
+            first = replayed[0].seq
+            logger.info(
+                "worker %s: index rebuilt from its replay buffer (batches %d..%d)%s",
+                worker.name,
+                first,
+                batch.seq - 1,
+                f"; blocks stored before batch {first} are unknown until stored again"
+                if first > 0
+                else "",
+            )
+        else:
+            worker.stats.cold_starts += 1
+            logger.warning(
+                "worker %s: joining its KV event stream at seq %d and %s: its index starts "
+                "empty, and blocks it cached earlier are unknown until stored again",
+                worker.name,
+                batch.seq,
+                reason,
+            )
+        stream.last = batch.seq
+        self._apply(worker, batch)
+
     async def _replay(
-        self, worker: _Worker, batch: EventBatch, first_missing: int
+        self,
+        worker: _Worker,
+        batch: EventBatch,
+        first_missing: int,
+        *,
+        allow_late_start: bool = False,
     ) -> tuple[list[EventBatch] | None, str]:
-        """The missing batches, in order, or None and why they could not all be had."""
+        """The missing batches, in order, or None and why they could not all be had.
+
+        ``allow_late_start``: the replay may begin after ``first_missing`` (a bounded buffer no
+        longer holds the oldest batches); it must still run unbroken up to ``batch``. Missing
+        the oldest batches only loses blocks, never leaves stale ones: a removal is always
+        later than the store it undoes."""
         assert worker.replay_endpoint is not None
         try:
             endpoint = offset_endpoint_port(worker.replay_endpoint, batch.data_parallel_rank)
@@ -600,7 +651,10 @@ class KvEventSubscriber:
         except (ReplayError, ValueError) as exc:
             return None, f"the replay failed ({exc})"
         replayed: list[EventBatch] = []
-        for expected, (seq, payload) in enumerate(payloads, start=first_missing):
+        start = first_missing
+        if allow_late_start and payloads and payloads[0][0] > first_missing:
+            start = payloads[0][0]
+        for expected, (seq, payload) in enumerate(payloads, start=start):
             if seq != expected:
                 return None, f"the replay skipped from {expected} to {seq} (buffer too short?)"
             try:
@@ -610,8 +664,8 @@ class KvEventSubscriber:
             if missing.data_parallel_rank != batch.data_parallel_rank:
                 return None, f"replayed batch {seq} belongs to another data-parallel rank"
             replayed.append(missing)
-        if first_missing + len(replayed) != batch.seq:
-            return None, f"the replay stopped at {first_missing + len(replayed) - 1}"
+        if start + len(replayed) != batch.seq:
+            return None, f"the replay stopped at {start + len(replayed) - 1}"
         return replayed, ""
 
     def _apply(self, worker: _Worker, batch: EventBatch) -> None:

@@ -289,6 +289,8 @@ class EppRuntime:
                 "events": events.events,
                 "gaps": events.gaps,
                 "malformed": events.malformed,
+                "backfills": events.backfills,
+                "cold_starts": events.cold_starts,
             },
             "replica_sync": self.sync.status() if self.sync is not None else {"state": "off"},
         }
@@ -332,6 +334,14 @@ class EppRuntime:
             "kvgate_kv_events_ingested": ("KV events applied", events("events")),
             "kvgate_kv_event_batches_malformed": ("KV event batches dropped", events("malformed")),
             "kvgate_kv_event_gaps": ("sequence gaps in KV event streams", events("gaps")),
+            "kvgate_kv_event_backfills": (
+                "workers whose earlier KV events were replayed when first heard (index rebuilt)",
+                events("backfills"),
+            ),
+            "kvgate_kv_event_cold_starts": (
+                "workers first heard past seq 0 without a usable replay (earlier blocks unknown)",
+                events("cold_starts"),
+            ),
             "kvgate_kv_event_block_size_mismatches": (
                 "KV events refused for a block size different from kvgate's",
                 events("block_size_mismatch"),
