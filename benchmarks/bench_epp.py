@@ -26,8 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -89,9 +90,10 @@ def headers_msg() -> pb.ProcessingRequest:
     return msg
 
 
-async def one(stub: pb_grpc.ExternalProcessorStub, body: bytes) -> float:
+async def route(call: Any, body: bytes) -> float:
+    """Send request headers and ``body`` on an open Process() call; wait for the routing
+    answer. Returns the round trip in seconds."""
     started = time.perf_counter()
-    call = stub.Process()
     await call.write(headers_msg())
     await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
     while True:
@@ -102,15 +104,20 @@ async def one(stub: pb_grpc.ExternalProcessorStub, body: bytes) -> float:
             raise RuntimeError(f"rejected: {response.immediate_response.body[:200]!r}")
         streamed = response.request_body.response.body_mutation.streamed_response
         if response.HasField("request_body") and streamed.end_of_stream:
-            break
-    elapsed = time.perf_counter() - started
+            return time.perf_counter() - started
+
+
+async def one(stub: pb_grpc.ExternalProcessorStub, body: bytes) -> float:
+    call = stub.Process()
+    elapsed = await route(call, body)
     await call.done_writing()
     return elapsed
 
 
-async def open_loop(
-    stub: pb_grpc.ExternalProcessorStub, bodies: list[bytes], rate: float
+async def paced(
+    send: Callable[[int, bytes], Awaitable[float]], bodies: list[bytes], rate: float
 ) -> list[float]:
+    """Start ``send(i, body)`` for every body at ``rate`` per second (open loop); gather."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     tasks = []
@@ -118,8 +125,14 @@ async def open_loop(
         delay = start + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(stub, body)))
-    return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout=120))
+        tasks.append(asyncio.create_task(send(i, body)))
+    return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout=180))
+
+
+async def open_loop(
+    stub: pb_grpc.ExternalProcessorStub, bodies: list[bytes], rate: float
+) -> list[float]:
+    return await paced(lambda _, body: one(stub, body), bodies, rate)
 
 
 async def closed_loop(
