@@ -304,3 +304,32 @@ async def test_a_restarted_replica_rebuilds_its_index_from_the_engines_replay(
             await _eventually(lambda: index.size(hot) >= cached)
             events = restarted.health_details()["kv_events"]
             assert events["backfills"] == 1 and events["cold_starts"] == 0
+
+
+async def test_replica_sync_can_be_switched_on_by_the_scorer_parameter(
+    qwen3_dir: Path, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text("[]")
+    settings = _settings(qwen3_dir, endpoints, "epp-param", None)
+    settings.replica_sync = None  # neither flag nor DYNAMO_ROUTER_REPLICA_SYNC
+    settings.sync_subject = None  # derived from the model (no pool here)
+    settings.env = {"DYNAMO_KV_BLOCK_SIZE": "16", "NATS_SERVER": nats_server.url}
+    settings.config_text = SEED_CONFIG.replace(
+        "  type: kv-aware-scorer\n",
+        "  type: kv-aware-scorer\n  parameters:\n    replicaSync: true\n",
+    )
+    assert "replicaSync: true" in settings.config_text
+    async with EppRuntime(settings) as runtime:
+        assert runtime.sync is not None
+        await runtime.sync.wait_connected(10)
+        details = runtime.health_details()["replica_sync"]
+        assert details["nats_url"] == nats_server.url
+        assert (
+            details["subject"]
+            == f"kvgate.{MODEL.replace('/', '_').replace('.', '_')}.active_sequences"
+        )
+    settings.config_text = SEED_CONFIG
+    async with EppRuntime(settings) as runtime:
+        assert runtime.sync is None
+        assert runtime.health_details()["replica_sync"] == {"state": "off"}

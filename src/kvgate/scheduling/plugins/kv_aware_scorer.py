@@ -66,6 +66,8 @@ class KvAwareScorerParams:
     overlap_score_weight: float | None = None
     router_temperature: float | None = None
     busy_threshold: float | None = None
+    replica_sync: bool | None = None
+    """Share this scorer's in-flight load with other EPP replicas (the EPP connects to NATS)."""
     tokenizer: str | None = None
     """Tokenizer dir or hub id; default: the EPP's ``--tokenizer``."""
 
@@ -164,6 +166,7 @@ class KvAwareScorer(Scorer):
             "DYNAMO_OVERLAP_SCORE_WEIGHT": params.overlap_score_weight,
             "DYNAMO_ROUTER_TEMPERATURE": params.router_temperature,
             "DYNAMO_BUSY_THRESHOLD": params.busy_threshold,
+            "DYNAMO_ROUTER_REPLICA_SYNC": params.replica_sync,
         }
         merged = dict(env)
         for key, value in overrides.items():
