@@ -53,11 +53,19 @@ async def connected_pair(
     config: SubscriberConfig = CONFIG,
     **publisher_kwargs: Any,
 ) -> tuple[KvEventSubscriber, TestPublisher]:
-    """A started subscriber connected to one publisher (worker W1) that it is listening to."""
+    """A started subscriber connected to one publisher (worker W1) that it is listening to.
+
+    With a replay socket, the subscriber's start-up history request (empty here) is answered and
+    then forgotten, so that tests see only the replays that gaps cause."""
     sub = await subscriber(stack, ctx, sink, config)
     pub = await publisher(stack, ctx, **publisher_kwargs)
     sub.add_source(W1, pub.endpoint, replay_endpoint=pub.replay_endpoint)
     await pub.wait_subscribed()
+    if pub.replay_endpoint is not None:
+        await wait_until(lambda: pub.replay_requests == [0])
+        await wait_until(lambda: not any(t.get_name().startswith("kv-events history")
+                                         for t in asyncio.all_tasks()))  # fmt: skip
+        pub.replay_requests.clear()
     return sub, pub
 
 
@@ -280,7 +288,7 @@ async def test_joining_a_stream_under_way_rebuilds_the_index_from_replay(
     assert sink.events(W1) == [e for i in range(6) for e in batch_events(i)]
     stats = sub.stats.workers[W1]
     assert (stats.backfills, stats.cold_starts, stats.resets, stats.gaps) == (1, 0, 0, 0)
-    assert pub.replay_requests == [0]
+    assert pub.replay_requests == [0]  # at its first batch (the start-up one found nothing)
     pub.publish(batch_events(6))
     await wait_until(lambda: len(sink.calls) == 14)
 
@@ -395,7 +403,8 @@ async def test_data_parallel_ranks_on_consecutive_ports_with_their_own_replay(
     hashes = [e.block_hashes[0] for e in sink.events(W1) if isinstance(e, BlockRemoved)]
     assert [h for h in hashes if h < 200] == [100, 101]
     assert [h for h in hashes if h >= 200] == [200, 201, 202]
-    assert (rank0.replay_requests, rank1.replay_requests) == ([], [1])
+    # Rank 0 was also asked for its history at start-up; rank 1 only for its gap.
+    assert (rank0.replay_requests, rank1.replay_requests) == ([0], [1])
     stats = sub.stats.workers[W1]
     assert (stats.gaps, stats.replays_ok, stats.resets) == (1, 1, 0)
 
@@ -542,11 +551,12 @@ async def test_aclose_during_a_pending_replay_returns_promptly(
         await sub.start()
         sub.add_source(W1, pub.endpoint, replay_endpoint=pub.replay_endpoint)
         await pub.wait_subscribed()
+        await wait_until(lambda: pub.replay_requests == [0])  # start-up history: empty
         pub.replay_enabled = False
         pub.publish(batch_events(0))
         pub.publish(batch_events(1), send=False)
         pub.publish(batch_events(2))
-        await wait_until(lambda: pub.replay_requests == [1])
+        await wait_until(lambda: pub.replay_requests == [0, 1])
         started = time.monotonic()
         await asyncio.wait_for(sub.aclose(), timeout=2)
         assert time.monotonic() - started < 1
@@ -609,3 +619,46 @@ def test_replay_port_offset_follows_vllm() -> None:
     assert offset_endpoint_port("tcp://10.0.0.1:5557", 2) == "tcp://10.0.0.1:5559"
     with pytest.raises(ValueError, match="tcp://host:port"):
         offset_endpoint_port("ipc:///tmp/x", 1)
+
+
+async def test_a_new_source_with_history_is_replayed_before_any_live_batch(
+    stack: contextlib.AsyncExitStack, zmq_ctx: zmq.asyncio.Context
+) -> None:
+    # kvgate (re)starts next to an engine that served before and is idle now: its history is
+    # fetched at once, not at its next batch.
+    sink = RecordingSink()
+    sub = await subscriber(stack, zmq_ctx, sink)
+    pub = await publisher(stack, zmq_ctx, replay=True)
+    for index in range(4):
+        pub.publish(batch_events(index), send=False)
+    sub.add_source(W1, pub.endpoint, replay_endpoint=pub.replay_endpoint)
+    await wait_until(lambda: len(sink.calls) == 8)
+    assert sink.events(W1) == [e for i in range(4) for e in batch_events(i)]
+    assert sub.stats.workers[W1].backfills == 1
+    await pub.wait_subscribed()
+    # Live batches go on from there, each applied once.
+    pub.publish(batch_events(4))
+    await wait_until(lambda: len(sink.calls) == 10)
+    assert sink.events(W1)[8:] == batch_events(4)
+    stats = sub.stats.workers[W1]
+    assert (stats.resets, stats.gaps) == (0, 0)
+
+
+async def test_live_batches_that_the_start_up_replay_already_applied_are_skipped(
+    stack: contextlib.AsyncExitStack, zmq_ctx: zmq.asyncio.Context
+) -> None:
+    sink = RecordingSink()
+    sub = await subscriber(stack, zmq_ctx, sink)
+    pub = await publisher(stack, zmq_ctx, replay=True)
+    for index in range(3):
+        pub.publish(batch_events(index), send=False)
+    # Batch 3 is both live and in the replay: whichever arrives first, it is applied once.
+    sub.add_source(W1, pub.endpoint, replay_endpoint=pub.replay_endpoint)
+    await pub.wait_subscribed()
+    pub.publish(batch_events(3))
+    pub.publish(batch_events(4))
+    await wait_until(lambda: len(sink.calls) >= 10)
+    await asyncio.sleep(0.1)
+    assert sink.events(W1) == [e for i in range(5) for e in batch_events(i)]
+    stats = sub.stats.workers[W1]
+    assert (stats.resets, stats.backfills) == (0, 1)

@@ -17,7 +17,12 @@ Ordering and sequence numbers
     each worker's events reach the sink in arrival order. Per (worker, data-parallel rank) the
     subscriber tracks the publisher's ``seq``:
 
-    - the first message sets the baseline;
+    - a source with a replay endpoint is asked for its buffered history as soon as it is added
+      (kvgate restarted next to engines that served before); live batches the replay already
+      covered are skipped;
+    - the first live message sets the baseline; if it is past seq 0 and the history was not
+      fetched, the batches before it are replayed then (backfill), or the worker's earlier blocks
+      stay unknown (a cold start, counted and logged);
     - ``seq`` at or below the last one means the publisher restarted (not only back to 0: a new
       engine's first messages may be lost while the connection is set up): the worker is cleared
       and the new ``seq`` is the baseline. Nothing else can produce it: ZMQ delivers a publisher's
@@ -173,6 +178,9 @@ class _Stream:
 
     last: int
     """Seq of the last batch applied, or accounted for by a reset."""
+    overlap: bool = False
+    """Set after a start-up replay: live batches up to ``last`` were buffered by the socket
+    meanwhile and are already applied, so they are skipped rather than taken for a restart."""
 
 
 class _Worker:
@@ -296,6 +304,7 @@ class KvEventSubscriber:
         self._started = True
         for source in self._sources.values():
             self._spawn_source(source)
+            self._spawn_history(source.worker)
         if self._central is not None:
             self._spawn_central()
 
@@ -373,6 +382,7 @@ class KvEventSubscriber:
         self.stats.workers[worker] = source.worker.stats
         if self._started:
             self._spawn_source(source)
+            self._spawn_history(source.worker)
 
     def remove_source(self, worker: str) -> None:
         """Stop consuming `worker`'s events; the sink receives none of them after this returns.
@@ -438,6 +448,52 @@ class KvEventSubscriber:
             return
         source.task = self._spawn(
             self._read(source.socket, source.worker), f"kv-events {source.worker.name}"
+        )
+
+    def _spawn_history(self, worker: _Worker) -> None:
+        if worker.replay_endpoint is not None:
+            self._spawn(self._fetch_history(worker), f"kv-events history {worker.name}")
+
+    async def _fetch_history(self, worker: _Worker) -> None:
+        """Replay a new source's buffered history at once rather than at its next live batch
+        (`_backfill`): an idle worker's cached prefixes are then known before it gets a request,
+        e.g. right after kvgate restarted. Only data-parallel rank 0's buffer is asked; other
+        ranks backfill at their first batch."""
+        assert worker.replay_endpoint is not None
+        try:
+            payloads = await fetch_replay(
+                self._context,
+                offset_endpoint_port(worker.replay_endpoint, 0),
+                0,
+                stop_before=1 << 63,
+                timeout_s=self._config.replay_timeout_s * 5,
+            )
+            batches = [decode_batch(seq, data, worker.on_unknown_event) for seq, data in payloads]
+        except (ReplayError, ValueError, MalformedEvent) as exc:
+            logger.info("worker %s: no start-up replay (%s); backfilling at its first batch",
+                        worker.name, exc)  # fmt: skip
+            return
+        if not worker.active or worker.streams or not batches:
+            return  # live batches came first (their backfill covers this), or nothing to know
+        seqs = [b.seq for b in batches]
+        if seqs != list(range(seqs[0], seqs[0] + len(seqs))) or any(
+            b.data_parallel_rank != batches[0].data_parallel_rank for b in batches
+        ):
+            logger.info("worker %s: start-up replay is not one unbroken stream; backfilling at "
+                        "its first batch", worker.name)  # fmt: skip
+            return
+        for batch in batches:
+            self._apply(worker, batch)
+        worker.streams[batches[0].data_parallel_rank] = _Stream(seqs[-1], overlap=True)
+        worker.stats.backfills += 1
+        logger.info(
+            "worker %s: index rebuilt from its replay buffer at start-up (batches %d..%d)%s",
+            worker.name,
+            seqs[0],
+            seqs[-1],
+            f"; blocks stored before batch {seqs[0]} are unknown until stored again"
+            if seqs[0] > 0
+            else "",
         )
 
     def _spawn_central(self) -> None:
@@ -545,8 +601,12 @@ class KvEventSubscriber:
             return None
         if seq == stream.last + 1:
             stream.last = seq
+            stream.overlap = False
             self._apply(worker, batch)
             return None
+        if seq <= stream.last and stream.overlap:
+            return None
+        stream.overlap = False
         if seq <= stream.last:
             logger.warning(
                 "worker %s restarted its KV event stream (seq %d after %d, dp rank %s): "
