@@ -92,8 +92,16 @@ def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
     assert result.status == 200, result.error
     assert result.chunks >= 3  # one SSE event per token, plus usage
     assert result.completion_tokens == 6
-    after = metrics(kv_gateway.epp_metrics_url)
+    # The client has the last chunk before the EPP has processed the end of the response
+    # (Envoy forwards the chunk, then tells the EPP): wait for it, bounded.
     ttft = "inference_objective_request_ttft_seconds_count"
+    deadline = time.monotonic() + 5
+    while True:
+        after = metrics(kv_gateway.epp_metrics_url)
+        done = metric_value(after, "inference_objective_running_requests") == 0
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert metric_value(after, ttft) == metric_value(before, ttft) + 1
     assert metric_value(after, "inference_objective_running_requests") == 0
 
