@@ -54,8 +54,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, fields
-from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Protocol
 
 import zmq
 import zmq.asyncio
@@ -63,6 +62,7 @@ import zmq.asyncio
 from kvgate.events.decode import MalformedEvent, decode_batch, parse_seq
 from kvgate.events.replay import ReplayError, fetch_replay, offset_endpoint_port
 from kvgate.events.types import BlockRemoved, BlockStored, EventBatch, KvEvent
+from kvgate.service import Service
 
 __all__ = [
     "EventSink",
@@ -262,7 +262,7 @@ class _Source:
         self.task: asyncio.Task[None] | None = None
 
 
-class KvEventSubscriber:
+class KvEventSubscriber(Service):
     """Consume KV event streams from many engines and apply them to an `EventSink`.
 
     Use as ``async with KvEventSubscriber(sink, config) as sub:`` or `start` / `aclose`. Sources
@@ -325,18 +325,6 @@ class KvEventSubscriber:
             self._central.close(linger=0)
         if self._owns_context:
             self._context.destroy(linger=0)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- sources ---------------------------------------------------------------------------------
 

@@ -37,14 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-from aiohttp import web
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.nvext import (
@@ -58,10 +55,10 @@ from kvgate.extproc.nvext import (
     inject_nvext,
 )
 from kvgate.extproc.running import run_until_signalled
+from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 
 log = logging.getLogger("kvgate.body_transformer")
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _Mode = processing_mode_pb2.ProcessingMode
 _ROUTING_HEADERS = frozenset({WORKER_ID_HEADER, PREFILL_HEADER, MODE_HEADER})
 # Parsing + splicing costs ~1 ms per 100 KB; above this size it moves off the event loop.
@@ -325,53 +322,28 @@ class BodyTransformerRuntime:
         s = self.settings
         # Envoy sends a buffered body as one message: leave room to see (and 413) bodies up to
         # twice the limit instead of failing them with a gRPC error.
-        limit = 2 * s.max_body_bytes + (1 << 20)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
+        self.bound_ports["grpc"] = await serve_ext_proc(
+            self._stack,
+            _ExtProc(self.transformer),
+            f"{s.bind}:{s.port}",
+            secure=s.secure,
+            cert_path=s.cert_path,
+            max_message_bytes=2 * s.max_body_bytes + (1 << 20),
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProc(self.transformer), server)
-        address = f"{s.bind}:{s.port}"
-        if s.secure:
-            from kvgate.extproc.tls import server_credentials
-
-            port = server.add_secure_port(address, server_credentials(s.cert_path))
-        else:
-            port = server.add_insecure_port(address)
-        await server.start()
-        self.bound_ports["grpc"] = port
-        self._stack.push_async_callback(server.stop, 2.0)
 
     async def _serve_health(self) -> None:
         s = self.settings
-        server = grpc.aio.server()
-        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        self.bound_ports["health"] = server.add_insecure_port(f"{s.bind}:{s.health_port}")
+        servicer, self.bound_ports["health"] = await serve_health(
+            self._stack, f"{s.bind}:{s.health_port}"
+        )
         for service in ("", EXT_PROC_SERVICE):
             await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        await server.start()
-        self._stack.push_async_callback(server.stop, 1.0)
 
     async def _serve_metrics(self) -> None:
-        registry = self.metrics.registry
-
-        async def handle(_: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        app = web.Application()
-        app.router.add_get("/metrics", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, self.settings.bind, self.settings.metrics_port)
-        await site.start()
-        if runner.addresses:
-            self.bound_ports["metrics"] = int(runner.addresses[0][1])
+        s = self.settings
+        port = await serve_http(self._stack, self.metrics.registry, s.bind, s.metrics_port)
+        if port is not None:
+            self.bound_ports["metrics"] = port
 
 
 class _UsageError(Exception):

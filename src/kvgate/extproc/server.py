@@ -19,19 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from grpc_health.v1 import health_pb2
 
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.events.types import KvEvent
 from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.extproc.running import run_until_signalled
+from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kubernetes import (
@@ -68,9 +65,6 @@ from kvgate.sync.replica import (
 )
 
 log = logging.getLogger("kvgate.epp")
-
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
 
 
 @dataclass
@@ -354,29 +348,20 @@ class EppRuntime:
 
     async def _serve_grpc(self, director: Director) -> None:
         s = self.settings
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", s.options.max_body_bytes + (1 << 20))]
+        self.bound_ports["grpc"] = await serve_ext_proc(
+            self._stack,
+            _ExtProc(director),
+            f"{s.bind}:{s.grpc_port}",
+            secure=s.secure,
+            cert_path=s.cert_path,
+            max_message_bytes=s.options.max_body_bytes + (1 << 20),
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProc(director), server)
-        address = f"{s.bind}:{s.grpc_port}"
-        if s.secure:
-            from kvgate.extproc.tls import server_credentials
-
-            port = server.add_secure_port(address, server_credentials(s.cert_path))
-        else:
-            port = server.add_insecure_port(address)
-        await server.start()
-        self.bound_ports["grpc"] = port
-        self._stack.push_async_callback(server.stop, 2.0)
 
     async def _serve_health(self) -> None:
         s = self.settings
-        server = grpc.aio.server()
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.bound_ports["health"] = server.add_insecure_port(f"{s.bind}:{s.health_port}")
-        await server.start()
-        self._stack.push_async_callback(server.stop, 1.0)
+        self._health, self.bound_ports["health"] = await serve_health(
+            self._stack, f"{s.bind}:{s.health_port}"
+        )
 
     def _update_readiness(self) -> None:
         if self._health is None:
@@ -389,26 +374,16 @@ class EppRuntime:
             asyncio.get_running_loop().create_task(self._health.set(service, status))
 
     async def _serve_metrics(self) -> None:
-        registry = self.metrics.registry
-
-        async def handle(_: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response(self.health_details())
-
-        app = web.Application()
-        app.router.add_get("/metrics", handle)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.bind, self.settings.metrics_port)
-        await site.start()
-        self._stack.push_async_callback(runner.cleanup)
-        if runner.addresses:
-            self.bound_ports["metrics"] = int(runner.addresses[0][1])
+        s = self.settings
+        port = await serve_http(
+            self._stack,
+            self.metrics.registry,
+            s.bind,
+            s.metrics_port,
+            {"/healthz": self.health_details},
+        )
+        if port is not None:
+            self.bound_ports["metrics"] = port
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

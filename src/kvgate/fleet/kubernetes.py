@@ -44,8 +44,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
@@ -53,6 +52,7 @@ import yaml
 
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
 from kvgate.fleet.sources import EndpointDefaults, events_endpoint_for
+from kvgate.service import Service
 
 __all__ = [
     "ENGINE_LABEL",
@@ -333,7 +333,7 @@ class _PoolSpec:
         return ",".join(f"{k}={v}" for k, v in self.match_labels)
 
 
-class PoolDiscovery:
+class PoolDiscovery(Service):
     """Keep an `EndpointSet` equal to the Ready pods of an InferencePool (see module docstring).
 
     Use as ``async with PoolDiscovery(...):`` or `start` / `aclose`. Starting does not wait for
@@ -388,18 +388,6 @@ class PoolDiscovery:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _run(self) -> None:
         delay = self._backoff[0]

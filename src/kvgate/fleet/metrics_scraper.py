@@ -52,13 +52,13 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import aiohttp
 from yarl import URL
 
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, EndpointSet, EngineType
+from kvgate.service import Service
 
 __all__ = [
     "ENGINE_METRICS",
@@ -385,7 +385,7 @@ class _Target:
 _HEADERS: Final = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
 
 
-class MetricsScraper:
+class MetricsScraper(Service):
     """Scrape the metrics of every endpoint of an `EndpointSet` (see the module docstring).
 
     Use as ``async with MetricsScraper(endpoints, config):`` or `start` / `aclose`.
@@ -425,18 +425,6 @@ class MetricsScraper:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def scrape_once(self) -> None:
         """Scrape every current endpoint once, concurrently (within ``max_concurrency``)."""

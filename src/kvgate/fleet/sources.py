@@ -44,12 +44,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self, cast, get_args
+from typing import Final, cast, get_args
 
 import yaml
 
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
+from kvgate.service import Service
 
 __all__ = [
     "EndpointDefaults",
@@ -319,7 +319,7 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-class EndpointsFileWatcher:
+class EndpointsFileWatcher(Service):
     """Keep an `EndpointSet` equal to the endpoints listed in a file (see the module docstring).
 
     Use as ``async with EndpointsFileWatcher(path, endpoint_set):`` or `start` / `aclose`;
@@ -383,18 +383,6 @@ class EndpointsFileWatcher:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _watch(self) -> None:
         while True:

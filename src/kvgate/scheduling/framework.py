@@ -189,3 +189,24 @@ class ProfileHandler(Plugin):
         self, request: LLMRequest, results: Mapping[str, ProfileResult]
     ) -> SchedulingResult:
         raise NotImplementedError
+
+
+def prompt_chars(body: Mapping[str, Any]) -> int:
+    """Characters of prompt text in an OpenAI body: a cheap size estimate before tokenizing."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    total += len(text)
+    return total

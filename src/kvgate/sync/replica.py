@@ -32,12 +32,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvgate.scheduling.config import ConfigError
 from kvgate.scheduling.kv_router import KvRouter
+from kvgate.service import Service
 from kvgate.sync.messages import (
     Add,
     Bye,
@@ -174,7 +175,7 @@ class _Peer:
     in_flight: int = 0
 
 
-class ReplicaSync:
+class ReplicaSync(Service):
     """Publishes the given routers' own booking changes and applies other replicas' to them.
 
     ``routers`` maps a KV scorer's plugin name to its router: replicas run the same
@@ -273,13 +274,6 @@ class ReplicaSync:
         self._set_state("closed")
         for peer in list(self.peers.values()):
             self._drop_peer(peer)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def wait_connected(self, timeout_s: float) -> None:
         """For tests and tools: wait until connected (raises TimeoutError)."""

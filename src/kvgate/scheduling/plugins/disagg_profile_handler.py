@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Literal, Self
 
 from kvgate.scheduling.framework import (
     LLMRequest,
@@ -26,6 +26,7 @@ from kvgate.scheduling.framework import (
     ProfileResult,
     SchedulerProfile,
     SchedulingResult,
+    prompt_chars,
 )
 from kvgate.scheduling.registry import PluginContext, Range
 
@@ -120,28 +121,8 @@ class PdProfileHandler(ProfileHandler):
 def uncached_tokens(request: LLMRequest) -> int:
     """Prompt tokens the decode worker is not predicted to hold."""
     if request.tokens is None:
-        return _prompt_chars(request.body) // CHARS_PER_TOKEN
+        return prompt_chars(request.body) // CHARS_PER_TOKEN
     cached = 0
     if request.predicted_overlap_blocks is not None and request.block_size is not None:
         cached = request.predicted_overlap_blocks * request.block_size
     return max(0, len(request.tokens) - cached)
-
-
-def _prompt_chars(body: Mapping[str, Any]) -> int:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                text = part.get("text") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    total += len(text)
-    return total

@@ -34,6 +34,7 @@ from kvgate.scheduling.framework import (
     SchedulingError,
     SchedulingResult,
     Scorer,
+    prompt_chars,
 )
 from kvgate.scheduling.kv_router import (
     AllWorkersBusy,
@@ -190,7 +191,7 @@ class KvAwareScorer(Scorer):
         body = request.body
         started = time.perf_counter()
         try:
-            if _prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
+            if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
                 tokens = tokenizer.tokenize_request(body, kind)
             else:
                 loop = asyncio.get_running_loop()
@@ -321,20 +322,3 @@ def _guess_kind(body: Mapping[str, Any]) -> Any:
     if "prompt" in body:
         return "completions"
     return None
-
-
-def _prompt_chars(body: Mapping[str, Any]) -> int:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(str(part)) for part in content)
-    return total
