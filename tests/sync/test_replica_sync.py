@@ -323,3 +323,26 @@ def test_config_errors_name_the_field(field: str, kwargs: dict[str, object]) -> 
     with pytest.raises(ConfigError) as err:
         ReplicaSyncConfig(**kwargs)  # type: ignore[arg-type]
     assert err.value.field == field
+
+
+def test_credentials_never_reach_logs_or_health_details() -> None:
+    from kvgate.sync.replica import redact_url
+
+    config = ReplicaSyncConfig(nats_url="nats://kvgate:s3cret@nats.svc:4222")
+    assert config.safe_url == "nats://***@nats.svc:4222"
+    assert redact_url("nats://token@host:4222") == "nats://***@host:4222"
+    assert redact_url("nats://host:4222") == "nats://host:4222"
+    sync = ReplicaSync({}, config)
+    assert "s3cret" not in str(sync.status())
+
+
+async def test_a_flood_of_peers_or_bookings_is_capped() -> None:
+    router = KvRouter(KvRouterConfig(block_size=16))
+    config = ReplicaSyncConfig(subject=SUBJECT, router_id="A", max_peers=2, max_peer_requests=10)
+    sync = ReplicaSync({SCORER: router}, config)
+    for peer in ("X", "Y", "Z"):
+        ops = [Add(SCORER, f"{peer}{i}", "w1", [i], 16) for i in range(25)]
+        sync.receive(encode(Deltas(peer, 1, ops)))
+    assert sorted(sync.peers) == ["X", "Y"]
+    assert len(router.active) == 20
+    assert sync.metrics.malformed._value.get() == 15 + 15 + 1

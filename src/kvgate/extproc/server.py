@@ -266,7 +266,7 @@ class EppRuntime:
         log.info(
             "replica sync on: router id %s, NATS %s, subject %s",
             config.router_id,
-            config.nats_url,
+            config.safe_url,
             config.subject,
         )
 

@@ -73,6 +73,13 @@ def _subject_token(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "default"
 
 
+def redact_url(url: str) -> str:
+    """``nats://user:secret@host:4222`` → ``nats://***@host:4222`` (tokens and passwords)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if sep and at and userinfo else url
+
+
 def new_router_id() -> str:
     """Unique per process start: a restarted replica is a new peer, never a continuation."""
     return f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -91,10 +98,16 @@ class ReplicaSyncConfig:
     snapshot_min_interval_s: float = 0.2
     """Snapshot requests arriving closer together than this are answered by one snapshot."""
     connect_timeout_s: float = 2.0
+    max_peers: int = 256
+    """Replicas tracked at once; messages from more are dropped (counted as malformed)."""
+    max_peer_requests: int = 200_000
+    """Bookings held for one replica; adds beyond are dropped (counted as malformed)."""
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ConfigError("nats_url", f"got {self.nats_url!r}; expected nats://host:port")
+            raise ConfigError(
+                "nats_url", f"got {redact_url(self.nats_url)!r}; expected nats://host:port"
+            )
         if not self.subject or any(c in self.subject for c in " *>\t\r\n"):
             raise ConfigError("subject", f"got {self.subject!r}; expected a literal NATS subject")
         if not 0 < len(self.router_id) <= 256:
@@ -107,6 +120,13 @@ class ReplicaSyncConfig:
             )
         if self.max_outbox <= 0:
             raise ConfigError("max_outbox", "must be > 0")
+        if self.max_peers <= 0 or self.max_peer_requests <= 0:
+            raise ConfigError("max_peers", "max_peers and max_peer_requests must be > 0")
+
+    @property
+    def safe_url(self) -> str:
+        """The NATS URL without credentials, for logs and health details."""
+        return redact_url(self.nats_url)
 
     @property
     def control_subject(self) -> str:
@@ -285,7 +305,7 @@ class ReplicaSync(Service):
         now = self._clock()
         return {
             "router_id": self.router_id,
-            "nats_url": self.config.nats_url,
+            "nats_url": self.config.safe_url,
             "subject": self.config.subject,
             "state": self.state,
             "last_error": self.last_error,
@@ -338,7 +358,7 @@ class ReplicaSync(Service):
         log.info(
             "replica sync: %s connected to %s, subject %s",
             self.router_id,
-            self.config.nats_url,
+            self.config.safe_url,
             self.config.subject,
         )
         self._on_connected()
@@ -359,7 +379,7 @@ class ReplicaSync(Service):
             return
         self.disconnects += 1
         self._set_state("disconnected")
-        log.warning("replica sync: lost NATS at %s; routing on local state", self.config.nats_url)
+        log.warning("replica sync: lost NATS at %s; routing on local state", self.config.safe_url)
 
     async def _on_reconnected(self) -> None:
         log.info("replica sync: NATS is back; exchanging snapshots")
@@ -370,7 +390,7 @@ class ReplicaSync(Service):
         if self.state != "connected" and message != self.last_error:
             log.warning(
                 "replica sync: cannot reach NATS at %s (%s); routing on local state, retrying",
-                self.config.nats_url,
+                self.config.safe_url,
                 message,
             )
         self.last_error = message
@@ -488,6 +508,9 @@ class ReplicaSync(Service):
                 self._drop_peer(peer)
             return
         if peer is None:
+            if len(self.peers) >= self.config.max_peers:
+                self.metrics.malformed.inc()
+                return
             peer = self.peers[message.router] = _Peer(message.router, now)
             self.metrics.peers.set(len(self.peers))
             log.info("replica sync: new peer %s", peer.router_id)
@@ -522,6 +545,7 @@ class ReplicaSync(Service):
         self._wake.set()
 
     def _apply_ops(self, peer: _Peer, ops: Sequence[Op], now: float) -> None:
+        limit = self.config.max_peer_requests
         for op in ops:
             router = self.routers.get(op.scorer)
             if router is None:
@@ -529,8 +553,12 @@ class ReplicaSync(Service):
                 continue
             key = (peer.router_id, op.request)
             if isinstance(op, Add):
+                entry = (op.scorer, op.request)
+                if entry not in peer.entries and len(peer.entries) >= limit:
+                    self.metrics.malformed.inc()
+                    continue
                 router.book_key(key, op.worker, op.hashes, op.prefill_tokens, now)
-                peer.entries.add((op.scorer, op.request))
+                peer.entries.add(entry)
             elif isinstance(op, PrefillDone):
                 router.mark_prefill_complete(key)
             else:
@@ -549,6 +577,8 @@ class ReplicaSync(Service):
         peer.snapshot_id = None
         peer.snapshot_parts = {}
         current = {(e.scorer, e.request): e for e in entries if e.scorer in self.routers}
+        if len(current) > self.config.max_peer_requests:
+            current = dict(list(current.items())[: self.config.max_peer_requests])
         self.metrics.malformed.inc(len(entries) - len(current))
         for scorer, request_id in peer.entries - current.keys():
             self.routers[scorer].free((peer.router_id, request_id))
