@@ -1,7 +1,8 @@
-"""Build hook for the optional native block hasher; all metadata lives in pyproject.toml.
+"""Build hook for the optional native parts; all metadata lives in pyproject.toml.
 
-The extension links the system's libxxhash (Debian/Ubuntu: libxxhash0). If it cannot be built,
-installation still succeeds and kvgate uses its pure-Python hashing (same results, slower).
+The block hasher links the system's libxxhash (Debian/Ubuntu: libxxhash0); the prefix matcher
+needs only Python's headers. If either cannot be built, installation still succeeds and kvgate
+uses the pure-Python code (same results, slower).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             extra_compile_args=["-O3"],
             extra_link_args=["-l:libxxhash.so.0"],
             optional=True,
-        )
+        ),
+        Extension(
+            "kvgate.index._leading",
+            sources=["src/kvgate/index/_leading.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        ),
     ]
 )

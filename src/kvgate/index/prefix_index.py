@@ -27,12 +27,20 @@ Thread-safety: none. The index is owned by one asyncio loop (events and lookups 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
 from kvgate.tokens.hashing import SequenceHash, lora_seed, sequence_hashes_of
+
+_leading_runs: Callable[[dict[int, int], Sequence[int]], list[tuple[int, int]]] | None
+try:  # the native matcher (`_leading.c`); optional, the Python loop gives the same answer
+    from kvgate.index._leading import leading_runs as _leading_runs
+except ImportError:  # pragma: no cover - depends on the build
+    _leading_runs = None
+
+NATIVE_MATCHING = _leading_runs is not None
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,15 @@ class MaskIndex:
 
     def find_matches(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
         """Overlap per worker: how many *leading* blocks of ``hashes`` it holds (absent = 0)."""
+        if _leading_runs is not None:
+            overlaps: dict[WorkerId, int] = {}
+            for bits, depth in _leading_runs(self._blocks, hashes):
+                self._assign(overlaps, bits, depth)
+            return overlaps
+        return self.find_matches_python(hashes)
+
+    def find_matches_python(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
+        """The specification of `find_matches` (used when the native matcher is not built)."""
         if not hashes:
             return {}
         get = self._blocks.get

@@ -32,6 +32,28 @@ static inline uint64_t to_le64(uint64_t v) {
 #endif
 }
 
+/* Token ids are small non-negative ints, which CPython stores "compact" (one digit): read them
+ * without the general conversion's checks. Anything else takes the general path. */
+static inline int compact_u32(PyObject *item, unsigned long *out) {
+    if (!PyLong_CheckExact(item)) return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)item)) return 0;
+    Py_ssize_t value = PyUnstable_Long_CompactValue((PyLongObject *)item);
+    if (value < 0 || value > 0xFFFFFFFFL) return 0;
+    *out = (unsigned long)value;
+    return 1;
+#else
+    Py_ssize_t size = Py_SIZE(item);
+    if (size == 0) {
+        *out = 0;
+        return 1;
+    }
+    if (size != 1) return 0;
+    *out = (unsigned long)((PyLongObject *)item)->ob_digit[0];
+    return 1;
+#endif
+}
+
 static PyObject *hash_blocks(PyObject *self, PyObject *args) {
     PyObject *tokens_obj;
     Py_ssize_t block_size;
@@ -75,6 +97,10 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item = items[i];
         unsigned long v;
+        if (compact_u32(item, &v)) {
+            buf[i] = to_le32((uint32_t)v);
+            continue;
+        }
         if (PyLong_Check(item)) {
             v = PyLong_AsUnsignedLong(item);
         } else {

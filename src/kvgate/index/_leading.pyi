@@ -1,0 +1,3 @@
+from collections.abc import Sequence
+
+def leading_runs(blocks: dict[int, int], hashes: Sequence[int]) -> list[tuple[int, int]]: ...
