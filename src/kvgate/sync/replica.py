@@ -479,10 +479,18 @@ class ReplicaSync(Service):
     # -- receiving ---------------------------------------------------------------------------------
 
     async def _on_data(self, msg: Any) -> None:
-        self.receive(msg.data)
+        self._receive_guarded(msg.data)
 
     async def _on_control(self, msg: Any) -> None:
-        self.receive(msg.data)
+        self._receive_guarded(msg.data)
+
+    def _receive_guarded(self, payload: bytes) -> None:
+        # A message that trips a bug must cost that message, not the subscription.
+        try:
+            self.receive(payload)
+        except Exception:
+            self.metrics.malformed.inc()
+            log.exception("replica sync: a message could not be applied; skipped")
 
     def receive(self, payload: bytes) -> None:
         """Apply one message from NATS. Public so that tests can feed payloads directly."""
