@@ -208,7 +208,9 @@ async def test_without_sync_a_split_burst_herds_onto_the_cached_worker(
             a, b = (_loads(r) for r in runtimes)
             # Each replica counts only its own half and, seeing the same, decides the same:
             # every worker gets requests in pairs.
-            assert sum(n for _, _, n in a.values()) == sum(n for _, _, n in b.values())
+            assert sum(n for _, _, n in a.values()) == BURST // 2
+            assert sum(n for _, _, n in b.values()) == BURST // 2
+            assert {w: n for w, (_, _, n) in a.items()} != dict(spread)  # views diverge from truth
             assert all(n % 2 == 0 for n in spread.values()), spread
         finally:
             await _release(streams, channels)
