@@ -224,14 +224,12 @@ class ReplicaSync(Service):
         self._ask_all = False
         self._ask: set[str] = set()
         self._heartbeat_due = False
-        self._bye_due = False
         self._wake = asyncio.Event()
         self._nc: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.state = "connecting"
         self.last_error: str | None = None
-        self.connected_at: float | None = None
         self.disconnects = 0
         self._max_payload = 1 << 20
 
@@ -316,6 +314,7 @@ class ReplicaSync(Service):
                     "synced": p.synced,
                     "seen_s_ago": round(now - p.last_seen, 3),
                     "in_flight": len(p.entries),
+                    "in_flight_reported": p.in_flight,
                 }
                 for p in self.peers.values()
             },
@@ -364,7 +363,6 @@ class ReplicaSync(Service):
         self._on_connected()
 
     def _on_connected(self) -> None:
-        self.connected_at = self._clock()
         self.last_error = None
         self._set_state("connected")
         # Ask every replica for its bookings (a late joiner's view is right one round trip
