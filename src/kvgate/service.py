@@ -3,6 +3,7 @@ replica sync): `start` returns once they run, `aclose` stops them, and ``async w
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Self
 
@@ -20,3 +21,25 @@ class Service(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class StackedService(Service):
+    """A service made of parts that register their own shutdown on ``self._stack`` as they start
+    (servers, watchers, subscribers): `aclose` stops them newest first, and a start that fails
+    half-way stops what had started before re-raising."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+
+    @abstractmethod
+    async def _start(self) -> None: ...
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -56,6 +55,7 @@ from kvgate.extproc.nvext import (
 )
 from kvgate.extproc.running import run_until_signalled
 from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
+from kvgate.service import StackedService
 
 log = logging.getLogger("kvgate.body_transformer")
 
@@ -293,30 +293,22 @@ class TransformerSettings:
     max_body_bytes: int = 16 * 1024 * 1024
 
 
-class BodyTransformerRuntime:
+class BodyTransformerRuntime(StackedService):
     """The ext_proc, health and metrics servers, started and stopped as one unit. Ports given as
     0 are chosen by the system; ``bound_ports`` has the real ones (``grpc``, ``health``,
     ``metrics``)."""
 
     def __init__(self, settings: TransformerSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.metrics = TransformerMetrics()
         self.transformer = BodyTransformer(self.metrics, max_body_bytes=settings.max_body_bytes)
         self.bound_ports: dict[str, int] = {}
-        self._stack = contextlib.AsyncExitStack()
 
-    async def __aenter__(self) -> BodyTransformerRuntime:
-        try:
-            await self._serve_grpc()
-            await self._serve_health()
-            await self._serve_metrics()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+    async def _start(self) -> None:
+        await self._serve_grpc()
+        await self._serve_health()
+        await self._serve_metrics()
 
     async def _serve_grpc(self) -> None:
         s = self.settings

@@ -55,6 +55,7 @@ from kvgate.scheduling.plugins.kv_aware_scorer import (
 )
 from kvgate.scheduling.registry import PluginContext
 from kvgate.scheduling.scheduler import PluginTimings
+from kvgate.service import StackedService
 from kvgate.sync.replica import (
     DEFAULT_NATS_URL,
     ReplicaSync,
@@ -130,32 +131,21 @@ class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             yield response
 
 
-class EppRuntime:
+class EppRuntime(StackedService):
     """Everything `kvgate epp` runs, started and stopped as one unit."""
 
     def __init__(self, settings: EppSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.metrics = EppMetrics()
         self.endpoints = EndpointSet()
         self.timings = PluginTimings()
         self.bound_ports: dict[str, int] = {}
-        self._stack = contextlib.AsyncExitStack()
         self.plugins: EppPlugins | None = None
         self.kv_scorers: list[KvAwareScorer] = []
         self.subscriber: KvEventSubscriber | None = None
         self.sync: ReplicaSync | None = None
         self._health: Any = None
-
-    async def __aenter__(self) -> EppRuntime:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
 
     async def _start(self) -> None:
         s = self.settings
