@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -161,17 +162,29 @@ def test_standard_mode_spreads_evenly(qwen3_dir: Path, tmp_path: Path) -> None:
 def _sim_process(tokenizer: str, port: int, events: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-        [sys.executable, "-m", "kvgate", "sim", "--workers", "1", "--base-port", str(port),
+        [sys.executable, "-X", "faulthandler", "-m", "kvgate", "sim", "--workers", "1",
+         "--base-port", str(port),
          "--events-base-port", str(events), "--replay-base-port", str(events + 1),
          "--tokenizer", tokenizer, "--model", MODEL, "--speedup", "20"],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
 
-def _wait_log(log: Path, needle: str, timeout: float = 60) -> None:
+def _wait_log(
+    log: Path, needle: str, process: subprocess.Popen[bytes], timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while needle not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()
+        if time.monotonic() > deadline:
+            # Once seen in CI: a simulator silent for 60 s. SIGABRT makes faulthandler write
+            # every thread's stack to its log, so the failure says where it hung.
+            if process.poll() is None:
+                process.send_signal(signal.SIGABRT)
+                process.wait(timeout=10)
+            raise AssertionError(
+                f"no {needle!r} after {timeout:.0f} s (exit code {process.returncode}); "
+                f"log:\n{log.read_text()}"
+            )
         time.sleep(0.1)
 
 
@@ -185,7 +198,7 @@ def test_killed_worker_is_no_longer_picked_and_its_state_goes(
     ]
     try:
         for i in range(2):
-            _wait_log(tmp_path / f"sim{i}.log", "ready workers=")
+            _wait_log(tmp_path / f"sim{i}.log", "ready workers=", sims[i])
         entries: list[dict[str, object]] = [
             {"address": f"127.0.0.1:{http}", "events": f"tcp://127.0.0.1:{ev}"}
             for http, ev, _ in ports
