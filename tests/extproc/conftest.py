@@ -22,6 +22,26 @@ SEED_CONFIG = (REPO / "deploy" / "config" / "epp-config-dynamo.yaml").read_text(
 MODEL = "Qwen/Qwen3-0.6B"
 
 
+def loopback_epp_settings(
+    qwen3_dir: Path, endpoints_file: Path, env: dict[str, str] | None = None
+) -> EppSettings:
+    """The seed's config on loopback, plaintext, system-chosen ports, block size 16, seed 7."""
+    return EppSettings(
+        bind="127.0.0.1",
+        grpc_port=0,
+        health_port=0,
+        metrics_port=0,
+        secure=False,
+        config_text=SEED_CONFIG,
+        endpoints_file=endpoints_file,
+        model=MODEL,
+        tokenizer=str(qwen3_dir),
+        options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
+        env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
+        seed=7,
+    )
+
+
 @dataclass
 class Stack:
     fleet: Fleet
@@ -69,20 +89,7 @@ async def stack(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> As
     )
     endpoints_file = tmp_path_factory.mktemp("epp") / "endpoints.json"
     async with Fleet(config, codec) as fleet:
-        settings = EppSettings(
-            bind="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            secure=False,
-            config_text=SEED_CONFIG,
-            endpoints_file=endpoints_file,
-            model=MODEL,
-            tokenizer=str(qwen3_dir),
-            options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
-            env={"DYNAMO_KV_BLOCK_SIZE": "16"},
-            seed=7,
-        )
+        settings = loopback_epp_settings(qwen3_dir, endpoints_file)
         stack = Stack(fleet, None, None, endpoints_file)  # type: ignore[arg-type]
         stack.write_endpoints()
         async with EppRuntime(settings) as runtime:

@@ -16,14 +16,13 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.server import EppRuntime, EppSettings
 from kvgate.scheduling.plugins.kv_aware_scorer import KvAwareScorer
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import PolynomialTiming
-from tests.extproc.conftest import MODEL, SEED_CONFIG
+from tests.extproc.conftest import MODEL, SEED_CONFIG, loopback_epp_settings
 from tests.extproc.utils import ExtProcStream, chat_body
 from tests.nats_harness import NatsServer, nats_server
 
@@ -61,26 +60,15 @@ def _settings(
     nats_url: str | None,
     env: dict[str, str] | None = None,
 ) -> EppSettings:
-    return EppSettings(
-        bind="127.0.0.1",
-        grpc_port=0,
-        health_port=0,
-        metrics_port=0,
-        secure=False,
-        config_text=SEED_CONFIG,
-        endpoints_file=endpoints,
-        model=MODEL,
-        tokenizer=str(qwen3_dir),
-        options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
-        env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
-        seed=7,  # the same seed: any difference comes from sync alone
-        replica_sync=nats_url is not None,
-        nats_url=nats_url,
-        sync_subject="kvgate.test.active_sequences",
-        router_id=name,
-        sync_heartbeat_s=0.2,
-        sync_lease_s=0.8,
-    )
+    # The same seed for every replica: any difference comes from sync alone.
+    settings = loopback_epp_settings(qwen3_dir, endpoints, env)
+    settings.replica_sync = nats_url is not None
+    settings.nats_url = nats_url
+    settings.sync_subject = "kvgate.test.active_sequences"
+    settings.router_id = name
+    settings.sync_heartbeat_s = 0.2
+    settings.sync_lease_s = 0.8
+    return settings
 
 
 @asynccontextmanager
