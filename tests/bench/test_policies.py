@@ -10,10 +10,9 @@ from kvgate.bench.policies import (
     bench_registry,
 )
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.epp_config import load_epp_config
-from kvgate.scheduling.framework import LLMRequest, ProfileResult, ResponseInfo, SchedulingResult
-from kvgate.scheduling.plugins.kv_aware_scorer import TOKENIZER_EXTRA
-from kvgate.scheduling.registry import PluginContext
+from kvgate.scheduling.framework import PluginContext
+from kvgate.scheduling.picker_config import load_epp_config
+from kvgate.scheduling.request import LLMRequest, ProfileResult, ResponseInfo, SchedulingResult
 
 EPS = [Endpoint(f"10.0.0.{i}:8000") for i in (1, 2, 3)]
 BLOCK = 16
@@ -53,7 +52,7 @@ def sglang(**params: float) -> SglangCacheAwareScorer:
 def test_every_policy_builds_through_the_epp_config_loader() -> None:
     for name, text in POLICIES.items():
         context = PluginContext(
-            env={"DYNAMO_KV_BLOCK_SIZE": "16"}, rng_seed=1, extras={TOKENIZER_EXTRA: object()}
+            env={"DYNAMO_KV_BLOCK_SIZE": "16"}, rng_seed=1, requests_carry_tokens=True
         )
         plugins = load_epp_config(text, registry=bench_registry(), context=context)
         assert plugins.scheduler().plugins, name

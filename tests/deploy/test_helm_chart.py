@@ -24,7 +24,7 @@ from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
 from kvgate.extproc import body_transformer
 from kvgate.extproc.server import build_parser, settings_from_args
-from kvgate.scheduling.config import KvRouterConfig
+from kvgate.scheduling.router_config import KvRouterConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kvgate-gaie"

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
-from kvgate.scheduling.config import ConfigError
+from kvgate.scheduling.router_config import ConfigError
 from tests.extproc.conftest import SEED_CONFIG
 from tests.extproc.utils import ExtProcStream, chat_body
 

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvgate.scheduling.services import LoadOwner
 from tests.extproc.conftest import MODEL, Stack
 from tests.extproc.utils import (
     BUFFERED,
@@ -29,8 +30,9 @@ LONG_SYSTEM = "You are the routing test assistant. " + " ".join(
 )
 
 
-def kv_scorer(stack: Stack):  # type: ignore[no-untyped-def]
-    return stack.runtime.kv_scorers[0]
+def kv_scorer(stack: Stack) -> LoadOwner:
+    (owner,) = stack.runtime.shared_load.owners.values()
+    return owner
 
 
 async def send_to_worker(address: str, body: bytes) -> dict[str, object]:

@@ -17,7 +17,7 @@ import aiohttp
 import grpc
 
 from kvgate.extproc.server import EppRuntime, EppSettings
-from kvgate.scheduling.plugins.kv_aware_scorer import KvAwareScorer
+from kvgate.scheduling.services import LoadOwner
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.prompts import TokensCodec
@@ -40,8 +40,9 @@ async def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None
             await asyncio.sleep(0.01)
 
 
-def _scorer(runtime: EppRuntime) -> KvAwareScorer:
-    return runtime.kv_scorers[0]
+def _scorer(runtime: EppRuntime) -> LoadOwner:
+    (owner,) = runtime.shared_load.owners.values()
+    return owner
 
 
 def _loads(runtime: EppRuntime) -> dict[str, tuple[int, int, int]]:

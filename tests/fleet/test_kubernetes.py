@@ -490,7 +490,7 @@ async def test_epp_discovers_its_pool(api: FakeApiServer, tmp_path: Path) -> Non
 
 
 def test_pool_name_excludes_static_endpoints() -> None:
-    from kvgate.scheduling.config import ConfigError
+    from kvgate.scheduling.router_config import ConfigError
 
     args = build_parser().parse_args(["--pool-name=p", "--endpoints=10.0.0.1:8000"])
     with pytest.raises(ConfigError, match="not both"):

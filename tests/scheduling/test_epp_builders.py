@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, Role
-from kvgate.scheduling.framework import LLMRequest, ScoredEndpoint
-from kvgate.scheduling.registry import PluginContext
+from kvgate.scheduling.framework import PluginContext
+from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
 from kvgate.tokens.request import RequestKind
 
 

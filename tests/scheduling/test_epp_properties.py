@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.epp_config import (
+from kvgate.scheduling.framework import (
+    Filter,
+    Picker,
+    PluginContext,
+    SchedulerProfile,
+    Scorer,
+    WeightedScorer,
+)
+from kvgate.scheduling.picker_config import (
     API_VERSION,
     KIND,
     EppConfigError,
@@ -19,22 +27,13 @@ from kvgate.scheduling.epp_config import (
     epp_config_from_dict,
     parse_epp_config,
 )
-from kvgate.scheduling.framework import (
-    Filter,
-    LLMRequest,
-    Picker,
-    SchedulerProfile,
-    SchedulingError,
-    ScoredEndpoint,
-    Scorer,
-    WeightedScorer,
-)
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.plugins.random_picker import RandomPicker
 from kvgate.scheduling.plugins.round_robin_picker import RoundRobinPicker
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
 from kvgate.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
-from kvgate.scheduling.registry import BUILTIN_PLUGINS, PluginContext
+from kvgate.scheduling.registry import BUILTIN_PLUGINS
+from kvgate.scheduling.request import LLMRequest, SchedulingError, ScoredEndpoint
 from kvgate.scheduling.scheduler import Scheduler
 from tests.scheduling.test_epp_builders import endpoint, request
 

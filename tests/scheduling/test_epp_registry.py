@@ -5,23 +5,19 @@ from typing import Annotated, Literal, Self
 
 import pytest
 
-from kvgate.scheduling.config import ConfigError
-from kvgate.scheduling.framework import Plugin
+from kvgate.scheduling.framework import SECONDS, NoParams, Plugin, PluginContext, Range
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.registry import (
     BUILTIN_PLUGINS,
-    SECONDS,
     EppConfigError,
-    NoParams,
     PluginConfigError,
-    PluginContext,
-    Range,
     Registry,
     builtin_registry,
     camel_case,
     parse_duration,
     parse_params,
 )
+from kvgate.scheduling.router_config import ConfigError
 from tests.scheduling.test_epp_builders import context
 
 
@@ -220,7 +216,7 @@ class Picky(Plugin):
 
     @classmethod
     def from_config(cls, name: str, params: NoParams, context: PluginContext) -> Self:
-        raise ValueError("needs a tokenizer in context.extras['tokenizer']")
+        raise ValueError("needs a tokenizer in the context")
 
 
 def test_from_config_value_errors_are_located() -> None:
@@ -228,8 +224,7 @@ def test_from_config_value_errors_are_located() -> None:
     with pytest.raises(PluginConfigError) as err:
         registry.build("picky", "pk", None, context(), path="plugins[4]")
     assert str(err.value) == (
-        "plugins[4].parameters: plugin 'pk' (type 'picky'): needs a tokenizer in "
-        "context.extras['tokenizer']"
+        "plugins[4].parameters: plugin 'pk' (type 'picky'): needs a tokenizer in the context"
     )
 
 

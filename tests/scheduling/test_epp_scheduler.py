@@ -10,21 +10,24 @@ import pytest
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import (
     Filter,
-    LLMRequest,
     Picker,
     Plugin,
+    Product,
     ProfileHandler,
-    ProfileResult,
-    ResponseInfo,
     SchedulerProfile,
-    SchedulingError,
-    SchedulingResult,
-    ScoredEndpoint,
     Scorer,
     WeightedScorer,
 )
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
+from kvgate.scheduling.request import (
+    LLMRequest,
+    ProfileResult,
+    ResponseInfo,
+    SchedulingError,
+    SchedulingResult,
+    ScoredEndpoint,
+)
 from kvgate.scheduling.scheduler import (
     FILTER,
     PICKER,
@@ -68,6 +71,32 @@ class Nothing(Picker):
         return []
 
 
+class Maker(Plugin):
+    """Produces what it is told to, after what it consumes, recording the order."""
+
+    type_name = "maker"
+
+    def __init__(
+        self,
+        name: str,
+        calls: list[str],
+        produces: frozenset[Product],
+        consumes: frozenset[Product] = frozenset(),
+        *,
+        fail: bool = False,
+    ) -> None:
+        super().__init__(name)
+        self.calls = calls
+        self.produces = produces  # type: ignore[misc]
+        self.consumes = consumes  # type: ignore[misc]
+        self.fail = fail
+
+    async def prepare(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        self.calls.append(f"{self.name}.prepare({len(endpoints)})")
+        if self.fail:
+            raise RuntimeError(f"{self.name} broke")
+
+
 class Recorder(Plugin):
     """Overrides every request-control hook and records the calls."""
 
@@ -82,9 +111,6 @@ class Recorder(Plugin):
         self.calls.append(f"{self.name}.{hook}")
         if self.fail:
             raise RuntimeError(f"{self.name} broke")
-
-    async def prepare(self, request: LLMRequest) -> None:
-        self._log("prepare")
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         self._log("pre_request")
@@ -188,11 +214,12 @@ async def test_hooks_reach_only_the_plugins_that_override_them() -> None:
     calls: list[str] = []
     timings = PluginTimings()
     plain = Fixed("plain", {})
+    maker = Maker("m", calls, frozenset({Product.TOKENS}))
     scheduler = make(
-        scorers=[(plain, 1.0)], plugins=[Recorder("r1", calls), plain], timings=timings
+        scorers=[(plain, 1.0)], plugins=[Recorder("r1", calls), plain, maker], timings=timings
     )
     req = request()
-    await scheduler.prepare(req)
+    await scheduler.prepare(req, EPS)
     result = scheduler.schedule(req, EPS)
     scheduler.pre_request(req, result)
     scheduler.response_received(req, result, {":status": "200"})
@@ -200,7 +227,7 @@ async def test_hooks_reach_only_the_plugins_that_override_them() -> None:
     scheduler.response_complete(req, result, ResponseInfo(status=200))
     scheduler.endpoints_changed([], EPS[:1])
     assert calls == [
-        "r1.prepare",
+        "m.prepare(3)",
         "r1.pre_request",
         "r1.response_received",
         "r1.response_streaming",
@@ -212,11 +239,51 @@ async def test_hooks_reach_only_the_plugins_that_override_them() -> None:
     assert (PRE_REQUEST, "r1") in hooked
 
 
-async def test_prepare_runs_in_configuration_order() -> None:
+async def test_producers_run_after_the_producers_of_what_they_consume() -> None:
     calls: list[str] = []
-    scheduler = make(plugins=[Recorder("first", calls), Recorder("second", calls)])
-    await scheduler.prepare(request())
-    assert calls == ["first.prepare", "second.prepare"]
+    predict = Maker(
+        "predict",
+        calls,
+        frozenset({Product.LATENCY_PREDICTIONS}),
+        frozenset({Product.PREFIX_OVERLAPS, Product.TOKENS}),
+    )
+    overlaps = Maker(
+        "overlaps", calls, frozenset({Product.PREFIX_OVERLAPS}), frozenset({Product.TOKENS})
+    )
+    tokens = Maker("tokens", calls, frozenset({Product.TOKENS}))
+    scheduler = make(plugins=[predict, overlaps, tokens])
+    await scheduler.prepare(request(), EPS)
+    assert calls == ["tokens.prepare(3)", "overlaps.prepare(3)", "predict.prepare(3)"]
+
+
+@pytest.mark.parametrize(
+    ("plugins", "message"),
+    [
+        (
+            [Maker("p", [], frozenset({Product.LATENCY_PREDICTIONS}), frozenset({Product.TOKENS}))],
+            "plugin 'p' \\(type 'maker'\\) needs 'tokens', which no configured plugin produces",
+        ),
+        (
+            [
+                Maker("a", [], frozenset({Product.TOKENS})),
+                Maker("b", [], frozenset({Product.TOKENS})),
+            ],
+            "plugins 'a' and 'b' both produce 'tokens'",
+        ),
+        (
+            [
+                Maker("a", [], frozenset({Product.TOKENS}), frozenset({Product.PREFIX_OVERLAPS})),
+                Maker("b", [], frozenset({Product.PREFIX_OVERLAPS}), frozenset({Product.TOKENS})),
+            ],
+            "in a cycle",
+        ),
+        ([Maker("a", [], frozenset())], "implements prepare but declares no product"),
+    ],
+    ids=["missing-producer", "two-producers", "cycle", "prepare-without-product"],
+)
+def test_products_are_checked_at_construction(plugins: list[Plugin], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(plugins=plugins)
 
 
 def test_a_failing_hook_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
@@ -241,9 +308,9 @@ def test_a_failing_hook_does_not_stop_the_others(caplog: pytest.LogCaptureFixtur
 
 
 async def test_a_failing_prepare_propagates() -> None:
-    scheduler = make(plugins=[Recorder("bad", [], fail=True)])
+    scheduler = make(plugins=[Maker("bad", [], frozenset({Product.TOKENS}), fail=True)])
     with pytest.raises(RuntimeError, match="bad broke"):
-        await scheduler.prepare(request())
+        await scheduler.prepare(request(), EPS)
 
 
 def test_every_plugin_call_is_timed() -> None:

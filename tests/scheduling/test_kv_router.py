@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from kvgate.index.approx_index import ApproxPrefixIndex
 from kvgate.index.prefix_index import PrefixIndex
-from kvgate.scheduling.config import KvRouterConfig
 from kvgate.scheduling.kv_router import (
     AllWorkersBusy,
     Candidate,
@@ -22,6 +21,7 @@ from kvgate.scheduling.kv_router import (
     RoundRobin,
     RoutingRequest,
 )
+from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.tokens.hashing import block_hashes
 from tests.index.utils import BS, leading, ref_seq, stored, tokens_of
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.plugins.decode_filter import DecodeFilter
-from kvgate.scheduling.plugins.prefill_filter import PrefillFilter
-from kvgate.scheduling.plugins.roles import ROLE_LABEL
+from kvgate.scheduling.plugins.role_filter import ROLE_LABEL, DecodeFilter, PrefillFilter
 from tests.scheduling.test_epp_builders import endpoint, request
 
 CASES = [

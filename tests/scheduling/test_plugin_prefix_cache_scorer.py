@@ -7,13 +7,13 @@ import pytest
 import xxhash
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import LLMRequest, ProfileResult, SchedulingResult
 from kvgate.scheduling.plugins.prefix_cache_scorer import (
     PrefixCacheScorer,
     PrefixCacheScorerParams,
     hash_prompt,
     prompt_bytes,
 )
+from kvgate.scheduling.request import LLMRequest, ProfileResult, SchedulingResult
 from tests.scheduling.test_epp_builders import chat, completion, endpoint
 
 BLOCK = 64  # 16 tokens × 4 characters

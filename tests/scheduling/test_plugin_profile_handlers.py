@@ -4,8 +4,7 @@ import random
 
 import pytest
 
-from kvgate.scheduling.framework import LLMRequest, SchedulerProfile, SchedulingError
-from kvgate.scheduling.plugins.decode_filter import DecodeFilter
+from kvgate.scheduling.framework import SchedulerProfile
 from kvgate.scheduling.plugins.disagg_profile_handler import (
     PREFILLER_HEADER,
     ROUTING_MODE_HEADER,
@@ -14,9 +13,9 @@ from kvgate.scheduling.plugins.disagg_profile_handler import (
     uncached_tokens,
 )
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
-from kvgate.scheduling.plugins.prefill_filter import PrefillFilter
-from kvgate.scheduling.plugins.roles import ROLE_LABEL
+from kvgate.scheduling.plugins.role_filter import ROLE_LABEL, DecodeFilter, PrefillFilter
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
+from kvgate.scheduling.request import LLMRequest, SchedulingError
 from kvgate.scheduling.scheduler import Scheduler
 from tests.scheduling.test_epp_builders import chat, endpoint, request
 
@@ -86,6 +85,7 @@ def test_disaggregated_when_a_prefill_worker_is_chosen(
     assert result.primary_profile == "decode"
     assert result.endpoint is DECODE
     assert result.profiles["prefill"].endpoints == [PREFILL]
+    assert result.prefill_endpoint is PREFILL
     assert req.routing_headers == {
         ROUTING_MODE_HEADER: "disaggregated",
         PREFILLER_HEADER: expected,
@@ -96,6 +96,7 @@ def test_aggregated_without_a_prefill_profile() -> None:
     req = chat("hello")
     result = pd_scheduler(with_prefill=False).schedule(req, [DECODE, PREFILL])
     assert list(result.profiles) == ["decode"]
+    assert result.prefill_endpoint is None
     assert req.routing_headers == {ROUTING_MODE_HEADER: "aggregated"}
 
 
@@ -121,11 +122,13 @@ def test_no_decode_worker_is_refused() -> None:
     assert "'decode'" in str(err.value)
 
 
-def tokenized(tokens: int, overlap_blocks: int | None = None) -> LLMRequest:
+def tokenized(tokens: int, decode_overlap_blocks: int | None = None) -> LLMRequest:
+    """A request as the prepare phase leaves it (the KV scorer's products)."""
     req = chat("ignored")
     req.tokens = list(range(tokens))
-    req.predicted_overlap_blocks = overlap_blocks
     req.block_size = 16
+    if decode_overlap_blocks is not None:
+        req.overlaps = {DECODE.address: decode_overlap_blocks, PREFILL.address: 0}
     return req
 
 
@@ -148,7 +151,7 @@ def tokenized(tokens: int, overlap_blocks: int | None = None) -> LLMRequest:
     ],
 )
 def test_uncached_token_estimate(req: LLMRequest, expected: int) -> None:
-    assert uncached_tokens(req) == expected
+    assert uncached_tokens(req, DECODE) == expected
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from kvgate.scheduling.config import KvRouterConfig
 from kvgate.scheduling.kv_router import KvRouter
+from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.sync import ReplicaSync, ReplicaSyncConfig
 from kvgate.sync.messages import Add, Deltas, Heartbeat, encode
 from tests.nats_harness import NatsServer
@@ -153,7 +153,7 @@ async def test_a_replica_that_leaves_cleanly_takes_its_load_along(
 _CRASHING_REPLICA = textwrap.dedent(
     """
     import asyncio, sys, time
-    from kvgate.scheduling.config import KvRouterConfig
+    from kvgate.scheduling.router_config import KvRouterConfig
     from kvgate.scheduling.kv_router import KvRouter
     from kvgate.sync import ReplicaSync, ReplicaSyncConfig
 
@@ -318,7 +318,7 @@ async def test_oversized_prompts_are_split_and_truncated_under_max_payload(
     ],
 )
 def test_config_errors_name_the_field(field: str, kwargs: dict[str, object]) -> None:
-    from kvgate.scheduling.config import ConfigError
+    from kvgate.scheduling.router_config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         ReplicaSyncConfig(**kwargs)  # type: ignore[arg-type]

@@ -32,8 +32,8 @@ from typing import Any
 
 from kvgate.events.types import BlockStored, EngineHash
 from kvgate.index.prefix_index import PrefixIndex
-from kvgate.scheduling.config import KvRouterConfig
 from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
+from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks, sequence_hashes_of
 
 PROMPT_TOKENS = (1024, 4096, 32768)

@@ -28,9 +28,10 @@ from typing import Annotated, ClassVar, Final, Self
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.gateway.local import KV_CONFIG, STANDARD_CONFIG
-from kvgate.scheduling.epp_config import API_VERSION, DEFAULT_CONFIG_TEXT, KIND
-from kvgate.scheduling.framework import LLMRequest, ResponseInfo, SchedulingResult, Scorer
-from kvgate.scheduling.registry import NoParams, PluginContext, Range, Registry, builtin_registry
+from kvgate.scheduling.framework import NoParams, PluginContext, Range, Scorer
+from kvgate.scheduling.picker_config import API_VERSION, DEFAULT_CONFIG_TEXT, KIND
+from kvgate.scheduling.registry import Registry, builtin_registry
+from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
 
 
 class _InFlight:

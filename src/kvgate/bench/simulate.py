@@ -51,15 +51,9 @@ from kvgate.bench.report import (
 )
 from kvgate.bench.traces import TokenSynth, TraceRequest, ideal_hit_rate, load_mooncake
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.index.prefix_index import PrefixIndex
-from kvgate.scheduling.epp_config import EppConfigError, load_epp_config
-from kvgate.scheduling.framework import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
-from kvgate.scheduling.plugins.kv_aware_scorer import (
-    KV_SCORERS_EXTRA,
-    TOKENIZER_EXTRA,
-    KvAwareScorer,
-)
-from kvgate.scheduling.registry import PluginContext
+from kvgate.scheduling.framework import PluginContext
+from kvgate.scheduling.picker_config import EppConfigError, load_epp_config
+from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
 from kvgate.scheduling.scheduler import Scheduler
 from kvgate.sim.clock import VirtualClock
 from kvgate.sim.engine import ContextLengthError, Engine, EngineConfig, SimRequest, StepResult
@@ -90,14 +84,6 @@ class SimSettings:
     @property
     def gpu_blocks(self) -> int:
         return self.num_gpu_blocks or MOONCAKE_WORKER_TOKENS // self.block_size
-
-
-class _Placeholder:
-    """Stands in for the EPP's tokenizer: the KV scorer insists on one at configuration time,
-    but replayed requests arrive with their tokens and it is never asked to tokenize."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise RuntimeError(f"kvgate simulate gives tokens; the tokenizer's {name} was used")
 
 
 def _run_sync(coro: Coroutine[Any, Any, None]) -> None:
@@ -156,12 +142,11 @@ class Replay:
             env={"DYNAMO_KV_BLOCK_SIZE": str(bs)},
             now=self.clock.now,
             rng_seed=settings.seed,
-            extras={TOKENIZER_EXTRA: _Placeholder()},
+            requests_carry_tokens=True,
         )
         plugins = load_epp_config(config_text, registry=bench_registry(), context=context)
         self.scheduler: Scheduler = plugins.scheduler()
-        scorers: list[KvAwareScorer] = context.extras.get(KV_SCORERS_EXTRA, [])
-        self._indexes = [s.router.index for s in scorers if isinstance(s.router.index, PrefixIndex)]
+        self._event_targets = context.kv_events
         self.record = RunRecord(per_worker={ep.address: 0 for ep in self.endpoints})
         self._flights: dict[str, _Flight] = {}
         self._done = 0
@@ -210,7 +195,7 @@ class Replay:
         scheduler = self.scheduler
         record = self.record
         try:
-            _run_sync(scheduler.prepare(llm))
+            _run_sync(scheduler.prepare(llm, self.endpoints))
             result = scheduler.schedule(llm, self.endpoints)
         except SchedulingError as err:
             record.error(f"scheduling {err.status}")
@@ -245,7 +230,7 @@ class Replay:
             flight.last_token = end
             if sim.finish_reason is not None:
                 self._complete(flight, sim, end)
-        if step.events and self._indexes:
+        if step.events and self._event_targets:
             events = step.events
             address = self.endpoints[index].address
             delay = self.settings.event_delay_s
@@ -255,9 +240,9 @@ class Replay:
                 self._apply(address, events)
 
     def _apply(self, address: str, events: list[Any]) -> None:
-        for index in self._indexes:
-            for event in events:
-                index.apply_event(address, event)
+        targets = self._event_targets
+        for event in events:
+            targets.apply_event(address, event)
 
     def _complete(self, flight: _Flight, sim: SimRequest, end: float) -> None:
         del self._flights[sim.request_id]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvgate.tokens import RequestKind
 
-from kvgate.scheduling.config import ConfigError, validate_block_size
+from kvgate.errors import ConfigError
+from kvgate.scheduling.router_config import validate_block_size
 
 
 class UsageError(Exception):

@@ -36,12 +36,7 @@ from kvgate.extproc.metrics import EppMetrics
 from kvgate.extproc.nvext import Injected, inject_nvext
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
-from kvgate.scheduling.framework import (
-    LLMRequest,
-    ResponseInfo,
-    SchedulingError,
-    SchedulingResult,
-)
+from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
 from kvgate.scheduling.scheduler import Scheduler
 from kvgate.tokens.request import request_kind_for_path
 
@@ -135,7 +130,7 @@ class Director:
         if request.priority < 0 and self.saturated is not None and self.saturated(candidates):
             raise SchedulingError(429, "pool saturated; sheddable request (priority < 0) dropped")
         async with self._slots:
-            await self.scheduler.prepare(request)
+            await self.scheduler.prepare(request, candidates)
             return self.scheduler.schedule(request, candidates)
 
 

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from kvgate.fleet.endpoint import EndpointSet
-    from kvgate.scheduling.framework import LLMRequest, ResponseInfo, SchedulingResult
+    from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
+    from kvgate.scheduling.services import Stage
 
 _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -159,6 +160,39 @@ class EppMetrics:
         self.busy_rejections = Counter(
             "kvgate_busy_rejections", "Requests refused because every worker was busy", registry=r
         )
+        self.sheds = Counter(
+            "kvgate_sheds",
+            "Sheddable requests refused by a plugin (no endpoint predicted to meet the SLO)",
+            ["reason"],
+            registry=r,
+        )
+        self.ttft_prediction_error = Histogram(
+            "kvgate_ttft_prediction_error_ratio",
+            "(observed - predicted) / predicted time to first token, per request",
+            buckets=(-0.75, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 4),
+            registry=r,
+        )
+
+    # -- what plugins report (kvgate.scheduling.services.SchedulingMetrics) -----------------
+
+    def stage(self, stage: Stage, seconds: float) -> None:
+        self.stage_duration.labels(stage).observe(seconds)
+
+    def picked(self, overlap_blocks: int, best_overlap_blocks: int, block_size: int) -> None:
+        self.predicted_overlap.observe(overlap_blocks)
+        self.predicted_cached_tokens.inc(overlap_blocks * block_size)
+        if overlap_blocks < best_overlap_blocks:
+            self.non_max_overlap_picks.inc()
+
+    def busy_rejection(self) -> None:
+        self.busy_rejections.inc()
+
+    def shed(self, reason: str) -> None:
+        self.sheds.labels(reason).inc()
+
+    def ttft_observed(self, predicted_s: float, observed_s: float) -> None:
+        if predicted_s > 0:
+            self.ttft_prediction_error.observe((observed_s - predicted_s) / predicted_s)
 
     def watch(
         self,

@@ -23,8 +23,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
+from kvgate.errors import ConfigError
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
-from kvgate.events.types import KvEvent
 from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.extproc.running import run_until_signalled
@@ -44,17 +44,10 @@ from kvgate.fleet.sources import (
     EndpointSpecError,
     parse_endpoints_flag,
 )
-from kvgate.index.prefix_index import PrefixIndex
-from kvgate.scheduling.config import ConfigError
-from kvgate.scheduling.epp_config import EppPlugins, load_epp_config
-from kvgate.scheduling.plugins.kv_aware_scorer import (
-    KV_SCORERS_EXTRA,
-    METRICS_EXTRA,
-    TOKENIZER_EXTRA,
-    KvAwareScorer,
-)
-from kvgate.scheduling.registry import PluginContext
-from kvgate.scheduling.scheduler import PluginTimings
+from kvgate.scheduling.framework import PluginContext
+from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
+from kvgate.scheduling.scheduler import PluginTimings, Scheduler
+from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.service import StackedService
 from kvgate.sync.replica import (
     DEFAULT_NATS_URL,
@@ -105,21 +98,6 @@ class EppSettings:
     sync_lease_s: float = 3.0
 
 
-class _FanOutSink:
-    """KV events go to the index of every KV scorer that uses events (usually one)."""
-
-    def __init__(self, indexes: list[PrefixIndex]) -> None:
-        self._indexes = indexes
-
-    def apply_event(self, worker: str, event: KvEvent) -> None:
-        for index in self._indexes:
-            index.apply_event(worker, event)
-
-    def clear_worker(self, worker: str) -> None:
-        for index in self._indexes:
-            index.clear_worker(worker)
-
-
 class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, director: Director) -> None:
         self._director = director
@@ -142,7 +120,9 @@ class EppRuntime(StackedService):
         self.timings = PluginTimings()
         self.bound_ports: dict[str, int] = {}
         self.plugins: EppPlugins | None = None
-        self.kv_scorers: list[KvAwareScorer] = []
+        self.scheduler: Scheduler | None = None
+        self.kv_events = KvEventTargets()
+        self.shared_load = SharedLoad()
         self.subscriber: KvEventSubscriber | None = None
         self.sync: ReplicaSync | None = None
         self._health: Any = None
@@ -155,23 +135,24 @@ class EppRuntime(StackedService):
             from kvgate.tokens import ModelTokenizer
 
             tokenizer = await asyncio.to_thread(ModelTokenizer.load, s.tokenizer)
-        extras: dict[str, Any] = {TOKENIZER_EXTRA: tokenizer, METRICS_EXTRA: self.metrics}
-        context = PluginContext(env=s.env, rng_seed=s.seed, extras=extras)
+        context = PluginContext(
+            env=s.env,
+            rng_seed=s.seed,
+            tokenizer=tokenizer,
+            metrics=self.metrics,
+            kv_events=self.kv_events,
+            shared_load=self.shared_load,
+        )
         self.plugins = load_epp_config(s.config_text, context=context)
-        self.kv_scorers = list(extras.get(KV_SCORERS_EXTRA, []))
-        for scorer in self.kv_scorers:
-            self._stack.callback(scorer.close)
-        scheduler = self.plugins.scheduler(observer=self._observe)
+        scheduler = self.scheduler = self.plugins.scheduler(observer=self._observe)
+        self._stack.callback(scheduler.close)
         self.endpoints.subscribe(scheduler.endpoints_changed)
         await self._start_replica_sync()
 
-        event_indexes = [
-            sc.router.index for sc in self.kv_scorers if isinstance(sc.router.index, PrefixIndex)
-        ]
-        if event_indexes:
-            block_size = self.kv_scorers[0].config.block_size
+        if self.kv_events:
+            assert self.kv_events.block_size is not None
             self.subscriber = KvEventSubscriber(
-                _FanOutSink(event_indexes), SubscriberConfig(block_size=block_size)
+                self.kv_events, SubscriberConfig(block_size=self.kv_events.block_size)
             )
             await self.subscriber.start()
             self._stack.push_async_callback(self.subscriber.aclose)
@@ -184,7 +165,9 @@ class EppRuntime(StackedService):
             self.endpoints,
             ScraperConfig(
                 interval_s=s.scrape_interval_s,
-                block_size=self.kv_scorers[0].config.block_size if self.kv_scorers else None,
+                block_size=next(
+                    (owner.router.block_size for owner in self.shared_load.owners.values()), None
+                ),
             ),
         )
         await scraper.start()
@@ -226,17 +209,16 @@ class EppRuntime(StackedService):
 
     async def _start_replica_sync(self) -> None:
         s = self.settings
+        shared = self.shared_load
         enabled = s.replica_sync
         if enabled is None:
-            enabled = any(sc.config.replica_sync for sc in self.kv_scorers)
+            enabled = shared.wants_sync
         if not enabled:
             return
-        if not self.kv_scorers:
+        if not shared:
             log.warning("replica sync is on but no kv-aware-scorer is configured: nothing to share")
             return
-        namespace = next(
-            (sc.config.namespace for sc in self.kv_scorers if sc.config.namespace), None
-        )
+        namespace = shared.namespace
         config = ReplicaSyncConfig(
             nats_url=s.nats_url or s.env.get("NATS_SERVER") or DEFAULT_NATS_URL,
             subject=s.sync_subject or default_subject(s.pool_name or namespace or s.model),
@@ -245,12 +227,11 @@ class EppRuntime(StackedService):
             router_id=s.router_id or new_router_id(),
         )
         self.sync = ReplicaSync(
-            {sc.name: sc.router for sc in self.kv_scorers},
+            {name: owner.router for name, owner in shared.owners.items()},
             config,
             metrics=SyncMetrics(self.metrics.registry),
         )
-        for scorer in self.kv_scorers:
-            scorer.journal = self.sync
+        shared.attach(self.sync)
         await self.sync.start()
         self._stack.push_async_callback(self.sync.aclose)
         log.info(
@@ -283,6 +264,8 @@ class EppRuntime(StackedService):
         """Drop the cached-block and load state of workers whose metrics went stale after having
         answered: a dead worker's cache is gone, and its in-flight requests will never complete.
         It is routed to again, with state rebuilt from its events, once it answers again."""
+        assert self.scheduler is not None
+        scheduler = self.scheduler
         down: set[str] = set()
         while True:
             await asyncio.sleep(interval_s)
@@ -294,16 +277,16 @@ class EppRuntime(StackedService):
                         log.warning(
                             "worker %s stopped answering; dropping its state", endpoint.address
                         )
-                        for scorer in self.kv_scorers:
-                            scorer.router.remove_worker(endpoint.address)
+                        scheduler.endpoints_changed([], [endpoint])
                 elif not metrics.stale and endpoint.address in down:
                     down.discard(endpoint.address)
                     log.info("worker %s answers again", endpoint.address)
+                    scheduler.endpoints_changed([endpoint], [])
             down &= {ep.address for ep in self.endpoints}
 
     def _gauges(self) -> dict[str, tuple[str, Any]]:
         def index_blocks() -> float:
-            return float(sum(sc.router.index.entries for sc in self.kv_scorers))
+            return float(sum(o.router.index.entries for o in self.shared_load.owners.values()))
 
         def events(attr: str) -> Any:
             def read() -> float:

@@ -1,7 +1,7 @@
 """Worker selection: KV-aware cost routing, active-sequence load, round-robin fallback."""
 
+from kvgate.errors import ConfigError
 from kvgate.scheduling.active import ActiveSequences
-from kvgate.scheduling.config import ConfigError, KvRouterConfig
 from kvgate.scheduling.kv_router import (
     AllWorkersBusy,
     Candidate,
@@ -11,6 +11,7 @@ from kvgate.scheduling.kv_router import (
     RoutingRequest,
     Selection,
 )
+from kvgate.scheduling.router_config import KvRouterConfig
 
 __all__ = [
     "ActiveSequences",

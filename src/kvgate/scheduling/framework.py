@@ -1,116 +1,151 @@
-"""The endpoint-picker plugin framework: the request, the extension points, the result.
+"""The plugin author's contract: what a plugin declares, the hooks it may implement, when they run.
 
-Per request the scheduler asks the **profile handler** which scheduling profiles to run (one for
-aggregated serving; decode then prefill for disaggregated), and runs each profile as
-**filters** (drop endpoints) → **scorers** (each returns a score in [0, 1] per endpoint, clamped
-by the framework, summed with the profile's weights) → **picker** (the endpoint, plus ordered
-fallbacks). Around scheduling, request-control hooks see the request's life:
-**prepare** (async, before scheduling: e.g. tokenize off the event loop), **pre_request** (after
-the pick: book load, set headers), **response_received** (response headers), **response_streaming**
-(each body chunk), **response_complete** (end, error or abort — always called once).
+A plugin is a class with
 
-Every plugin has a type name (its registry key) and an instance name (from the config; defaults to
-the type). Hooks default to no-ops so a plugin implements only what it needs; the scheduler finds
-which hooks a plugin implements once, at configuration time, not per request.
+- ``type_name``: its registry key (``kvgate.scheduling.registry.BUILTIN_PLUGINS`` maps it to the
+  class); many instances may be configured, each with its own ``name``;
+- ``params_type``: a frozen dataclass of its parameters with defaults (`NoParams` if none).
+  Fields are written camelCase in the EndpointPickerConfig; bounds as ``Annotated[int,
+  Range(ge=1)]``, choices as ``Literal``, durations as ``Annotated[float, SECONDS]``; unknown
+  keys and out-of-range values are refused, never replaced;
+- ``from_config(name, params, context)``: builds an instance (default: ``cls(name)``). The
+  `PluginContext` carries the services a plugin may use (clock, seeded randomness, tokenizer,
+  metrics, KV-event targets, shared load); raising ValueError here reports a config error at the
+  plugin's parameters;
+- ``produces`` / ``consumes``: the `Product` s it writes on the request in `Plugin.prepare`, and
+  the ones it needs. A consumed product must have a producer in the configuration (else the
+  configuration is refused); producers run before the plugins that consume what they make.
 
-Products that plugins hand to each other are declared fields of `LLMRequest` (tokens, block
-hashes, predicted overlap), not a free-form dictionary.
+Per request the scheduler calls, in this order:
+
+prepare            (producers only, async, before any profile is picked) make the products:
+                   tokenize off the event loop, look up the prefix index, predict latencies;
+profile handler    pick the profiles to run; for each profile: **filters** (drop endpoints) →
+                   **scorers** (a score in [0, 1] per endpoint, clamped by the framework, summed
+                   with the profile's weights) → **picker** (the endpoint, then ordered fallbacks);
+pre_request        after the pick, before the request is sent on: book load, set headers;
+response_received  response headers; response_streaming: each body chunk (the first one ends
+                   prefill); response_complete: end, error or abort — exactly once per request.
+
+Between requests: on_endpoints_changed (joins and leaves, including a worker found dead), and
+close when the process stops. Every hook has a no-op default, so a plugin implements only what
+it needs; which plugin implements which hook is found once, at configuration time.
+
+Reading rule: filters, scorers, pickers and profile handlers read the client's fields and the
+products. Fields written after scheduling (`LLMRequest` outputs) are for the EPP, not for plugins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import enum
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.tokens.request import RequestKind
+from kvgate.scheduling.request import (
+    LLMRequest,
+    ProfileResult,
+    ResponseInfo,
+    SchedulingResult,
+    ScoredEndpoint,
+)
+from kvgate.scheduling.services import NO_METRICS, KvEventTargets, SchedulingMetrics, SharedLoad
+from kvgate.settings import Range
+
+if TYPE_CHECKING:
+    from kvgate.tokens import ModelTokenizer
+
+__all__ = [
+    "SECONDS",
+    "Duration",
+    "Filter",
+    "NoParams",
+    "Picker",
+    "Plugin",
+    "PluginContext",
+    "Product",
+    "ProfileHandler",
+    "Range",
+    "SchedulerProfile",
+    "Scorer",
+    "WeightedScorer",
+]
 
 
-@dataclass(slots=True)
-class LLMRequest:
-    request_id: str
-    model: str
-    """Model name the client asked for (after any rewrite)."""
-    kind: RequestKind | None
-    """chat / completions, or None for an endpoint kvgate does not tokenize."""
-    body: dict[str, Any]
-    headers: Mapping[str, str]
-    """Request headers, lower-case names."""
-    priority: int = 0
-    """From the InferenceObjective named by ``x-gateway-inference-objective``; < 0: sheddable."""
-    lora_name: str | None = None
-    """Adapter name when ``model`` names a LoRA adapter rather than the base model."""
-    stream: bool = False
-    # Products of prepare-phase plugins:
-    tokens: list[int] | None = None
-    block_hashes: Sequence[int] | None = None
-    """Sequence hashes of the full blocks of ``tokens``."""
-    predicted_overlap_blocks: int | None = None
-    """Leading blocks the chosen endpoint is predicted to hold (set by the KV scorer)."""
-    block_size: int | None = None
-    routing_headers: dict[str, str] = field(default_factory=dict)
-    """Headers plugins want set on the routed request (e.g. Dynamo's x-worker-instance-id)."""
-    decision_summary: str | None = None
-    """One line explaining the pick (for logs and the optional decision header)."""
+class Product(enum.Enum):
+    """Request data made in the prepare phase; the value is the `LLMRequest` field."""
+
+    TOKENS = "tokens"
+    """``tokens``, ``block_size`` and ``block_hashes``."""
+    PREFIX_OVERLAPS = "overlaps"
+    """Each endpoint's cached leading blocks of the request."""
+    IN_FLIGHT_LOAD = "load"
+    """A view of the work booked on each endpoint."""
+    LATENCY_PREDICTIONS = "predictions"
+    """Each endpoint's predicted TTFT and ITL for the request."""
 
 
-@dataclass(slots=True)
-class ProfileResult:
-    profile: str
-    endpoints: list[Endpoint]
-    """Picked endpoint first, then fallbacks in order."""
-    scores: dict[str, float] = field(default_factory=dict)
+@dataclass(frozen=True, slots=True)
+class NoParams:
+    """The parameter spec of a plugin that takes none (any key is refused)."""
 
 
-@dataclass(slots=True)
-class SchedulingResult:
-    primary_profile: str
-    profiles: dict[str, ProfileResult]
-
-    @property
-    def primary(self) -> ProfileResult:
-        return self.profiles[self.primary_profile]
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.primary.endpoints[0]
+class Duration:
+    """Marks a float parameter written as a Go-style duration (``"200ms"``, ``"1m30s"``) or a
+    number of seconds."""
 
 
-@dataclass(slots=True)
-class ResponseInfo:
-    """What the data plane showed of the response by the time it ended."""
-
-    status: int | None = None
-    streaming: bool = False
-    served_endpoint: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    aborted: bool = False
-    """The stream ended without a complete response (client gone, upstream reset)."""
+SECONDS: Final = Duration()
+"""``Annotated[float, SECONDS]``: a duration parameter, parsed to seconds."""
 
 
-class SchedulingError(Exception):
-    """Scheduling could not place the request; ``status`` is the HTTP code to answer with."""
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """The services handed to every plugin constructor."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    env: Mapping[str, str] = field(default_factory=dict)
+    now: Callable[[], float] = time.monotonic
+    """Monotonic seconds; the simulator passes its virtual clock."""
+    rng_seed: int | None = None
+    """None: plugins draw from OS entropy; an int makes every plugin's choices reproducible."""
+    tokenizer: ModelTokenizer | None = None
+    """The model's tokenizer (the EPP's ``--tokenizer``), shared by plugins that tokenize."""
+    requests_carry_tokens: bool = False
+    """Every request arrives with its tokens set (trace replay): no tokenizer is needed."""
+    metrics: SchedulingMetrics = NO_METRICS
+    kv_events: KvEventTargets = field(default_factory=KvEventTargets)
+    shared_load: SharedLoad = field(default_factory=SharedLoad)
+
+    def rng(self, plugin_name: str) -> random.Random:
+        """A random stream of its own per plugin instance, so that adding a plugin to the
+        configuration does not shift the choices of the others."""
+        if self.rng_seed is None:
+            return random.Random()
+        return random.Random(f"{self.rng_seed}/{plugin_name}")
 
 
 class Plugin:
     type_name: ClassVar[str]
+    params_type: ClassVar[type[Any]] = NoParams
+    produces: ClassVar[frozenset[Product]] = frozenset()
+    consumes: ClassVar[frozenset[Product]] = frozenset()
 
     def __init__(self, name: str) -> None:
         self.name = name
 
+    @classmethod
+    def from_config(cls, name: str, params: Any, context: PluginContext) -> Self:
+        return cls(name)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, type={self.type_name!r})"
 
-    # Request-control hooks (no-ops by default).
-    async def prepare(self, request: LLMRequest) -> None:
-        """Before scheduling; may await (e.g. tokenize in a worker thread)."""
+    async def prepare(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Make the declared products for ``request`` given the candidate ``endpoints``; may
+        await (e.g. tokenize in a worker thread). Only producers implement it."""
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         """After the pick, before the request is sent on."""
@@ -131,7 +166,11 @@ class Plugin:
         """The response ended, normally or not; called exactly once per scheduled request."""
 
     def on_endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
-        """The endpoint set changed; drop per-endpoint state of ``left``."""
+        """The endpoint set changed, or a worker stopped answering (it is in ``left`` and
+        rejoins when it answers again): drop per-endpoint state of ``left``."""
+
+    def close(self) -> None:
+        """The process is stopping: release threads and other resources."""
 
 
 class Filter(Plugin):
@@ -143,12 +182,6 @@ class Scorer(Plugin):
     def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
         """Score in [0, 1] per endpoint address (higher is better; missing = 0)."""
         raise NotImplementedError
-
-
-@dataclass(slots=True)
-class ScoredEndpoint:
-    endpoint: Endpoint
-    score: float
 
 
 class Picker(Plugin):
@@ -189,24 +222,3 @@ class ProfileHandler(Plugin):
         self, request: LLMRequest, results: Mapping[str, ProfileResult]
     ) -> SchedulingResult:
         raise NotImplementedError
-
-
-def prompt_chars(body: Mapping[str, Any]) -> int:
-    """Characters of prompt text in an OpenAI body: a cheap size estimate before tokenizing."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                text = part.get("text") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    total += len(text)
-    return total

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from kvgate.index.approx_index import ApproxPrefixIndex
 from kvgate.index.prefix_index import PrefixIndex, WorkerId
 from kvgate.scheduling.active import ActiveSequences, RequestKey
-from kvgate.scheduling.config import KvRouterConfig
+from kvgate.scheduling.router_config import KvRouterConfig
 
 
 class NoCandidates(LookupError):
@@ -84,6 +84,11 @@ class KvRouter:
         )
         self.active = ActiveSequences(config.block_size, expiry_s=config.request_expiry_s)
         self._rng = random.Random(seed)
+
+    @property
+    def event_index(self) -> PrefixIndex | None:
+        """The index KV events maintain; None with events off (the approximate index)."""
+        return self.index if isinstance(self.index, PrefixIndex) else None
 
     def overlaps(self, request: RoutingRequest, now: float) -> dict[WorkerId, int]:
         if isinstance(self.index, ApproxPrefixIndex):

@@ -1,21 +1,17 @@
 """The plugin registry: one explicit table from type name to plugin class, and strict parameters.
 
 Every plugin type kvgate knows is a line of `BUILTIN_PLUGINS`, naming its class by module path so
-that nothing is imported until a configuration asks for the type. A plugin class declares
+that nothing is imported until a configuration asks for the type. What a plugin class declares
+(``type_name``, ``params_type``, ``from_config``) is the contract in `kvgate.scheduling.framework`;
+the registry checks ``type_name`` against the table when the class is first loaded.
 
-- ``type_name``: its registry key (checked against the table when the class is first loaded);
-- ``params_type``: a frozen dataclass whose fields are the plugin's parameters, with defaults;
-  snake_case field names are written camelCase in the configuration (``max_num_of_endpoints`` ↔
-  ``maxNumOfEndpoints``); bounds are declared with ``Annotated[int, Range(ge=1)]``, choices with
-  ``Literal``, durations with ``Annotated[float, SECONDS]``;
-- ``from_config(name, params, context)``: a classmethod building an instance.
-
-Parameters are parsed strictly: defaults first, then the configured values; an unknown key, a wrong
-type or a value out of bounds is refused, never replaced by a default.
+Parameters are parsed strictly: defaults first, then the configured values (snake_case fields are
+written camelCase: ``max_num_of_endpoints`` ↔ ``maxNumOfEndpoints``); an unknown key, a wrong type
+or a value out of bounds is refused, never replaced by a default.
 
 Errors::
 
-    ConfigError (kvgate.scheduling.config; a ValueError)
+    ConfigError (kvgate.errors; a ValueError)
      └── EppConfigError        anything wrong in an EndpointPickerConfig; ``path`` says where
           └── PluginConfigError  a plugin's type or parameters; names plugin, type, parameter and
                                  what is allowed
@@ -27,12 +23,10 @@ import dataclasses
 import difflib
 import importlib
 import math
-import random
 import re
-import time
 import types
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from typing import (
     Annotated,
@@ -40,15 +34,16 @@ from typing import (
     Final,
     Literal,
     NoReturn,
-    Protocol,
     Union,
     get_args,
     get_origin,
 )
 from typing import get_type_hints as _get_type_hints
 
-from kvgate.scheduling.config import ConfigError
-from kvgate.scheduling.framework import Plugin
+from kvgate.errors import ConfigError
+from kvgate.scheduling.framework import Duration, Plugin, PluginContext, Range
+
+PluginClass = type[Plugin]
 
 # One line per plugin type. Adding a plugin = adding its line; a repeated type name is an error.
 BUILTIN_PLUGINS: Final[tuple[tuple[str, str], ...]] = (
@@ -57,8 +52,8 @@ BUILTIN_PLUGINS: Final[tuple[tuple[str, str], ...]] = (
         "kvgate.scheduling.plugins.single_profile_handler:SingleProfileHandler",
     ),
     ("pd-profile-handler", "kvgate.scheduling.plugins.disagg_profile_handler:PdProfileHandler"),
-    ("decode-filter", "kvgate.scheduling.plugins.decode_filter:DecodeFilter"),
-    ("prefill-filter", "kvgate.scheduling.plugins.prefill_filter:PrefillFilter"),
+    ("decode-filter", "kvgate.scheduling.plugins.role_filter:DecodeFilter"),
+    ("prefill-filter", "kvgate.scheduling.plugins.role_filter:PrefillFilter"),
     ("queue-scorer", "kvgate.scheduling.plugins.queue_scorer:QueueScorer"),
     (
         "kv-cache-utilization-scorer",
@@ -119,72 +114,6 @@ class PluginConfigError(EppConfigError):
         self.allowed = allowed
 
 
-@dataclass(frozen=True, slots=True)
-class PluginContext:
-    """Shared services handed to every plugin constructor."""
-
-    env: Mapping[str, str] = field(default_factory=dict)
-    now: Callable[[], float] = time.monotonic
-    """Monotonic seconds; the simulator passes its virtual clock."""
-    rng_seed: int | None = None
-    """None: plugins draw from OS entropy; an int makes every plugin's choices reproducible."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Services only some plugins need (tokenizer, KV router), by a key the plugin documents."""
-
-    def rng(self, plugin_name: str) -> random.Random:
-        """A random stream of its own per plugin instance, so that adding a plugin to the
-        configuration does not shift the choices of the others."""
-        if self.rng_seed is None:
-            return random.Random()
-        return random.Random(f"{self.rng_seed}/{plugin_name}")
-
-
-class PluginClass(Protocol):
-    """What the registry needs of a plugin class (the class object itself, not an instance)."""
-
-    @property
-    def type_name(self) -> str: ...
-
-    @property
-    def params_type(self) -> type[Any]: ...
-
-    def from_config(self, name: str, params: Any, context: PluginContext) -> Plugin: ...
-
-
-@dataclass(frozen=True, slots=True)
-class NoParams:
-    """The parameter spec of a plugin that takes none (any key is refused)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Range:
-    """Bounds of a numeric parameter: ``Annotated[int, Range(ge=1)]``."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-
-    def contains(self, value: float) -> bool:
-        return (
-            (self.ge is None or value >= self.ge)
-            and (self.gt is None or value > self.gt)
-            and (self.le is None or value <= self.le)
-        )
-
-    def describe(self) -> str:
-        parts = [f">= {self.ge:g}"] if self.ge is not None else []
-        parts += [f"> {self.gt:g}"] if self.gt is not None else []
-        parts += [f"<= {self.le:g}"] if self.le is not None else []
-        return " and ".join(parts)
-
-
-class _Seconds:
-    """Marks a float parameter written as a Go-style duration (``"200ms"``, ``"1m30s"``) or a
-    number of seconds."""
-
-
-SECONDS: Final = _Seconds()
-
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -209,7 +138,7 @@ def camel_case(name: str) -> str:
 class _ParamField:
     attr: str
     key: str
-    kind: type | tuple[Any, ...] | _Seconds
+    kind: type | tuple[Any, ...] | Duration
     """bool / int / float / str, the choices of a Literal, or SECONDS."""
     optional: bool
     bounds: Range | None
@@ -218,7 +147,7 @@ class _ParamField:
     def allowed(self) -> str:
         if isinstance(self.kind, tuple):
             text = "one of " + ", ".join(repr(c) for c in self.kind)
-        elif isinstance(self.kind, _Seconds):
+        elif isinstance(self.kind, Duration):
             text = 'a duration ("250ms", "2s", "1m30s") or a number of seconds'
         else:
             text = _KIND_NAMES[self.kind]
@@ -254,13 +183,13 @@ def _analyse(spec: type[Any]) -> tuple[_ParamField, ...]:
     for f in dataclasses.fields(spec):
         hint = hints[f.name]
         bounds: Range | None = None
-        marker: _Seconds | None = None
+        marker: Duration | None = None
         if get_origin(hint) is Annotated:
             hint, *extras = get_args(hint)
             for extra in extras:
                 if isinstance(extra, Range):
                     bounds = extra
-                elif isinstance(extra, _Seconds):
+                elif isinstance(extra, Duration):
                     marker = extra
         optional = False
         if get_origin(hint) in (Union, types.UnionType):
@@ -269,7 +198,7 @@ def _analyse(spec: type[Any]) -> tuple[_ParamField, ...]:
             if len(members) != 1:
                 raise TypeError(f"{spec.__qualname__}.{f.name}: unsupported type {hint!r}")
             hint = members[0]
-        kind: type | tuple[Any, ...] | _Seconds
+        kind: type | tuple[Any, ...] | Duration
         if marker is not None:
             kind = marker
         elif get_origin(hint) is Literal:
@@ -291,7 +220,7 @@ def _convert(pf: _ParamField, value: object) -> tuple[bool, object]:
     converted: object
     if isinstance(kind, tuple):
         return value in kind and not isinstance(value, bool | float), value
-    if isinstance(kind, _Seconds):
+    if isinstance(kind, Duration):
         if isinstance(value, str):
             seconds = parse_duration(value.strip())
             if seconds is None:

@@ -8,10 +8,13 @@ the prefill profile of a disaggregated setup may fail and the request still be s
 If the primary profile has no endpoint the request is refused: 503 when there were no endpoints at
 all, 429 when there were some and all were filtered out.
 
-Request-control hooks (`prepare`, `pre_request`, `response_*`, `endpoints_changed`) fan out to the
-plugins that override them; which plugin overrides which hook is worked out once, at construction.
-The hooks after the pick run for every plugin even if one of them raises (the error is logged):
-one plugin's bug must not leak another's per-request bookkeeping.
+`prepare` runs the producers of the request's products, each after the producers of what it
+consumes (`order_producers`, checked once at construction: a consumed product without a producer,
+or two producers of one product, is a configuration error). The other hooks (`pre_request`,
+`response_*`, `endpoints_changed`, `close`) fan out to the plugins that override them, in
+configuration order; which plugin overrides which hook is worked out once, at construction. They
+run for every plugin even if one raises (the error is logged): one plugin's bug must not leak
+another's per-request bookkeeping.
 
 Timing: every plugin call is timed with `time.perf_counter` and reported to ``observer(extension
 point, plugin, seconds)`` when one is given (the metrics layer's histogram, or a `PluginTimings`
@@ -24,16 +27,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Final
+from typing import Any, Final
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import (
+from kvgate.scheduling.framework import Plugin, Product, ProfileHandler, SchedulerProfile
+from kvgate.scheduling.request import (
     LLMRequest,
-    Plugin,
-    ProfileHandler,
     ProfileResult,
     ResponseInfo,
-    SchedulerProfile,
     SchedulingError,
     SchedulingResult,
     ScoredEndpoint,
@@ -51,6 +52,7 @@ RESPONSE_RECEIVED: Final = "ResponseReceived"
 RESPONSE_STREAMING: Final = "ResponseStreaming"
 RESPONSE_COMPLETE: Final = "ResponseComplete"
 ENDPOINTS_CHANGED: Final = "EndpointsChanged"
+CLOSE: Final = "Close"
 
 Observer = Callable[[str, Plugin, float], None]
 """Called with (extension point, plugin, seconds) after every plugin call."""
@@ -84,6 +86,58 @@ def _overrides(plugin: Plugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(Plugin, hook)
 
 
+def order_producers(plugins: Sequence[Plugin]) -> list[Plugin]:
+    """The plugins that make products, each after the producers of what it consumes.
+
+    Raises ValueError (saying what to change) when a plugin consumes a product nobody makes, two
+    plugins make the same product, producers depend on each other in a cycle, or a plugin
+    implements `Plugin.prepare` without declaring what it produces."""
+    makers: dict[Product, Plugin] = {}
+    for plugin in plugins:
+        if _overrides(plugin, "prepare") and not plugin.produces:
+            raise ValueError(
+                f"{plugin!r} implements prepare but declares no product (class attribute "
+                "produces): prepare is where products are made"
+            )
+        for product in plugin.produces:
+            other = makers.setdefault(product, plugin)
+            if other is not plugin:
+                raise ValueError(
+                    f"plugins {other.name!r} and {plugin.name!r} both produce "
+                    f"{product.value!r}; configure one and reference it from every profile"
+                )
+    for plugin in plugins:
+        for product in sorted(plugin.consumes, key=lambda p: p.value):
+            if product not in makers:
+                raise ValueError(
+                    f"plugin {plugin.name!r} (type {plugin.type_name!r}) needs "
+                    f"{product.value!r}, which no configured plugin produces"
+                )
+    ordered: list[Plugin] = []
+    state: dict[int, bool] = {}  # id -> finished (False while being visited)
+
+    def visit(plugin: Plugin) -> None:
+        seen = state.get(id(plugin))
+        if seen:
+            return
+        if seen is False:
+            raise ValueError(f"producers depend on each other in a cycle through {plugin.name!r}")
+        state[id(plugin)] = False
+        for product in sorted(plugin.consumes, key=lambda p: p.value):
+            visit(makers[product])
+        state[id(plugin)] = True
+        ordered.append(plugin)
+
+    for plugin in plugins:
+        if plugin.produces:
+            visit(plugin)
+    return ordered
+
+
+def _implementing(plugins: Sequence[Plugin], hook: str) -> list[tuple[Plugin, Callable[..., None]]]:
+    return [(p, getattr(p, hook)) for p in plugins if _overrides(p, hook)]
+
+
 class Scheduler:
     def __init__(
         self,
@@ -110,19 +164,19 @@ class Scheduler:
             unique.setdefault(id(profile.picker), profile.picker)
         plugins = self.plugins = tuple(unique.values())
         self.observer = observer
-        self._prepare = [p for p in plugins if _overrides(p, "prepare")]
-        self._pre_request = [p for p in plugins if _overrides(p, "pre_request")]
-        self._received = [p for p in plugins if _overrides(p, "response_received")]
-        self._streaming = [p for p in plugins if _overrides(p, "response_streaming")]
-        self._complete = [p for p in plugins if _overrides(p, "response_complete")]
-        self._changed = [p for p in plugins if _overrides(p, "on_endpoints_changed")]
+        self._prepare = order_producers(plugins)
+        self._pre_request = _implementing(plugins, "pre_request")
+        self._received = _implementing(plugins, "response_received")
+        self._streaming = _implementing(plugins, "response_streaming")
+        self._complete = _implementing(plugins, "response_complete")
+        self._changed = _implementing(plugins, "on_endpoints_changed")
+        self._close = _implementing(plugins, "close")
 
-    async def prepare(self, request: LLMRequest) -> None:
-        """Run the prepare hooks in configuration order (a later one may use an earlier one's
-        product, e.g. hashes of the tokens another produced)."""
+    async def prepare(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Run the producers, each after those it depends on."""
         for plugin in self._prepare:
             start = perf_counter()
-            await plugin.prepare(request)
+            await plugin.prepare(request, endpoints)
             self._observe(PREPARE_DATA, plugin, start)
 
     def schedule(self, request: LLMRequest, endpoints: list[Endpoint]) -> SchedulingResult:
@@ -201,56 +255,55 @@ class Scheduler:
         return ProfileResult(profile.name, picked, totals)
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
-        for plugin in self._pre_request:
-            start = perf_counter()
-            try:
-                plugin.pre_request(request, result)
-            except Exception:
-                log.exception("%r failed in pre_request of %s", plugin, request.request_id)
-            self._observe(PRE_REQUEST, plugin, start)
+        self._fan_out(PRE_REQUEST, self._pre_request, request.request_id, request, result)
 
     def response_received(
         self, request: LLMRequest, result: SchedulingResult, headers: Mapping[str, str]
     ) -> None:
-        for plugin in self._received:
-            start = perf_counter()
-            try:
-                plugin.response_received(request, result, headers)
-            except Exception:
-                log.exception("%r failed in response_received of %s", plugin, request.request_id)
-            self._observe(RESPONSE_RECEIVED, plugin, start)
+        self._fan_out(
+            RESPONSE_RECEIVED, self._received, request.request_id, request, result, headers
+        )
 
     def response_streaming(
         self, request: LLMRequest, result: SchedulingResult, first_chunk: bool
     ) -> None:
-        for plugin in self._streaming:
-            start = perf_counter()
-            try:
-                plugin.response_streaming(request, result, first_chunk)
-            except Exception:
-                log.exception("%r failed in response_streaming of %s", plugin, request.request_id)
-            self._observe(RESPONSE_STREAMING, plugin, start)
+        self._fan_out(
+            RESPONSE_STREAMING, self._streaming, request.request_id, request, result, first_chunk
+        )
 
     def response_complete(
         self, request: LLMRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
-        for plugin in self._complete:
-            start = perf_counter()
-            try:
-                plugin.response_complete(request, result, response)
-            except Exception:
-                log.exception("%r failed in response_complete of %s", plugin, request.request_id)
-            self._observe(RESPONSE_COMPLETE, plugin, start)
+        self._fan_out(
+            RESPONSE_COMPLETE, self._complete, request.request_id, request, result, response
+        )
 
     def endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
         """Fan an endpoint-set change out; fits `EndpointSet.subscribe` as a listener."""
-        for plugin in self._changed:
+        self._fan_out(ENDPOINTS_CHANGED, self._changed, None, joined, left)
+
+    def close(self) -> None:
+        self._fan_out(CLOSE, self._close, None)
+
+    def _fan_out(
+        self,
+        point: str,
+        hooks: list[tuple[Plugin, Callable[..., None]]],
+        request_id: str | None,
+        *args: Any,
+    ) -> None:
+        for plugin, hook in hooks:
             start = perf_counter()
             try:
-                plugin.on_endpoints_changed(joined, left)
+                hook(*args)
             except Exception:
-                log.exception("%r failed in on_endpoints_changed", plugin)
-            self._observe(ENDPOINTS_CHANGED, plugin, start)
+                log.exception(
+                    "%r failed in %s%s",
+                    plugin,
+                    point,
+                    "" if request_id is None else f" of request {request_id}",
+                )
+            self._observe(point, plugin, start)
 
     def _observe(self, point: str, plugin: Plugin, start: float) -> None:
         if self.observer is not None:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from kvgate.scheduling.config import ConfigError
+from kvgate.errors import ConfigError
 from kvgate.scheduling.kv_router import KvRouter
 from kvgate.service import Service
 from kvgate.sync.messages import (

@@ -1,12 +1,11 @@
 """`pd-profile-handler`: prefill/decode disaggregation as two scheduling profiles.
 
 The decode profile always runs first. The prefill profile (when configured) runs next if the part
-of the prompt the chosen decode worker is not predicted to cache is at least ``threshold`` tokens;
-short uncached suffixes are cheaper to prefill on the decode worker itself. The uncached part is
-``len(tokens) - predicted_overlap_blocks * block_size`` when a prepare-phase plugin tokenized the
-request (the overlap comes from the KV scorer in the decode profile), otherwise the prompt's
-characters / 4. With ``threshold`` 0 (the default) every request with a prefill profile is
-disaggregated.
+of the prompt the chosen decode worker does not cache is at least ``threshold`` tokens; short
+uncached suffixes are cheaper to prefill on the decode worker itself. The uncached part is
+``len(tokens) - overlap * block_size`` with the prepare phase's tokens and the decode worker's
+overlap (products of the KV scorer), otherwise the prompt's characters / 4. With ``threshold`` 0
+(the default) every request with a prefill profile is disaggregated.
 
 The result's primary profile is decode. The Dynamo routing headers say how the request is served:
 ``x-dynamo-routing-mode: disaggregated`` plus ``x-prefiller-host-port`` (the prefill worker's
@@ -20,15 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
-from kvgate.scheduling.framework import (
-    LLMRequest,
-    ProfileHandler,
-    ProfileResult,
-    SchedulerProfile,
-    SchedulingResult,
-    prompt_chars,
-)
-from kvgate.scheduling.registry import PluginContext, Range
+from kvgate.fleet.endpoint import Endpoint
+from kvgate.scheduling.framework import PluginContext, ProfileHandler, Range, SchedulerProfile
+from kvgate.scheduling.request import LLMRequest, ProfileResult, SchedulingResult, prompt_chars
 
 ROUTING_MODE_HEADER = "x-dynamo-routing-mode"
 PREFILLER_HEADER = "x-prefiller-host-port"
@@ -86,7 +79,10 @@ class PdProfileHandler(ProfileHandler):
             prefill in profiles
             and prefill not in results
             and results[decode].endpoints
-            and (self.params.threshold == 0 or uncached_tokens(request) >= self.params.threshold)
+            and (
+                self.params.threshold == 0
+                or uncached_tokens(request, results[decode].endpoints[0]) >= self.params.threshold
+            )
         ):
             return (prefill,)
         return ()
@@ -106,6 +102,7 @@ class PdProfileHandler(ProfileHandler):
             and prefill.endpoints[0].address != decode.endpoints[0].address
         ):
             chosen[self.params.prefill_profile] = prefill
+            prefill_profile: str | None = self.params.prefill_profile
             headers[ROUTING_MODE_HEADER] = "disaggregated"
             prefill_worker = prefill.endpoints[0]
             headers[PREFILLER_HEADER] = (
@@ -114,15 +111,16 @@ class PdProfileHandler(ProfileHandler):
                 else prefill_worker.address
             )
         else:
+            prefill_profile = None
             headers[ROUTING_MODE_HEADER] = "aggregated"
-        return SchedulingResult(primary_profile=decode_name, profiles=chosen)
+        return SchedulingResult(decode_name, chosen, prefill_profile)
 
 
-def uncached_tokens(request: LLMRequest) -> int:
-    """Prompt tokens the decode worker is not predicted to hold."""
+def uncached_tokens(request: LLMRequest, decode_worker: Endpoint) -> int:
+    """Prompt tokens ``decode_worker`` does not cache."""
     if request.tokens is None:
         return prompt_chars(request.body) // CHARS_PER_TOKEN
     cached = 0
-    if request.predicted_overlap_blocks is not None and request.block_size is not None:
-        cached = request.predicted_overlap_blocks * request.block_size
+    if request.overlaps is not None and request.block_size is not None:
+        cached = request.overlaps.get(decode_worker.address, 0) * request.block_size
     return max(0, len(request.tokens) - cached)

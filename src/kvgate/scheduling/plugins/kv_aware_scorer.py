@@ -1,16 +1,27 @@
 """`kv-aware-scorer`: the seed's ``dyn-kv`` plugin — token-aware, KV-cache-aware selection.
 
-prepare     tokenize the request exactly as the engine will (chat template, tokenizer) in the
-            plugin's tokenizer thread, hash the tokens into KV blocks;
-score       run the KV router's cost function over the candidates: the router's choice scores 1,
-            every other candidate less, ordered by cost (so fallbacks are the next-cheapest);
-pre_request book the request on the endpoint finally picked (pending prefill, active blocks; with
-            KV events off, the approximate index learns the pick) and set Dynamo's routing headers;
+It owns the gateway's view of the workers' KV caches and of the work it sent them, and makes it
+available to every other plugin as products of the prepare phase:
+
+prepare     tokenize the request exactly as the engine will (chat template, tokenizer; long
+            prompts in the plugin's tokenizer thread), hash the tokens into KV blocks
+            (``TOKENS``), look up every candidate's cached prefix in the index
+            (``PREFIX_OVERLAPS``), and expose the in-flight bookkeeping (``IN_FLIGHT_LOAD``);
+score       (when a profile references it) the reference router's cost function over the
+            candidates: the router's choice scores 1, every other candidate less, ordered by
+            cost (so fallbacks are the next-cheapest);
+pre_request book the request: on the picked endpoint its uncached prompt as pending prefill and
+            its blocks as active; in disaggregated serving the prefill worker gets the prefill
+            (released when the first token arrives) and the decode worker the blocks. With KV
+            events off, the approximate index learns the pick. Sets Dynamo's routing headers;
 first chunk prefill done: pending prefill released;
 complete    request freed (also on abort, so bookkeeping cannot leak).
 
-Each of the last three changes is also told to the scorer's `journal` when one is set: replica
-sync (`kvgate.sync`) publishes them so that other EPP replicas count this replica's load.
+A plugin configured only under ``plugins`` (no profile references it) still does all of this but
+never scores: that is how another scorer (``predicted-latency-scorer``) builds on its products.
+
+Each booking change is also told to the plugin's journal when replica sync runs: other EPP
+replicas then count this replica's load (`kvgate.scheduling.services.SharedLoad`).
 
 Configuration comes from the seed's ``DYNAMO_*`` environment variables; ``parameters`` in the
 EndpointPickerConfig override them field by field.
@@ -21,21 +32,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from kvgate.errors import ConfigError
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.config import ConfigError, KvRouterConfig
-from kvgate.scheduling.framework import (
-    LLMRequest,
-    ResponseInfo,
-    SchedulingError,
-    SchedulingResult,
-    Scorer,
-    prompt_chars,
-)
+from kvgate.scheduling.framework import PluginContext, Product, Scorer
 from kvgate.scheduling.kv_router import (
     AllWorkersBusy,
     Candidate,
@@ -45,7 +49,16 @@ from kvgate.scheduling.kv_router import (
     RoutingRequest,
     Selection,
 )
-from kvgate.scheduling.registry import PluginConfigError, PluginContext
+from kvgate.scheduling.registry import PluginConfigError
+from kvgate.scheduling.request import (
+    LLMRequest,
+    ResponseInfo,
+    SchedulingError,
+    SchedulingResult,
+    prompt_chars,
+)
+from kvgate.scheduling.router_config import KvRouterConfig
+from kvgate.scheduling.services import NO_METRICS, ActiveJournal, LoadOwner, SchedulingMetrics
 from kvgate.tokens import ModelTokenizer, RequestError
 from kvgate.tokens.hashing import lora_seed, sequence_hashes_of
 
@@ -55,6 +68,8 @@ ROUTING_MODE_HEADER = "x-dynamo-routing-mode"
 INSTANCE_HEADER = "x-worker-instance-id"
 # Below this much prompt text, tokenizing inline is cheaper than a hop to the tokenizer thread.
 _INLINE_TOKENIZE_CHARS = 2048
+PREFILL_KEY_SUFFIX = "#prefill"
+"""A disaggregated request's prefill booking is keyed ``<request id>#prefill``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,36 +88,12 @@ class KvAwareScorerParams:
     """Tokenizer dir or hub id; default: the EPP's ``--tokenizer``."""
 
 
-class ActiveJournal(Protocol):
-    """Told of every change to a scorer's own in-flight bookings; must not block."""
-
-    def added(
-        self,
-        scorer: str,
-        request_id: str,
-        worker: str,
-        hashes: Sequence[int],
-        prefill_tokens: int,
-    ) -> None: ...
-
-    def prefill_completed(self, scorer: str, request_id: str) -> None: ...
-
-    def freed(self, scorer: str, request_id: str) -> None: ...
-
-
-# Keys of PluginContext.extras this plugin reads.
-TOKENIZER_EXTRA = "tokenizer"
-"""A loaded `ModelTokenizer` (the EPP's ``--tokenizer``), shared with other plugins."""
-METRICS_EXTRA = "metrics"
-"""The EPP's `EppMetrics`, or absent."""
-KV_SCORERS_EXTRA = "kv_scorers"
-"""Filled with every built `KvAwareScorer`: the EPP wires their indexes to KV events, and the
-cleanup plugin frees their requests."""
-
-
 class KvAwareScorer(Scorer):
     type_name: ClassVar[str] = "kv-aware-scorer"
     params_type: ClassVar[type[KvAwareScorerParams]] = KvAwareScorerParams
+    produces: ClassVar[frozenset[Product]] = frozenset(
+        {Product.TOKENS, Product.PREFIX_OVERLAPS, Product.IN_FLIGHT_LOAD}
+    )
 
     @classmethod
     def from_config(
@@ -118,18 +109,38 @@ class KvAwareScorer(Scorer):
                 plugin_type=cls.type_name,
                 parameter=err.field,
             ) from None
-        tokenizer = context.extras.get(TOKENIZER_EXTRA)
+        tokenizer = context.tokenizer
         if params.tokenizer is not None:
             tokenizer = ModelTokenizer.load(params.tokenizer)
+        if config.use_kv_routing and tokenizer is None and not context.requests_carry_tokens:
+            raise PluginConfigError(
+                f"plugin {name}",
+                "KV routing needs the model's tokenizer: pass --tokenizer or set the parameter",
+                plugin_name=name,
+                plugin_type=cls.type_name,
+                parameter="tokenizer",
+            )
         scorer = cls(
             name,
             config,
             tokenizer if config.use_kv_routing else None,
             clock=context.now,
             seed=context.rng_seed,
-            metrics=context.extras.get(METRICS_EXTRA),
+            metrics=context.metrics,
         )
-        context.extras.setdefault(KV_SCORERS_EXTRA, []).append(scorer)
+        if config.use_kv_routing:
+            index = scorer.router.event_index
+            if index is not None:
+                context.kv_events.add(index)
+            context.shared_load.add(
+                LoadOwner(
+                    name,
+                    scorer.router,
+                    scorer.set_journal,
+                    wants_sync=config.replica_sync,
+                    namespace=config.namespace,
+                )
+            )
         return scorer
 
     def __init__(
@@ -138,25 +149,22 @@ class KvAwareScorer(Scorer):
         config: KvRouterConfig,
         tokenizer: ModelTokenizer | None,
         *,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
-        metrics: Any = None,
+        metrics: SchedulingMetrics = NO_METRICS,
     ) -> None:
         super().__init__(name)
-        if config.use_kv_routing and tokenizer is None:
-            raise ConfigError(
-                f"plugin {name!r} (kv-aware-scorer).tokenizer",
-                "KV routing needs the model's tokenizer: pass --tokenizer or set the parameter",
-            )
         self.config = config
         self.tokenizer = tokenizer
         self.router = KvRouter(config, seed=seed)
         self.round_robin = RoundRobin()
         self.clock = clock
         self.metrics = metrics
-        self._pending: dict[str, Selection] = {}
         self.journal: ActiveJournal | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize")
+        self._executor: ThreadPoolExecutor | None = None
+
+    def set_journal(self, journal: ActiveJournal) -> None:
+        self.journal = journal
 
     @staticmethod
     def build_config(env: Mapping[str, str], params: KvAwareScorerParams) -> KvRouterConfig:
@@ -176,40 +184,61 @@ class KvAwareScorer(Scorer):
         return KvRouterConfig.from_env(merged)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- prepare ---------------------------------------------------------------------------
+    # -- prepare: the products --------------------------------------------------------------
 
-    async def prepare(self, request: LLMRequest) -> None:
-        # Tokens given by the caller (trace replay in `kvgate simulate`) are the engine's tokens.
-        if not self.config.use_kv_routing or self.tokenizer is None or request.tokens is not None:
+    async def prepare(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        if not self.config.use_kv_routing:
             return
+        # Tokens given by the caller (trace replay in `kvgate simulate`) are the engine's tokens.
+        if request.tokens is None and (
+            self.tokenizer is None or not await self._tokenize(request, self.tokenizer)
+        ):
+            return
+        block_size = self.config.block_size
+        tokens = request.tokens
+        assert tokens is not None
+        if request.block_hashes is None or request.block_size != block_size:
+            started = time.perf_counter()
+            request.block_hashes = sequence_hashes_of(
+                tokens, block_size, lora_seed(request.lora_name)
+            )
+            request.block_size = block_size
+            self.metrics.stage("hash", time.perf_counter() - started)
+        started = time.perf_counter()
+        request.overlaps = self.router.overlaps(self._routing(request), self.clock())
+        self.metrics.stage("match", time.perf_counter() - started)
+        request.load = self.router.active
+
+    async def _tokenize(self, request: LLMRequest, tokenizer: ModelTokenizer) -> bool:
         kind = request.kind or _guess_kind(request.body)
         if kind is None:
-            return
-        tokenizer = self.tokenizer
+            return False
         body = request.body
         started = time.perf_counter()
         try:
             if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
                 tokens = tokenizer.tokenize_request(body, kind)
             else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="kvgate-tokenize"
+                    )
                 loop = asyncio.get_running_loop()
                 tokens = await loop.run_in_executor(
                     self._executor, tokenizer.tokenize_request, body, kind
                 )
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
-        tokenized = time.perf_counter()
-        block_size = self.config.block_size
-        hashes = sequence_hashes_of(tokens, block_size, lora_seed(request.lora_name))
-        if self.metrics is not None:
-            stages = self.metrics.stage_duration
-            stages.labels("tokenize").observe(tokenized - started)
-            stages.labels("hash").observe(time.perf_counter() - tokenized)
+        self.metrics.stage("tokenize", time.perf_counter() - started)
         request.tokens = tokens
-        request.block_hashes = hashes
-        request.block_size = block_size
+        return True
+
+    def _routing(self, request: LLMRequest) -> RoutingRequest:
+        assert request.tokens is not None
+        return RoutingRequest(request.request_id, len(request.tokens), request.block_hashes or [])
 
     # -- score -----------------------------------------------------------------------------
 
@@ -219,27 +248,24 @@ class KvAwareScorer(Scorer):
         if not self.config.use_kv_routing or request.tokens is None:
             chosen = self.round_robin.pick([Candidate(ep.address) for ep in endpoints])
             return {chosen: 1.0}
-        routing = RoutingRequest(
-            request.request_id, len(request.tokens), request.block_hashes or []
-        )
         candidates = [Candidate(ep.address, ep.metrics.num_gpu_blocks) for ep in endpoints]
-        now = self.clock()
         started = time.perf_counter()
-        overlaps = self.router.overlaps(routing, now)
-        matched = time.perf_counter()
         try:
-            selection = self.router.select(routing, candidates, now, overlaps)
+            selection = self.router.select(
+                self._routing(request), candidates, self.clock(), dict(request.overlaps or {})
+            )
         except AllWorkersBusy as err:
-            if self.metrics is not None:
-                self.metrics.busy_rejections.inc()
+            self.metrics.busy_rejection()
             raise SchedulingError(429, str(err)) from None
         except NoCandidates as err:
             raise SchedulingError(503, str(err)) from None
-        if self.metrics is not None:
-            stages = self.metrics.stage_duration
-            stages.labels("match").observe(matched - started)
-            stages.labels("score").observe(time.perf_counter() - matched)
-        self._pending[request.request_id] = selection
+        self.metrics.stage("score", time.perf_counter() - started)
+        log.debug(
+            "request %s: cheapest %s, costs %s",
+            request.request_id,
+            selection.worker,
+            {w: round(c, 2) for w, c in selection.costs.items()},
+        )
         return _scores(selection)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -248,58 +274,77 @@ class KvAwareScorer(Scorer):
         chosen = result.endpoint
         request.routing_headers.setdefault(ROUTING_MODE_HEADER, "aggregated")
         request.routing_headers[INSTANCE_HEADER] = str(chosen.worker_instance_id())
-        selection = self._pending.pop(request.request_id, None)
-        if selection is None or request.tokens is None:
+        if request.tokens is None or not self.config.use_kv_routing:
             return
-        overlap = selection.overlaps.get(chosen.address, 0)
-        if chosen.address != selection.worker:
-            selection = replace(selection, worker=chosen.address, overlap_blocks=overlap)
-        routing = RoutingRequest(
-            request.request_id, len(request.tokens), request.block_hashes or []
-        )
-        prefill = self.router.book(routing, selection, self.clock())
-        if self.journal is not None:
-            self.journal.added(
-                self.name, request.request_id, chosen.address, routing.hashes, prefill
+        overlaps = request.overlaps or {}
+        block_size = self.config.block_size
+        routing = self._routing(request)
+        now = self.clock()
+        prefill_worker = result.prefill_endpoint
+        if prefill_worker is None:
+            overlap = overlaps.get(chosen.address, 0)
+            self._book(request.request_id, chosen.address, routing, overlap, now)
+        else:
+            # The prefill worker computes the prompt (minus what it caches) and hands the KV
+            # over; the decode worker then holds the blocks with no prefill of its own.
+            overlap = overlaps.get(prefill_worker.address, 0)
+            self._book(
+                request.request_id + PREFILL_KEY_SUFFIX,
+                prefill_worker.address,
+                routing,
+                overlap,
+                now,
             )
+            self._book(request.request_id, chosen.address, routing, None, now)
+        best = max((overlaps.get(a, 0) for a in result.primary.scores), default=overlap)
         request.predicted_overlap_blocks = overlap
         request.decision_summary = (
             f"endpoint={chosen.address} overlap_blocks={overlap} "
-            f"best_overlap_blocks={selection.best_overlap} block_size={self.config.block_size}"
+            f"best_overlap_blocks={best} block_size={block_size}"
         )
-        if self.metrics is not None:
-            self.metrics.predicted_overlap.observe(overlap)
-            self.metrics.predicted_cached_tokens.inc(overlap * self.config.block_size)
-            if overlap < selection.best_overlap:
-                self.metrics.non_max_overlap_picks.inc()
-        log.debug(
-            "request %s -> %s overlap=%d best=%d costs=%s",
-            request.request_id,
-            chosen.address,
-            overlap,
-            selection.best_overlap,
-            {w: round(c, 2) for w, c in selection.costs.items()},
-        )
+        if prefill_worker is not None:
+            request.decision_summary += f" prefill_endpoint={prefill_worker.address}"
+        self.metrics.picked(overlap, best, block_size)
+
+    def _book(
+        self,
+        key: str,
+        worker: str,
+        routing: RoutingRequest,
+        overlap_blocks: int | None,
+        now: float,
+    ) -> None:
+        """Book ``routing`` on ``worker`` with its uncached prompt as pending prefill, or none
+        when ``overlap_blocks`` is None (the prompt is prefilled elsewhere)."""
+        if overlap_blocks is None:
+            prefill = 0
+        else:
+            prefill = max(0, routing.isl - overlap_blocks * self.config.block_size)
+        self.router.book_key(key, worker, routing.hashes, prefill, now)
+        if self.journal is not None:
+            self.journal.added(self.name, key, worker, routing.hashes, prefill)
 
     def response_streaming(
         self, request: LLMRequest, result: SchedulingResult, first_chunk: bool
     ) -> None:
-        if (
-            first_chunk
-            and self.router.mark_prefill_complete(request.request_id)
-            and self.journal is not None
-        ):
-            self.journal.prefill_completed(self.name, request.request_id)
+        if not first_chunk:
+            return
+        request_id = request.request_id
+        if result.prefill_profile is not None:
+            self._free(request_id + PREFILL_KEY_SUFFIX)
+        if self.router.mark_prefill_complete(request_id) and self.journal is not None:
+            self.journal.prefill_completed(self.name, request_id)
 
     def response_complete(
         self, request: LLMRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
-        self.release(request.request_id)
+        if result.prefill_profile is not None:
+            self._free(request.request_id + PREFILL_KEY_SUFFIX)
+        self._free(request.request_id)
 
-    def release(self, request_id: str) -> None:
-        self._pending.pop(request_id, None)
-        if self.router.free(request_id) and self.journal is not None:
-            self.journal.freed(self.name, request_id)
+    def _free(self, key: str) -> None:
+        if self.router.free(key) and self.journal is not None:
+            self.journal.freed(self.name, key)
 
     def on_endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
         for endpoint in left:

@@ -8,11 +8,9 @@ everywhere: every endpoint serves it.
 
 from __future__ import annotations
 
-from typing import Self
-
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import LLMRequest, Scorer
-from kvgate.scheduling.registry import NoParams, PluginContext
+from kvgate.scheduling.framework import Scorer
+from kvgate.scheduling.request import LLMRequest
 
 ACTIVE = 1.0
 ROOM_TO_LOAD = 0.8
@@ -21,11 +19,6 @@ WAITING = 0.6
 
 class LoraAffinityScorer(Scorer):
     type_name = "lora-affinity-scorer"
-    params_type = NoParams
-
-    @classmethod
-    def from_config(cls, name: str, params: NoParams, context: PluginContext) -> Self:
-        return cls(name)
 
     def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
         adapter = request.lora_name

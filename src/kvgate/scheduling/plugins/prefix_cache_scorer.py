@@ -33,8 +33,8 @@ import msgspec
 import xxhash
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import LLMRequest, SchedulingResult, Scorer
-from kvgate.scheduling.registry import PluginContext, Range
+from kvgate.scheduling.framework import PluginContext, Range, Scorer
+from kvgate.scheduling.request import LLMRequest, SchedulingResult
 
 PromptBlockHash = NewType("PromptBlockHash", int)
 """Hash of a block of prompt characters; unrelated to the token-based block hashes."""

@@ -3,20 +3,13 @@ candidates' ``waiting`` counts; when every queue is equal all score 1."""
 
 from __future__ import annotations
 
-from typing import Self
-
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import LLMRequest, Scorer
-from kvgate.scheduling.registry import NoParams, PluginContext
+from kvgate.scheduling.framework import Scorer
+from kvgate.scheduling.request import LLMRequest
 
 
 class QueueScorer(Scorer):
     type_name = "queue-scorer"
-    params_type = NoParams
-
-    @classmethod
-    def from_config(cls, name: str, params: NoParams, context: PluginContext) -> Self:
-        return cls(name)
 
     def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
         return min_max_inverse(endpoints, [ep.metrics.waiting for ep in endpoints])

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Protocol, Self, runtime_checkable
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import Plugin
-from kvgate.scheduling.registry import SECONDS, PluginContext, Range
+from kvgate.scheduling.framework import SECONDS, Plugin, PluginContext, Range
 
 DEFAULT_QUEUE_DEPTH_THRESHOLD = 5
 DEFAULT_KV_CACHE_UTIL_THRESHOLD = 0.8

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Self
 
-from kvgate.scheduling.framework import (
-    LLMRequest,
-    ProfileHandler,
-    ProfileResult,
-    SchedulerProfile,
-    SchedulingResult,
-)
-from kvgate.scheduling.registry import NoParams, PluginContext
+from kvgate.scheduling.framework import ProfileHandler, SchedulerProfile
+from kvgate.scheduling.request import LLMRequest, ProfileResult, SchedulingResult
 
 
 class SingleProfileHandler(ProfileHandler):
     type_name = "single-profile-handler"
-    params_type = NoParams
-
-    @classmethod
-    def from_config(cls, name: str, params: NoParams, context: PluginContext) -> Self:
-        return cls(name)
 
     def validate_profiles(self, names: Sequence[str]) -> None:
         if len(names) != 1:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Annotated, Self
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import LLMRequest, Picker, ScoredEndpoint
-from kvgate.scheduling.registry import PluginContext, Range
+from kvgate.scheduling.framework import Picker, PluginContext, Range
+from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
 
 
 @dataclass(frozen=True, slots=True)

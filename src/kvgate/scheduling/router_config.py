@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
+
+from kvgate.errors import ConfigError
+from kvgate.settings import Range, check_ranges
 
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 8192
@@ -16,15 +20,6 @@ DEFAULT_REQUEST_EXPIRY_S = 300.0
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message says what to change."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 def validate_block_size(value: int, field: str = "DYNAMO_KV_BLOCK_SIZE") -> int:
@@ -45,33 +40,22 @@ class KvRouterConfig:
     """False: plain round-robin, no tokenizing, no index."""
     use_kv_events: bool = True
     """False: no event subscription; the approximate TTL index learns from kvgate's own picks."""
-    overlap_score_weight: float = 1.0
+    overlap_score_weight: Annotated[float, Range(ge=0)] = 1.0
     """Weight of prefill cost against decode load in the cost function."""
-    temperature: float = 0.0
+    temperature: Annotated[float, Range(ge=0)] = 0.0
     """0: always the cheapest worker; > 0: softmax sampling over normalised costs."""
-    busy_threshold: float | None = None
+    busy_threshold: Annotated[float | None, Range(gt=0, le=1)] = None
     """Skip workers whose active KV blocks exceed this fraction of capacity; None: never skip."""
     replica_sync: bool = False
     """Share active-sequence changes with other kvgate replicas over NATS."""
     namespace: str | None = None
     """Dynamo namespace of the backend (passed through to Dynamo-aware components)."""
-    request_expiry_s: float = DEFAULT_REQUEST_EXPIRY_S
+    request_expiry_s: Annotated[float, Range(gt=0)] = DEFAULT_REQUEST_EXPIRY_S
     """Requests never reported complete are forgotten after this long."""
 
     def __post_init__(self) -> None:
         validate_block_size(self.block_size, "block_size")
-        if not math.isfinite(self.overlap_score_weight) or self.overlap_score_weight < 0:
-            raise ConfigError(
-                "overlap_score_weight", f"got {self.overlap_score_weight}; must be a number >= 0"
-            )
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError("temperature", f"got {self.temperature}; must be a number >= 0")
-        if self.busy_threshold is not None and not 0 < self.busy_threshold <= 1:
-            raise ConfigError(
-                "busy_threshold", f"got {self.busy_threshold}; must be in (0, 1] or unset"
-            )
-        if self.request_expiry_s <= 0:
-            raise ConfigError("request_expiry_s", f"got {self.request_expiry_s}; must be > 0")
+        check_ranges(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KvRouterConfig:

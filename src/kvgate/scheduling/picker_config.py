@@ -29,20 +29,15 @@ from kvgate.scheduling.framework import (
     Filter,
     Picker,
     Plugin,
+    PluginContext,
     ProfileHandler,
     SchedulerProfile,
     Scorer,
     WeightedScorer,
 )
 from kvgate.scheduling.plugins.saturation import SaturationDetector
-from kvgate.scheduling.registry import (
-    EppConfigError,
-    PluginConfigError,
-    PluginContext,
-    Registry,
-    builtin_registry,
-)
-from kvgate.scheduling.scheduler import Observer, Scheduler
+from kvgate.scheduling.registry import EppConfigError, PluginConfigError, Registry, builtin_registry
+from kvgate.scheduling.scheduler import Observer, Scheduler, order_producers
 
 __all__ = [
     "API_VERSION",
@@ -439,6 +434,10 @@ def build_epp_config(
         )
 
     detector = _saturation_detector(config, plugins, registry, context)
+    try:
+        order_producers(list(plugins.values()))
+    except ValueError as err:
+        _fail("plugins", str(err))
     return EppPlugins(config, plugins, handler, profiles, detector)
 
 

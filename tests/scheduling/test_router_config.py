@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvgate.scheduling.config import ConfigError, KvRouterConfig
+from kvgate.scheduling.router_config import ConfigError, KvRouterConfig
 
 BASE = {"DYNAMO_KV_BLOCK_SIZE": "16"}
 TRUE_SPELLINGS = ["true", "1", "yes", "on", "TRUE", "Yes", "oN", " true ", "True\n"]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.epp_config import (
+from kvgate.scheduling.framework import NoParams, Plugin, PluginContext, Scorer
+from kvgate.scheduling.picker_config import (
     API_VERSION,
     DEFAULT_CONFIG_TEXT,
     KIND,
@@ -19,22 +20,11 @@ from kvgate.scheduling.epp_config import (
     load_epp_config,
     parse_epp_config,
 )
-from kvgate.scheduling.framework import (
-    LLMRequest,
-    Plugin,
-    ResponseInfo,
-    SchedulingResult,
-    Scorer,
-)
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.plugins.saturation import UtilizationDetector
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
-from kvgate.scheduling.registry import (
-    BUILTIN_PLUGINS,
-    NoParams,
-    PluginContext,
-    Registry,
-)
+from kvgate.scheduling.registry import BUILTIN_PLUGINS, Registry
+from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
 from tests.scheduling.test_epp_builders import chat, context, endpoints
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
