@@ -23,7 +23,7 @@ import yaml
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
 from kvgate.extproc import body_transformer
-from kvgate.extproc.server import build_parser, settings_from_args
+from kvgate.extproc.epp_runtime import build_parser, settings_from_args
 from kvgate.scheduling.config import KvRouterConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings, build_parser, settings_from_args
 from kvgate.scheduling.config import ConfigError
 from tests.extproc.conftest import SEED_CONFIG
 from tests.extproc.utils import ExtProcStream, chat_body

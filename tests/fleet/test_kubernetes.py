@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings, build_parser, settings_from_args
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.fleet.kubernetes import (
     ENGINE_LABEL,

@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from kvgate.commands.up import build_parser, main, status_line
 from kvgate.gateway.client import ChatResult, chat
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
-from kvgate.gateway.up import build_parser, main, status_line
 
 MODEL = "Qwen/Qwen3-0.6B"
 LEASE_S = 3.0  # the EPP's default --replica-lease

@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from kvgate.sim.cli import main
+from kvgate.commands.sim import main
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.http import INSTANCE_HEADER, WORKER_HEADER
@@ -81,7 +81,7 @@ def assert_port_free(port: int) -> None:
 async def test_cli_serves_then_exits_cleanly_on_signal(
     qwen3_dir: Path, signum: int, zmq_context: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
-    code = "import sys; from kvgate.sim.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from kvgate.commands.sim import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

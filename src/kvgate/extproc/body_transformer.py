@@ -42,7 +42,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from kvgate.commands.support import run_until_signalled
 from kvgate.extproc import protocol as proto
+from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.nvext import (
     MODE_HEADER,
     PREFILL_HEADER,
@@ -53,8 +55,6 @@ from kvgate.extproc.nvext import (
     Unchanged,
     inject_nvext,
 )
-from kvgate.extproc.running import run_until_signalled
-from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.service import StackedService
 
 log = logging.getLogger("kvgate.body_transformer")

@@ -23,12 +23,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
+from kvgate.commands.support import run_until_signalled
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.events.types import KvEvent
 from kvgate.extproc.epp import Director, EppOptions, process_stream
+from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.running import run_until_signalled
-from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kubernetes import (
