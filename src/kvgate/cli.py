@@ -10,13 +10,13 @@ from typing import cast
 
 # name -> (module exposing main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kvgate.gateway.demo", "local gateway + shared-prefix load, KV-aware vs round-robin"),
+    "demo": ("kvgate.commands.demo", "local gateway + shared-prefix load, KV-aware vs round-robin"),
     "up": ("kvgate.commands.up", "run Envoy + EPP + engines locally until Ctrl-C"),
     "tokenize": ("kvgate.commands.tokenize", "token ids and block hashes of one OpenAI request"),
-    "microbench": ("kvgate.bench.microbench", "time the routing core against the reference"),
-    "epp": ("kvgate.extproc.epp_runtime", "the endpoint picker (Envoy ext_proc, GAIE protocol)"),
+    "microbench": ("kvgate.commands.microbench", "time the routing core against the reference"),
+    "epp": ("kvgate.commands.epp", "the endpoint picker (Envoy ext_proc, GAIE protocol)"),
     "body-transformer": (
-        "kvgate.extproc.body_transformer",
+        "kvgate.commands.body_transformer",
         "ext_proc service turning Dynamo routing headers into the nvext body field",
     ),
     "sim": ("kvgate.commands.sim", "run simulated vLLM-compatible engines"),

@@ -1,16 +1,46 @@
-"""Running a kvgate server process until SIGINT or SIGTERM, on uvloop when it is installed."""
+"""What every `kvgate` command does the same way: its log level, how it reports an error, and how
+a server command runs until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+USAGE_ERROR = 2
+"""Exit code for bad flags, configuration or input: running again unchanged would fail again."""
+RUNTIME_ERROR = 1
+"""Exit code for a failure while running (a port in use, a process that died)."""
+
+
+class UsageError(Exception):
+    """Bad flags or input; `main` reports it with `fail` and exits with `USAGE_ERROR`."""
+
+
+def fail(prog: str, error: object, code: int) -> int:
+    """Print ``<prog>: <error>`` (prog is ``kvgate <command>``) on stderr and return ``code``."""
+    print(f"{prog}: {error}", file=sys.stderr)
+    return code
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    levels = ["debug", "info", "warning", "error"]
+    parser.add_argument("--log-level", default="info", choices=levels)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
 
 def run_until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run ``serve(stop)``; ``stop`` is set by SIGINT/SIGTERM so the server can shut down in
-    order instead of being killed mid-request."""
+    """Run ``serve(stop)`` on uvloop when it is installed; ``stop`` is set by SIGINT/SIGTERM so
+    the server can shut down in order instead of being killed mid-request."""
 
     async def main() -> None:
         stop = asyncio.Event()
