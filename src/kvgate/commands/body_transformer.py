@@ -8,15 +8,14 @@ import argparse
 from pathlib import Path
 
 from kvgate.commands.support import (
-    RUNTIME_ERROR,
-    USAGE_ERROR,
     UsageError,
     add_log_level,
-    fail,
-    run_until_signalled,
+    check_ports,
+    run_server,
     setup_logging,
 )
 from kvgate.extproc.body_transformer import TransformerSettings, serve
+from kvgate.scheduling.config import ConfigError
 
 PROG = "kvgate body-transformer"
 
@@ -54,13 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> TransformerSettings:
-    for flag, value in (
+    check_ports(
         ("--port", args.port),
         ("--grpc-health-port", args.grpc_health_port),
         ("--metrics-port", args.metrics_port),
-    ):
-        if not 0 <= value < 65536:
-            raise UsageError(f"{flag}: got {value}; must be a port in 0..65535")
+    )
     if args.max_body_bytes <= 0:
         raise UsageError(f"--max-body-bytes: got {args.max_body_bytes}; must be positive")
     if args.cert_path is not None and not args.secure_serving:
@@ -79,11 +76,11 @@ def settings_from_args(args: argparse.Namespace) -> TransformerSettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        settings = settings_from_args(args)
-        run_until_signalled(lambda stop: serve(settings, stop))
-    except UsageError as err:
-        return fail(PROG, err, USAGE_ERROR)
-    except (OSError, RuntimeError) as err:  # grpc reports a port it cannot bind as RuntimeError
-        return fail(PROG, err, RUNTIME_ERROR)
-    return 0
+    return run_server(
+        PROG,
+        lambda: settings_from_args(args),
+        serve,
+        usage_errors=(ConfigError, UsageError),
+        # grpc reports a port it cannot bind as RuntimeError
+        runtime_errors=(OSError, RuntimeError),
+    )

@@ -6,14 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvgate.commands.support import (
-    RUNTIME_ERROR,
-    USAGE_ERROR,
-    add_log_level,
-    fail,
-    run_until_signalled,
-    setup_logging,
-)
+from kvgate.commands.support import add_log_level, check_ports, run_server, setup_logging
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
 from kvgate.fleet.kubernetes import INSTANCE_ID_ANNOTATION, KubeConfigError
@@ -126,13 +119,11 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
             raise ConfigError("--config-file", f"cannot read {args.config_file}: {err}") from None
     elif args.config_text:
         config_text = args.config_text
-    for flag, value in (
+    check_ports(
         ("--grpc-port", args.grpc_port),
         ("--grpc-health-port", args.grpc_health_port),
         ("--metrics-port", args.metrics_port),
-    ):
-        if not 0 <= value < 65536:
-            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
+    )
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes", "must be positive")
     if not args.replica_lease > 0:
@@ -190,11 +181,10 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        settings = settings_from_args(args)
-        run_until_signalled(lambda stop: serve(settings, stop))
-    except (ConfigError, EndpointSpecError, KubeConfigError) as err:
-        return fail(PROG, err, USAGE_ERROR)
-    except OSError as err:
-        return fail(PROG, err, RUNTIME_ERROR)
-    return 0
+    return run_server(
+        PROG,
+        lambda: settings_from_args(args),
+        serve,
+        usage_errors=(ConfigError, EndpointSpecError, KubeConfigError),
+        runtime_errors=(OSError,),
+    )

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import zmq
 
-from kvgate.commands.support import (
-    RUNTIME_ERROR,
-    USAGE_ERROR,
-    fail,
-    run_until_signalled,
-)
+from kvgate.commands.support import UsageError, run_server
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import FleetConfig, serve
 from kvgate.sim.prompts import TokensCodec
@@ -124,18 +120,28 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def fleet_from_args(args: argparse.Namespace) -> tuple[FleetConfig, TokensCodec]:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        return fail(PROG, exc, USAGE_ERROR)
+        raise UsageError(str(exc)) from None
     try:
         codec = TokensCodec.load(config.tokenizer)
     except TokensError as exc:
-        return fail(PROG, f"cannot load tokenizer {config.tokenizer!r}: {exc}", USAGE_ERROR)
-    try:
-        run_until_signalled(lambda stop: serve(config, codec, _announce, stop))
-    except (OSError, zmq.ZMQError) as exc:  # typically a port already in use
-        return fail(PROG, exc, RUNTIME_ERROR)
-    return 0
+        raise UsageError(f"cannot load tokenizer {config.tokenizer!r}: {exc}") from None
+    return config, codec
+
+
+async def _serve(fleet: tuple[FleetConfig, TokensCodec], stop: asyncio.Event) -> None:
+    await serve(*fleet, _announce, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_server(
+        PROG,
+        lambda: fleet_from_args(args),
+        _serve,
+        usage_errors=(UsageError,),
+        runtime_errors=(OSError, zmq.ZMQError),  # typically a port already in use
+    )

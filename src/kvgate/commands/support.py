@@ -9,7 +9,11 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+from kvgate.scheduling.config import ConfigError
+
+Settings = TypeVar("Settings")
 
 USAGE_ERROR = 2
 """Exit code for bad flags, configuration or input: running again unchanged would fail again."""
@@ -27,6 +31,13 @@ def fail(prog: str, error: object, code: int) -> int:
     return code
 
 
+def check_ports(*flags: tuple[str, int]) -> None:
+    """Raise `ConfigError` naming the first ``(flag, value)`` that is not a TCP port (0: any)."""
+    for flag, value in flags:
+        if not 0 <= value < 65536:
+            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
+
+
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     levels = ["debug", "info", "warning", "error"]
     parser.add_argument("--log-level", default="info", choices=levels)
@@ -36,6 +47,27 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def run_server(
+    prog: str,
+    settings: Callable[[], Settings],
+    serve: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
+    *,
+    usage_errors: tuple[type[Exception], ...],
+    runtime_errors: tuple[type[Exception], ...],
+) -> int:
+    """Build the settings, then ``serve(settings, stop)`` until SIGINT/SIGTERM sets ``stop``. An
+    error of either kind, raised while building or serving, is printed by `fail`; the exit code
+    is returned."""
+    try:
+        built = settings()
+        run_until_signalled(lambda stop: serve(built, stop))
+    except usage_errors as err:
+        return fail(prog, err, USAGE_ERROR)
+    except runtime_errors as err:
+        return fail(prog, err, RUNTIME_ERROR)
+    return 0
 
 
 def run_until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -27,16 +27,15 @@ loop. Ports: ext_proc 9004, gRPC health 9005 (services ``""`` and the ext_proc s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -268,17 +267,6 @@ async def process_stream(
             yield response
 
 
-class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, transformer: BodyTransformer) -> None:
-        self._transformer = transformer
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        async for response in process_stream(self._transformer, request_iterator):
-            yield response
-
-
 @dataclass
 class TransformerSettings:
     bind: str = "0.0.0.0"
@@ -313,7 +301,7 @@ class BodyTransformerRuntime(StackedService):
         # twice the limit instead of failing them with a gRPC error.
         self.bound_ports["grpc"] = await serve_ext_proc(
             self._stack,
-            _ExtProc(self.transformer),
+            functools.partial(process_stream, self.transformer),
             f"{s.bind}:{s.port}",
             secure=s.secure,
             cert_path=s.cert_path,

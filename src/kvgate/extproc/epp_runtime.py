@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
@@ -114,17 +112,6 @@ class _FanOutSink:
     def clear_worker(self, worker: str) -> None:
         for index in self._indexes:
             index.clear_worker(worker)
-
-
-class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, director: Director) -> None:
-        self._director = director
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        async for response in process_stream(self._director, request_iterator):
-            yield response
 
 
 class EppRuntime(StackedService):
@@ -336,7 +323,7 @@ class EppRuntime(StackedService):
         s = self.settings
         self.bound_ports["grpc"] = await serve_ext_proc(
             self._stack,
-            _ExtProc(director),
+            functools.partial(process_stream, director),
             f"{s.bind}:{s.grpc_port}",
             secure=s.secure,
             cert_path=s.cert_path,
