@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvgate.commands.epp import build_parser, settings_from_args
 from kvgate.extproc.tls import self_signed
-from kvgate.scheduling.config import ConfigError
+from kvgate.scheduling import ConfigError
 from tests.extproc.utils import chat_body, headers_msg
 
 

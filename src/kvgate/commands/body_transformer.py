@@ -7,15 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvgate.commands.support import (
-    UsageError,
-    add_log_level,
-    check_ports,
-    run_server,
-    setup_logging,
-)
+from kvgate.commands.support import UsageError, add_log_level, run_server, setup_logging
 from kvgate.extproc.body_transformer import TransformerSettings, serve
-from kvgate.scheduling.config import ConfigError
 
 PROG = "kvgate body-transformer"
 
@@ -53,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> TransformerSettings:
-    check_ports(
+    for flag, value in (
         ("--port", args.port),
         ("--grpc-health-port", args.grpc_health_port),
         ("--metrics-port", args.metrics_port),
-    )
+    ):
+        if not 0 <= value < 65536:
+            raise UsageError(f"{flag}: got {value}; must be a port in 0..65535")
     if args.max_body_bytes <= 0:
         raise UsageError(f"--max-body-bytes: got {args.max_body_bytes}; must be positive")
     if args.cert_path is not None and not args.secure_serving:
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: settings_from_args(args),
         serve,
-        usage_errors=(ConfigError, UsageError),
+        usage_errors=(UsageError,),
         # grpc reports a port it cannot bind as RuntimeError
         runtime_errors=(OSError, RuntimeError),
     )

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvgate.commands.support import add_log_level, check_ports, run_server, setup_logging
+from kvgate.commands.support import add_log_level, run_server, setup_logging
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
 from kvgate.fleet.kubernetes import INSTANCE_ID_ANNOTATION, KubeConfigError
 from kvgate.fleet.sources import EndpointSpecError
-from kvgate.scheduling.config import ConfigError
+from kvgate.scheduling import ConfigError
 from kvgate.sync.replica import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
@@ -119,11 +119,13 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
             raise ConfigError("--config-file", f"cannot read {args.config_file}: {err}") from None
     elif args.config_text:
         config_text = args.config_text
-    check_ports(
+    for flag, value in (
         ("--grpc-port", args.grpc_port),
         ("--grpc-health-port", args.grpc_health_port),
         ("--metrics-port", args.metrics_port),
-    )
+    ):
+        if not 0 <= value < 65536:
+            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes", "must be positive")
     if not args.replica_lease > 0:

@@ -29,17 +29,6 @@ def fail(prog: str, error: object, code: int) -> int:
     return code
 
 
-def check_ports(*flags: tuple[str, int]) -> None:
-    """Raise `ConfigError` naming the first ``(flag, value)`` that is not a TCP port (0: any)."""
-    # Imported here: the scheduling package costs ~0.1 s to import, which commands that never
-    # check a port (`kvgate up --help`) should not pay.
-    from kvgate.scheduling.config import ConfigError
-
-    for flag, value in flags:
-        if not 0 <= value < 65536:
-            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
-
-
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     levels = ["debug", "info", "warning", "error"]
     parser.add_argument("--log-level", default="info", choices=levels)
