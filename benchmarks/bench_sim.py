@@ -109,7 +109,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def start_fleet(args: argparse.Namespace) -> tuple[asyncio.subprocess.Process, list[str]]:
-    code = "import sys; from kvgate.sim.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from kvgate.commands.sim import main; sys.exit(main(sys.argv[1:]))"
     argv = [
         "--workers", str(args.workers), "--base-port", "0", "--speedup", str(args.speedup),
         "--tokenizer", args.tokenizer,

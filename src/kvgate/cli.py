@@ -10,16 +10,16 @@ from typing import cast
 
 # name -> (module exposing main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kvgate.gateway.demo", "local gateway + shared-prefix load, KV-aware vs round-robin"),
-    "up": ("kvgate.gateway.up", "run Envoy + EPP + engines locally until Ctrl-C"),
+    "demo": ("kvgate.commands.demo", "local gateway + shared-prefix load, KV-aware vs round-robin"),
+    "up": ("kvgate.commands.up", "run Envoy + EPP + engines locally until Ctrl-C"),
     "tokenize": ("kvgate.commands.tokenize", "token ids and block hashes of one OpenAI request"),
-    "microbench": ("kvgate.bench.microbench", "time the routing core against the reference"),
-    "epp": ("kvgate.extproc.server", "the endpoint picker (Envoy ext_proc, GAIE protocol)"),
+    "microbench": ("kvgate.commands.microbench", "time the routing core against the reference"),
+    "epp": ("kvgate.commands.epp", "the endpoint picker (Envoy ext_proc, GAIE protocol)"),
     "body-transformer": (
-        "kvgate.extproc.body_transformer",
+        "kvgate.commands.body_transformer",
         "ext_proc service turning Dynamo routing headers into the nvext body field",
     ),
-    "sim": ("kvgate.sim.cli", "run simulated vLLM-compatible engines"),
+    "sim": ("kvgate.commands.sim", "run simulated vLLM-compatible engines"),
     "simulate": ("kvgate.bench.simulate", "trace replay in virtual time: compare routing policies"),
     "bench": ("kvgate.bench.live", "trace replay against an OpenAI endpoint (live load)"),
 }

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
-from kvgate.extproc import body_transformer
-from kvgate.extproc.server import build_parser, settings_from_args
+from kvgate.commands import body_transformer
+from kvgate.commands.epp import build_parser, settings_from_args
 from kvgate.scheduling.router_config import KvRouterConfig
 
 REPO = Path(__file__).resolve().parents[2]

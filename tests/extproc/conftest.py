@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.server import EppRuntime, EppSettings
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.prompts import TokensCodec

@@ -7,12 +7,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 import pytest_asyncio
 
 from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
-from kvgate.scheduling.router_config import ConfigError
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from tests.extproc.conftest import SEED_CONFIG
 from tests.extproc.utils import ExtProcStream, chat_body
 
@@ -68,19 +66,3 @@ async def test_sheddable_request_dropped_when_saturated(channel_for) -> None:  #
     routed = await kept.route(chat_body("interactive"), {"x-gateway-inference-objective": "chat"})
     await kept.close()
     assert routed.destination in {"127.0.0.1:9", "127.0.0.1:19"}
-
-
-@pytest.mark.parametrize(
-    ("argv", "field"),
-    [
-        (["--objectives", "batch"], "--objectives"),
-        (["--objectives", "batch=high"], "--objectives"),
-        (["--grpc-port", "70000"], "--grpc-port"),
-        (["--max-body-bytes", "0"], "--max-body-bytes"),
-    ],
-    ids=["objective-no-priority", "objective-not-int", "port-range", "body-limit"],
-)
-def test_bad_flags_name_the_flag(argv: list[str], field: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        settings_from_args(build_parser().parse_args(argv))
-    assert err.value.field == field

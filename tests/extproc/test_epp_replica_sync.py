@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from kvgate.extproc.server import EppRuntime, EppSettings
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.scheduling.services import LoadOwner
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
+from kvgate.commands.epp import build_parser, settings_from_args
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.fleet.kubernetes import (
     ENGINE_LABEL,
@@ -487,11 +488,3 @@ async def test_epp_discovers_its_pool(api: FakeApiServer, tmp_path: Path) -> Non
         assert (endpoint.address, endpoint.instance_id) == ("10.0.0.1:8000", 42)
         api.delete_pod("a")
         await until(lambda: len(runtime.endpoints) == 0)
-
-
-def test_pool_name_excludes_static_endpoints() -> None:
-    from kvgate.scheduling.router_config import ConfigError
-
-    args = build_parser().parse_args(["--pool-name=p", "--endpoints=10.0.0.1:8000"])
-    with pytest.raises(ConfigError, match="not both"):
-        settings_from_args(args)

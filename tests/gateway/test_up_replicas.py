@@ -16,7 +16,7 @@ import pytest
 
 from kvgate.gateway.client import ChatResult, chat
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
-from kvgate.gateway.up import build_parser, main, status_line
+from kvgate.gateway.status import status_line
 
 MODEL = "Qwen/Qwen3-0.6B"
 LEASE_S = 3.0  # the EPP's default --replica-lease
@@ -130,19 +130,6 @@ def test_killed_replica_is_skipped_and_its_peer_expires(
     results = send_many(running.url, [body(f"survivor {i}") for i in range(4)])
     assert [r.status for r in results] == [200] * 4, [r.error for r in results]
     assert requests_served(running.epp_metrics_urls[0]) - before == 4
-
-
-def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args([])
-    assert args.epp_replicas == 1 and args.replica_sync is None
-    args = build_parser().parse_args(["--epp-replicas", "3", "--no-replica-sync"])
-    assert args.epp_replicas == 3 and args.replica_sync is False
-    assert build_parser().parse_args(["--replica-sync"]).replica_sync is True
-    for bad in ("0", "-2", "two"):
-        with pytest.raises(SystemExit) as err:
-            main(["--epp-replicas", bad])
-        assert err.value.code == 2
-        assert "--epp-replicas" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

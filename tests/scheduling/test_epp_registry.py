@@ -5,6 +5,7 @@ from typing import Annotated, Literal, Self
 
 import pytest
 
+from kvgate.errors import ConfigError
 from kvgate.scheduling.framework import SECONDS, NoParams, Plugin, PluginContext, Range
 from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.registry import (
@@ -17,7 +18,6 @@ from kvgate.scheduling.registry import (
     parse_duration,
     parse_params,
 )
-from kvgate.scheduling.router_config import ConfigError
 from tests.scheduling.test_epp_builders import context
 
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvgate.scheduling.router_config import ConfigError, KvRouterConfig
+from kvgate.errors import ConfigError
+from kvgate.scheduling.router_config import KvRouterConfig
 
 BASE = {"DYNAMO_KV_BLOCK_SIZE": "16"}
 TRUE_SPELLINGS = ["true", "1", "yes", "on", "TRUE", "Yes", "oN", " true ", "True\n"]

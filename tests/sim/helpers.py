@@ -1,9 +1,11 @@
-"""Client-side helpers for the sim tests: SSE reading, KV event subscription."""
+"""Client-side helpers for the sim tests: SSE reading, KV event subscription, the line a fleet
+prints per worker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,11 @@ import zmq
 import zmq.asyncio
 
 from tests.sim.msgpack_reader import unpack
+
+WORKER_LINE = re.compile(
+    r"worker (\d+) url=(http://127\.0\.0\.1:\d+) events=(tcp://127\.0\.0\.1:\d+) "
+    r"replay=(tcp://127\.0\.0\.1:\d+) instance_id=(\d+) topic=(kv@127\.0\.0\.1:\d+@\S+)"
+)
 
 
 @dataclass

@@ -318,7 +318,7 @@ async def test_oversized_prompts_are_split_and_truncated_under_max_payload(
     ],
 )
 def test_config_errors_name_the_field(field: str, kwargs: dict[str, object]) -> None:
-    from kvgate.scheduling.router_config import ConfigError
+    from kvgate.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         ReplicaSyncConfig(**kwargs)  # type: ignore[arg-type]

@@ -1,1 +1,2 @@
-"""Measuring kvgate: micro-benchmarks of the routing core (and, later, trace replay and load)."""
+"""Measuring kvgate: micro-benchmarks of the routing core, trace replay in virtual time against
+routing policies, and live load against an OpenAI endpoint."""

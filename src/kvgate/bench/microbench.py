@@ -17,12 +17,10 @@ and a ratio measured in the same process is the number to trust.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import random
 import statistics
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -291,59 +289,39 @@ def _default_tokenizer() -> str | None:
     return str(path) if (path / "tokenizer.json").is_file() else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kvgate microbench", description="Time the routing core's hot paths."
-    )
-    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
-    parser.add_argument(
-        "--blocks", type=int, default=1 << 20, help="indexed blocks per fixture (default 2^20)"
-    )
-    parser.add_argument(
-        "--seconds", type=float, default=0.05, help="minimum time per timing repeat"
-    )
-    parser.add_argument("--tokenizer", help="tokenizer dir or hub id for the tokenization bench")
-    parser.add_argument(
-        "--no-reference", action="store_true", help="skip ai-dynamo-runtime even if installed"
-    )
-    args = parser.parse_args(argv)
-    if args.blocks <= 0 or args.seconds <= 0:
-        parser.error("--blocks and --seconds must be positive")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    with_reference = not args.no_reference and _reference_available()
+def measure(
+    blocks: int,
+    seconds: float,
+    *,
+    tokenizer: str | None,
+    reference: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every measurement, with ``blocks`` indexed blocks per fixture and timing repeats of at least
+    ``seconds``; against ai-dynamo-runtime when ``reference`` and it is installed."""
+    with_reference = reference and _reference_available()
     log(
-        f"kvgate microbench: {args.blocks} indexed blocks per fixture, native hashing "
+        f"kvgate microbench: {blocks} indexed blocks per fixture, native hashing "
         f"{'on' if NATIVE_HASHING else 'OFF (pure Python)'}, reference "
         f"{'ai-dynamo-runtime' if with_reference else 'not available'}"
     )
-    decision, reference = bench_decisions(args.blocks, args.seconds, with_reference, log)
-    ingest = bench_ingest(max(args.seconds, 0.2))
+    decision, reference_us = bench_decisions(blocks, seconds, with_reference, log)
+    ingest = bench_ingest(max(seconds, 0.2))
     log(f"ingest    {ingest:,.0f} blocks/s (BlockStored, 64 blocks of 16 tokens per event)")
-    per_entry = bench_memory(args.blocks)
+    per_entry = bench_memory(blocks)
     log(f"memory    {per_entry:.1f} bytes per (block, worker) entry")
     cold_ms: float | None = None
     warm_ms: float | None = None
     try:
-        cold_ms, warm_ms = bench_tokenize(args.tokenizer, log)
+        cold_ms, warm_ms = bench_tokenize(tokenizer, log)
     except (ImportError, RuntimeError) as err:
         log(f"tokenize  skipped: {err}")
-    result = {
+    return {
         "decision_us": decision,
-        "reference_us": reference,
+        "reference_us": reference_us,
         "ingest_blocks_per_s": round(ingest),
         "bytes_per_entry": round(per_entry, 1),
         "tokenize_cold_ms": None if cold_ms is None else round(cold_ms, 3),
         "tokenize_warm_ms": None if warm_ms is None else round(warm_ms, 4),
         "native_hashing": NATIVE_HASHING,
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,1 +1,3 @@
-"""Thin command modules behind `kvgate <command>`; each exposes ``main(argv) -> int``."""
+"""One module per `kvgate <command>`: its argparse parser and ``main(argv) -> int``, turning flags
+into the settings of the library code that does the work. `support` holds what every command does
+the same way (log level, error messages and exit codes, running until SIGINT/SIGTERM)."""

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvgate.tokens import RequestKind
 
+from kvgate.commands.support import USAGE_ERROR, UsageError, fail
 from kvgate.errors import ConfigError
 from kvgate.scheduling.router_config import validate_block_size
 
-
-class UsageError(Exception):
-    """Bad input; the message is printed on one line and the exit code is 2."""
+PROG = "kvgate tokenize"
 
 
 def _read_body(source: str) -> dict[str, Any]:
@@ -68,9 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
     return {"token_ids": tokens, "local_hashes": local, "sequence_hashes": sequence}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kvgate tokenize",
+        prog=PROG,
         description="Print the token ids and KV block hashes kvgate computes for one OpenAI "
         "request body (chat: 'messages', completions: 'prompt').",
     )
@@ -82,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--request", default="-", help="file with the JSON request body, or - for stdin"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result = run(args)
     except UsageError as err:
-        print(f"kvgate tokenize: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, err, USAGE_ERROR)
     print(json.dumps(result))
     return 0

@@ -1,1 +1,2 @@
-"""Envoy ext_proc servers: the endpoint picker (EPP) and, later, the body transformer."""
+"""Envoy ext_proc services: the endpoint picker (`epp` per request, `epp_runtime` per process) and
+the body transformer, the listeners both serve (`listeners`), protocol helpers and metrics."""

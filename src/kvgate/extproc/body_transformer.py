@@ -1,6 +1,6 @@
-"""`kvgate body-transformer`: an Envoy ext_proc service that writes the endpoint picker's routing
-headers into the request body's ``nvext`` field (see :mod:`kvgate.extproc.nvext`) for Dynamo
-workers, which read only the body.
+"""The body transformer (`kvgate body-transformer`): an Envoy ext_proc service that writes the
+endpoint picker's routing headers into the request body's ``nvext`` field (see
+:mod:`kvgate.extproc.nvext`) for Dynamo workers, which read only the body.
 
 It sits in the filter chain *after* the picker, so it sees the headers the picker set. Envoy
 announces its body mode in the first message's ``protocol_config``; without it BUFFERED (the
@@ -26,23 +26,21 @@ loop. Ports: ext_proc 9004, gRPC health 9005 (services ``""`` and the ext_proc s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import functools
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvgate.extproc import protocol as proto
+from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.nvext import (
     MODE_HEADER,
     PREFILL_HEADER,
@@ -53,8 +51,6 @@ from kvgate.extproc.nvext import (
     Unchanged,
     inject_nvext,
 )
-from kvgate.extproc.running import run_until_signalled
-from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.service import StackedService
 
 log = logging.getLogger("kvgate.body_transformer")
@@ -160,7 +156,7 @@ class RequestStream:
     """One ext_proc stream (one HTTP request)."""
 
     def __init__(self, transformer: BodyTransformer) -> None:
-        self.t = transformer
+        self.transformer = transformer
         self.request_mode: int = _Mode.BUFFERED
         self.response_mode: int = _Mode.NONE
         self.headers: dict[str, str] = {}
@@ -195,7 +191,7 @@ class RequestStream:
         self.headers = {k: v for k, v in proto.header_map(headers).items() if k in _ROUTING_HEADERS}
         if headers.end_of_stream:
             self.answered = True
-            self.t.pass_through(NO_BODY, "the request has no body")
+            self.transformer.pass_through(NO_BODY, "the request has no body")
             return [proto.request_headers_response()]
         if self._full_duplex:
             return []
@@ -207,7 +203,7 @@ class RequestStream:
         mode = self.request_mode
         if mode == _Mode.BUFFERED_PARTIAL and not body.end_of_stream:
             self.answered = True
-            self.t.pass_through(
+            self.transformer.pass_through(
                 PARTIAL_BODY, "Envoy sent only the part of the body that fits its buffer"
             )
             return [proto.continue_response("request_body")]
@@ -221,13 +217,13 @@ class RequestStream:
             return await self._finish() if body.end_of_stream else []
         if body.end_of_stream:
             self.answered = True
-            self.t.pass_through(
+            self.transformer.pass_through(
                 UNSUPPORTED_MODE, f"request body mode {_Mode.BodySendMode.Name(mode)}"
             )
         return [proto.continue_response("request_body")]
 
     def _append(self, chunk: bytes) -> None:
-        if len(self.body) + len(chunk) > self.t.max_body_bytes:
+        if len(self.body) + len(chunk) > self.transformer.max_body_bytes:
             raise _TooLarge
         self.body += chunk
 
@@ -235,7 +231,7 @@ class RequestStream:
         self.answered = True
         original = bytes(self.body)
         self.body = bytearray()
-        result = await self.t.transform(original, self.headers)
+        result = await self.transformer.transform(original, self.headers)
         new_body = result.body if isinstance(result, Injected) else None
         if self._full_duplex:
             out = new_body if new_body is not None else original
@@ -268,17 +264,6 @@ async def process_stream(
             yield proto.immediate_error(500, "internal error in the body transformer")
             return
         for response in responses:
-            yield response
-
-
-class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, transformer: BodyTransformer) -> None:
-        self._transformer = transformer
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        async for response in process_stream(self._transformer, request_iterator):
             yield response
 
 
@@ -316,7 +301,7 @@ class BodyTransformerRuntime(StackedService):
         # twice the limit instead of failing them with a gRPC error.
         self.bound_ports["grpc"] = await serve_ext_proc(
             self._stack,
-            _ExtProc(self.transformer),
+            functools.partial(process_stream, self.transformer),
             f"{s.bind}:{s.port}",
             secure=s.secure,
             cert_path=s.cert_path,
@@ -338,65 +323,6 @@ class BodyTransformerRuntime(StackedService):
             self.bound_ports["metrics"] = port
 
 
-class _UsageError(Exception):
-    pass
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvgate body-transformer",
-        description="Envoy ext_proc service writing Dynamo routing headers "
-        "(x-worker-instance-id, x-prefiller-host-port, x-dynamo-routing-mode) into the "
-        "request body's nvext field.",
-    )
-    p.add_argument("--port", type=int, default=9004, help="ext_proc port (default 9004)")
-    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument(
-        "--grpc-health-port", type=int, default=9005, help="gRPC health port (default 9005)"
-    )
-    p.add_argument(
-        "--metrics-port", type=int, default=9091, help="Prometheus metrics port (default 9091)"
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=TransformerSettings.max_body_bytes,
-        help="larger request bodies get 413 (default 16 MiB)",
-    )
-    p.add_argument(
-        "--secure-serving",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="TLS on the ext_proc port (self-signed unless --cert-path); default off",
-    )
-    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> TransformerSettings:
-    for flag, value in (
-        ("--port", args.port),
-        ("--grpc-health-port", args.grpc_health_port),
-        ("--metrics-port", args.metrics_port),
-    ):
-        if not 0 <= value < 65536:
-            raise _UsageError(f"{flag}: got {value}; must be a port in 0..65535")
-    if args.max_body_bytes <= 0:
-        raise _UsageError(f"--max-body-bytes: got {args.max_body_bytes}; must be positive")
-    if args.cert_path is not None and not args.secure_serving:
-        raise _UsageError("--cert-path needs --secure-serving")
-    return TransformerSettings(
-        bind=args.bind,
-        port=args.port,
-        health_port=args.grpc_health_port,
-        metrics_port=args.metrics_port,
-        secure=args.secure_serving,
-        cert_path=args.cert_path,
-        max_body_bytes=args.max_body_bytes,
-    )
-
-
 async def serve(settings: TransformerSettings, stop: asyncio.Event) -> None:
     async with BodyTransformerRuntime(settings) as runtime:
         ports = runtime.bound_ports
@@ -409,22 +335,3 @@ async def serve(settings: TransformerSettings, stop: asyncio.Event) -> None:
             ports.get("metrics", settings.metrics_port),
         )
         await stop.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = settings_from_args(args)
-    except _UsageError as err:
-        print(f"kvgate body-transformer: {err}", file=sys.stderr)
-        return 2
-
-    try:
-        run_until_signalled(lambda stop: serve(settings, stop))
-    except (OSError, RuntimeError) as err:  # grpc reports a port it cannot bind as RuntimeError
-        print(f"kvgate body-transformer: {err}", file=sys.stderr)
-        return 1
-    return 0

@@ -138,7 +138,7 @@ class RequestStream:
     """State of one ext_proc stream (one HTTP request)."""
 
     def __init__(self, director: Director) -> None:
-        self.d = director
+        self.director = director
         self.headers: dict[str, str] = {}
         self.full_duplex = director.options.default_full_duplex
         self.body = bytearray()
@@ -203,13 +203,13 @@ class RequestStream:
     async def _request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         chunk = msg.request_body.body
         if chunk:
-            if len(self.body) + len(chunk) > self.d.options.max_body_bytes:
+            if len(self.body) + len(chunk) > self.director.options.max_body_bytes:
                 return self._reject(
                     413,
-                    f"request body exceeds {self.d.options.max_body_bytes} bytes",
+                    f"request body exceeds {self.director.options.max_body_bytes} bytes",
                     "body_too_large",
                 )
-            if not self.d.reserve_body(len(chunk)):
+            if not self.director.reserve_body(len(chunk)):
                 return self._reject(503, "gateway is buffering too many request bodies", "overload")
             self.reserved += len(chunk)
             self.body += chunk
@@ -225,37 +225,39 @@ class RequestStream:
 
     async def _route_bodyless(self) -> list[pb.ProcessingResponse]:
         """GET /v1/models and the like: any ready endpoint will do."""
-        endpoints = self.d.endpoints.snapshot()
+        endpoints = self.director.endpoints.snapshot()
         if self.subset is not None:
             endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
         if not endpoints:
             return self._reject(503, "no ready endpoints", "no_endpoints")
-        endpoint = endpoints[int(self.d.clock() * 1000) % len(endpoints)]
+        endpoint = endpoints[int(self.director.clock() * 1000) % len(endpoints)]
         mutation = self._route_mutation([endpoint.address], {}, None)
         response = proto.request_headers_response(mutation, clear_route_cache=True)
         response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.address]))
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
-        started = self.d.clock()
+        started = self.director.clock()
         body = bytes(self.body)
         try:
             parsed = await self._parse(body)
             request = self._build_request(parsed)
             self.request = request
-            result = await self.d.schedule(request, self.subset)
+            result = await self.director.schedule(request, self.subset)
         except SchedulingError as err:
-            self.d.metrics.request_errors.labels(code=str(err.status)).inc()
+            self.director.metrics.request_errors.labels(code=str(err.status)).inc()
             return self._reject(err.status, str(err), "scheduling")
         finally:
-            self.d.release_body(self.reserved)
+            self.director.release_body(self.reserved)
             self.reserved = 0
             self.body = bytearray()
         self.result = result
-        self.d.scheduler.pre_request(request, result)
+        self.director.scheduler.pre_request(request, result)
         destinations = [ep.address for ep in result.primary.endpoints]
-        self.d.metrics.observe_decision(request, result, self.d.clock() - started)
-        new_body = await self._inline_nvext(body, request) if self.d.options.inline_nvext else body
+        self.director.metrics.observe_decision(request, result, self.director.clock() - started)
+        new_body = (
+            await self._inline_nvext(body, request) if self.director.options.inline_nvext else body
+        )
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None
         mutation = self._route_mutation(destinations, request.routing_headers, length)
@@ -275,7 +277,7 @@ class RequestStream:
     ) -> pb.HeaderMutation:
         headers = {proto.DESTINATION_HEADER: ",".join(destinations[:1])}
         headers.update(routing_headers)
-        if self.d.options.decision_header and self.request is not None:
+        if self.director.options.decision_header and self.request is not None:
             headers[DECISION_HEADER] = (
                 self.request.decision_summary or f"endpoint={destinations[0]}"
             )
@@ -294,7 +296,7 @@ class RequestStream:
             result = inject_nvext(body, request.routing_headers)
         if isinstance(result, Injected):
             return result.body
-        self.d.metrics.nvext_unchanged.labels(str(result.reason)).inc()
+        self.director.metrics.nvext_unchanged.labels(str(result.reason)).inc()
         return body
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
@@ -310,7 +312,7 @@ class RequestStream:
             raise SchedulingError(
                 400, f"request body must be a JSON object, got {type(parsed).__name__}"
             )
-        self.d.metrics.stage_duration.labels("parse").observe(time.perf_counter() - started)
+        self.director.metrics.stage_duration.labels("parse").observe(time.perf_counter() - started)
         return parsed
 
     def _build_request(self, body: dict[str, Any]) -> LLMRequest:
@@ -320,7 +322,7 @@ class RequestStream:
         rewrite = self.headers.get(MODEL_REWRITE_HEADER)
         if rewrite:
             model = rewrite
-        options = self.d.options
+        options = self.director.options
         lora = model if model in options.lora_adapters else None
         if options.served_model and model != options.served_model and lora is None:
             raise SchedulingError(
@@ -339,10 +341,10 @@ class RequestStream:
         )
 
     def _reject(self, status: int, message: str, reason: str) -> list[pb.ProcessingResponse]:
-        self.d.release_body(self.reserved)
+        self.director.release_body(self.reserved)
         self.reserved = 0
         self.body = bytearray()
-        self.d.metrics.rejections.labels(code=str(status), reason=reason).inc()
+        self.director.metrics.rejections.labels(code=str(status), reason=reason).inc()
         log.info("request %s rejected with %d: %s", self.request_id, status, message)
         return [proto.immediate_error(status, message, reason=reason)]
 
@@ -357,7 +359,7 @@ class RequestStream:
         if isinstance(served, str):
             self.response.served_endpoint = served
         if self.request is not None and self.result is not None:
-            self.d.scheduler.response_received(self.request, self.result, headers)
+            self.director.scheduler.response_received(self.request, self.result, headers)
         if msg.response_headers.end_of_stream:
             self._complete()
         return [proto.continue_response("response_headers")]
@@ -368,8 +370,10 @@ class RequestStream:
         if self.request is not None and self.result is not None:
             if not self.first_chunk_seen and (chunk or end):
                 self.first_chunk_seen = True
-                self.d.metrics.observe_ttft(self.request, self.d.clock() - self.started)
-                self.d.scheduler.response_streaming(self.request, self.result, True)
+                self.director.metrics.observe_ttft(
+                    self.request, self.director.clock() - self.started
+                )
+                self.director.scheduler.response_streaming(self.request, self.result, True)
             self.usage.feed(chunk, streaming=self.response.streaming)
         if end:
             self._complete()
@@ -386,15 +390,15 @@ class RequestStream:
         self.response.completion_tokens = usage.completion_tokens
         self.response.cached_tokens = usage.cached_tokens
         self.response.aborted = aborted
-        self.d.scheduler.response_complete(self.request, self.result, self.response)
-        self.d.metrics.observe_completion(
-            self.request, self.result, self.response, self.d.clock() - self.started
+        self.director.scheduler.response_complete(self.request, self.result, self.response)
+        self.director.metrics.observe_completion(
+            self.request, self.result, self.response, self.director.clock() - self.started
         )
 
     def close(self) -> None:
         """The stream ended: free anything still held."""
         if self.reserved:
-            self.d.release_body(self.reserved)
+            self.director.release_body(self.reserved)
             self.reserved = 0
         if not self.completed:
             self._complete(aborted=True)

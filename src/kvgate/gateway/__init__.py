@@ -1,1 +1,2 @@
-"""`kvgate up`: the whole gateway on one machine (real Envoy, EPP, body transformer, engines)."""
+"""The whole gateway on one machine (real Envoy, EPP, body transformer, engines), behind `kvgate
+up` and `kvgate demo`."""

@@ -1,27 +1,21 @@
-"""`kvgate demo`: the whole gateway on this machine, one real request, a short shared-prefix load,
-per-worker results — with KV-aware routing, then with the standard round-robin EPP for contrast.
-
-The load is G groups of requests that share a long system prompt (think: G applications, each with
-its own prompt), arriving interleaved. A KV-aware picker keeps each group on the worker that cached
-its prompt; round-robin spreads every group over every worker and recomputes the prompt each time.
-Everything is bounded: a fixed number of requests, each with a timeout.
-"""
+"""What `kvgate demo` sends and how it reports: G groups of requests that share a long system
+prompt (think: G applications, each with its own prompt), arriving interleaved. A KV-aware picker
+keeps each group on the worker that cached its prompt; round-robin spreads every group over every
+worker and recomputes the prompt each time. Everything is bounded: a fixed number of requests, each
+with a timeout."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import statistics
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
 
 from kvgate.gateway.client import ChatResult, chat
-from kvgate.gateway.local import DEFAULT_MODEL, LocalGateway, LocalGatewayConfig, Mode
-from kvgate.gateway.supervisor import StartupError
+from kvgate.gateway.local import DEFAULT_MODEL
 
 _WORDS = [
     "gateway", "cache", "prefix", "block", "worker", "engine", "token", "latency", "router",
@@ -119,66 +113,3 @@ def print_report(report: LoadReport, workers: list[str]) -> None:
         if r.error:
             print(f"  error: {r.status} {r.error[:200]}")
             break
-
-
-def run_mode(mode: Mode, args: argparse.Namespace) -> LoadReport:
-    config = LocalGatewayConfig(
-        workers=args.workers,
-        port=args.port,
-        mode=mode,
-        tokenizer=args.tokenizer,
-        speedup=args.speedup,
-        num_gpu_blocks=args.num_gpu_blocks,
-        body_transformer="off",
-    )
-    gateway = LocalGateway(config)
-    print(f"\n== {mode} routing: starting Envoy, EPP and {args.workers} simulated engines "
-          f"(logs in {gateway.run_dir})")  # fmt: skip
-    with gateway as running:
-        first = asyncio.run(first_request(running.url))
-        if first.status != 200:
-            raise StartupError(f"first request through Envoy failed: {first.status} {first.error}")
-        print(f"POST {running.url}/v1/chat/completions -> {first.status} from worker "
-              f"{first.worker} in {first.latency_s * 1e3:.0f} ms: {first.text[:60]!r}")  # fmt: skip
-        bodies = workload(args.groups, args.per_group, args.prompt_words)
-        results = asyncio.run(run_load(running.url, bodies, args.concurrency))
-        report = LoadReport(mode, results)
-        print_report(report, running.workers)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvgate demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--groups", type=int, default=8, help="distinct shared system prompts")
-    parser.add_argument("--per-group", type=int, default=6, help="requests per prompt")
-    parser.add_argument(
-        "--num-gpu-blocks",
-        type=int,
-        default=512,
-        help="KV blocks per engine: small, so that a worker cannot cache every prompt",
-    )
-    parser.add_argument("--prompt-words", type=int, default=600, help="system prompt length")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--speedup", type=float, default=1.0, help="engine time divisor")
-    parser.add_argument("--port", type=int, default=8000, help="gateway port on 127.0.0.1")
-    parser.add_argument("--tokenizer", help="tokenizer dir or hub id (default: bundled Qwen3)")
-    parser.add_argument(
-        "--no-compare", action="store_true", help="skip the round-robin comparison run"
-    )
-    args = parser.parse_args(argv)
-    if not (1 <= args.workers <= 64 and 1 <= args.groups * args.per_group <= 2000):
-        parser.error("workers must be in 1..64 and groups × per-group in 1..2000")
-    try:
-        kv = run_mode("kv", args)
-        if args.no_compare:
-            return 0 if kv.ok() else 1
-        standard = run_mode("standard", args)
-    except StartupError as err:
-        print(f"kvgate demo: {err}", file=sys.stderr)
-        return 1
-    print(f"\nKV-aware vs round-robin: prefix hit rate {kv.hit_rate():.0%} vs "
-          f"{standard.hit_rate():.0%}; TTFT p50 {kv.ttft_ms(0.5):.0f} vs "
-          f"{standard.ttft_ms(0.5):.0f} ms, p90 {kv.ttft_ms(0.9):.0f} vs "
-          f"{standard.ttft_ms(0.9):.0f} ms")  # fmt: skip
-    return 0 if kv.ok() and standard.ok() else 1

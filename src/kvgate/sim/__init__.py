@@ -3,7 +3,7 @@
 The engine model (scheduler, paged prefix cache, step timing) is pure Python with no I/O and is
 exported here. The protocol adapters import aiohttp and pyzmq and live in their own modules:
 `kvgate.sim.http` (one worker's HTTP API), `kvgate.sim.publisher` (ZMQ KV events and replay),
-`kvgate.sim.fleet` (N workers in one loop) and `kvgate.sim.cli` (``kvgate sim``).
+`kvgate.sim.fleet` (N workers in one loop, run by ``kvgate sim``).
 """
 
 from kvgate.sim.blocks import BlockTable, PrefixCache, block_id

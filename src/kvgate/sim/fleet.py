@@ -9,8 +9,6 @@ worker costs an engine, two sockets and an idle task.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,21 +112,12 @@ class Fleet:
         ]
 
 
-async def serve_until_signalled(
-    config: FleetConfig, codec: PromptCodec, announce: Callable[[str], None]
+async def serve(
+    config: FleetConfig, codec: PromptCodec, announce: Callable[[str], None], stop: asyncio.Event
 ) -> None:
-    """Run a fleet until SIGINT or SIGTERM, announcing each worker and then ``ready``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        async with Fleet(config, codec) as fleet:
-            for line in fleet.describe():
-                announce(line)
-            announce(f"ready workers={len(fleet.workers)}")
-            await stop.wait()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_signal_handler(signum)
+    """Run a fleet until ``stop`` is set, announcing each worker and then ``ready``."""
+    async with Fleet(config, codec) as fleet:
+        for line in fleet.describe():
+            announce(line)
+        announce(f"ready workers={len(fleet.workers)}")
+        await stop.wait()

@@ -1,4 +1,5 @@
-"""`kvgate epp` as a process: starts with zero endpoints, serves health, TLS, stops on SIGTERM."""
+"""`kvgate epp`: flags checked before anything starts, and the command as a process — starts with
+zero endpoints, serves health, TLS, stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvgate.commands.epp import build_parser, settings_from_args
+from kvgate.errors import ConfigError
 from kvgate.extproc.tls import self_signed
 from tests.extproc.utils import chat_body, headers_msg
 
@@ -113,3 +116,25 @@ def test_bad_config_exits_2_naming_the_problem(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "no-such-plugin" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--objectives", "batch"], "--objectives"),
+        (["--objectives", "batch=high"], "--objectives"),
+        (["--grpc-port", "70000"], "--grpc-port"),
+        (["--max-body-bytes", "0"], "--max-body-bytes"),
+    ],
+    ids=["objective-no-priority", "objective-not-int", "port-range", "body-limit"],
+)
+def test_bad_flags_name_the_flag(argv: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from_args(build_parser().parse_args(argv))
+    assert err.value.field == field
+
+
+def test_pool_name_excludes_static_endpoints() -> None:
+    args = build_parser().parse_args(["--pool-name=p", "--endpoints=10.0.0.1:8000"])
+    with pytest.raises(ConfigError, match="not both"):
+        settings_from_args(args)

@@ -5,12 +5,13 @@ registered on the caller's exit stack, so it stops with the process's other part
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,10 +19,26 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
+StreamHandler = Callable[
+    [AsyncIterator[pb.ProcessingRequest]], AsyncIterator[pb.ProcessingResponse]
+]
+"""Answers one ext_proc stream (one HTTP request): Envoy's messages in, the replies out."""
+
+
+class _ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, handle: StreamHandler) -> None:
+        self._handle = handle
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for response in self._handle(request_iterator):
+            yield response
+
 
 async def serve_ext_proc(
     stack: contextlib.AsyncExitStack,
-    servicer: pb_grpc.ExternalProcessorServicer,
+    handle: StreamHandler,
     address: str,
     *,
     secure: bool,
@@ -35,7 +52,7 @@ async def serve_ext_proc(
             ("grpc.max_send_message_length", max_message_bytes),
         ]
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProcServicer(handle), server)
     if secure:
         from kvgate.extproc.tls import server_credentials
 

@@ -3,66 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import signal
-import sys
 import threading
-import urllib.request
 from pathlib import Path
 
+from kvgate.commands.support import RUNTIME_ERROR, USAGE_ERROR, fail
 from kvgate.gateway.envoy_binary import EnvoyNotFound
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway
+from kvgate.gateway.status import status_line
 from kvgate.gateway.supervisor import StartupError
 
-_DECISION = re.compile(r'^kvgate_decisions_total\{endpoint="([^"]+)"\} ([0-9.e+]+)$', re.M)
-_INDEX = re.compile(r"^inference_extension_prefix_indexer_size ([0-9.e+]+)$", re.M)
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return str(resp.read().decode())
-
-
-def status_line(running: RunningGateway) -> str:
-    """Decisions per worker (summed over the EPP replicas) and, with several replicas, per
-    replica, with each one's replica-sync state and peer count."""
-    urls = running.epp_metrics_urls or [running.epp_metrics_url]
-    decisions: dict[str, int] = {}
-    per_replica: list[str] = []
-    blocks = 0
-    for i, url in enumerate(urls):
-        name = running.epp_children[i].name if running.epp_children else "epp"
-        try:
-            text = _get(url)
-        except OSError as err:
-            if len(urls) == 1:
-                return f"EPP metrics unavailable: {err}"
-            per_replica.append(f"{name}=down")
-            continue
-        routed = 0
-        for endpoint, value in _DECISION.findall(text):
-            decisions[endpoint] = decisions.get(endpoint, 0) + int(float(value))
-            routed += int(float(value))
-        index = _INDEX.search(text)
-        blocks = max(blocks, int(float(index.group(1))) if index else 0)
-        if len(urls) > 1:
-            per_replica.append(f"{name}={routed}{_sync_summary(running, i)}")
-    per_worker = " ".join(f"{w.rsplit(':', 1)[1]}={decisions.get(w, 0)}" for w in running.workers)
-    line = f"routed {sum(decisions.values())} [{per_worker}] index entries {blocks}"
-    if per_replica:
-        line += f" replicas [{' '.join(per_replica)}]"
-    return line
-
-
-def _sync_summary(running: RunningGateway, replica: int) -> str:
-    if running.nats_url is None or replica >= len(running.epp_healthz_urls):
-        return ""
-    try:
-        sync = json.loads(_get(running.epp_healthz_urls[replica])).get("replica_sync", {})
-    except (OSError, ValueError):
-        return " (sync ?)"
-    return f" (sync {sync.get('state', '?')}, {len(sync.get('peers') or {})} peers)"
+PROG = "kvgate up"
 
 
 def _replicas(value: str) -> int:
@@ -77,7 +28,7 @@ def _replicas(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kvgate up",
+        prog=PROG,
         description="Run the whole gateway locally: Envoy + EPP (+ body transformer) + engines.",
     )
     src = p.add_mutually_exclusive_group()
@@ -123,14 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_banner(running: RunningGateway) -> None:
+    print(f"kvgate gateway: {running.url}  (OpenAI API: /v1/models, /v1/chat/completions)")
+    for name, child in running.children.items():
+        print(f"  {name:<17} pid {child.process.pid:<7} log {child.log}")
+    print(f"  workers           {' '.join(running.workers)}")
+    if len(running.epp_children) > 1:
+        sync = f"synced via {running.nats_url}" if running.nats_url else "no sync"
+        print(f"  EPP replicas      {len(running.epp_children)} ({sync})")
+        for child, url in zip(running.epp_children, running.epp_metrics_urls, strict=True):
+            print(f"  {child.name + ' metrics':<17} {url}")
+    else:
+        print(f"  EPP metrics       {running.epp_metrics_url}")
+        if running.nats_url:
+            print(f"  replica sync      {running.nats_url}")
+    print(f"  Envoy admin       {running.admin_url}")
+    print(f"  run directory     {running.run_dir}")
+    print("Ctrl-C stops everything.", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.endpoint and not 1 <= args.workers <= 64:
-        print("kvgate up: --workers must be in 1..64", file=sys.stderr)
-        return 2
+        return fail(PROG, "--workers must be in 1..64", USAGE_ERROR)
     if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
-        print("kvgate up: --prefill-workers must leave at least one decode worker", file=sys.stderr)
-        return 2
+        return fail(PROG, "--prefill-workers must leave at least one decode worker", USAGE_ERROR)
     config = LocalGatewayConfig(
         workers=args.workers,
         endpoints=args.endpoint,
@@ -150,37 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         epp_replicas=args.epp_replicas,
         replica_sync=args.replica_sync,
     )
+    # The gateway's children are processes supervised from this thread: no event loop here.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         gateway = LocalGateway(config)
         with gateway as running:
-            print(f"kvgate gateway: {running.url}  (OpenAI API: /v1/models, /v1/chat/completions)")
-            for name, child in running.children.items():
-                print(f"  {name:<17} pid {child.process.pid:<7} log {child.log}")
-            print(f"  workers           {' '.join(running.workers)}")
-            if len(running.epp_children) > 1:
-                sync = f"synced via {running.nats_url}" if running.nats_url else "no sync"
-                print(f"  EPP replicas      {len(running.epp_children)} ({sync})")
-                for child, url in zip(running.epp_children, running.epp_metrics_urls, strict=True):
-                    print(f"  {child.name + ' metrics':<17} {url}")
-            else:
-                print(f"  EPP metrics       {running.epp_metrics_url}")
-                if running.nats_url:
-                    print(f"  replica sync      {running.nats_url}")
-            print(f"  Envoy admin       {running.admin_url}")
-            print(f"  run directory     {running.run_dir}")
-            print("Ctrl-C stops everything.", flush=True)
+            _print_banner(running)
             while not stop.wait(args.status_interval or 3600):
                 dead = gateway.supervisor.dead()
                 if dead:
-                    print(f"kvgate up: {dead[0].name} exited; see {dead[0].log}", file=sys.stderr)
-                    return 1
+                    return fail(PROG, f"{dead[0].name} exited; see {dead[0].log}", RUNTIME_ERROR)
                 if args.status_interval:
                     print(status_line(running), flush=True)
             print("stopping...", flush=True)
     except (StartupError, EnvoyNotFound) as err:
-        print(f"kvgate up: {err}", file=sys.stderr)
-        return 1
+        return fail(PROG, err, RUNTIME_ERROR)
     return 0

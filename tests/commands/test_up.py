@@ -1,4 +1,5 @@
-"""`kvgate up` as a user runs it: starts everything, prints where, stops it all on Ctrl-C."""
+"""`kvgate up` as a user runs it: starts everything, prints where, stops it all on Ctrl-C; and its
+flags."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from kvgate.commands.up import build_parser, main
 from kvgate.gateway.local import free_port
 
 
@@ -60,3 +64,16 @@ def test_up_serves_then_ctrl_c_stops_every_process(qwen3_dir: Path, tmp_path: Pa
         raise AssertionError(f"process {pid} survived kvgate up")
     assert (tmp_path / "envoy.yaml").is_file()
     assert (tmp_path / "epp.log").is_file()
+
+
+def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args([])
+    assert args.epp_replicas == 1 and args.replica_sync is None
+    args = build_parser().parse_args(["--epp-replicas", "3", "--no-replica-sync"])
+    assert args.epp_replicas == 3 and args.replica_sync is False
+    assert build_parser().parse_args(["--replica-sync"]).replica_sync is True
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as err:
+            main(["--epp-replicas", bad])
+        assert err.value.code == 2
+        assert "--epp-replicas" in capsys.readouterr().err

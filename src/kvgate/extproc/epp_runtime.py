@@ -1,47 +1,41 @@
-"""`kvgate epp`: the endpoint picker process.
+"""The endpoint picker's runtime (behind `kvgate epp`): `EppSettings` says what to run and
+`EppRuntime` runs it — the plugins from the EndpointPickerConfig, the KV-event subscriber, metrics
+scraping, endpoint discovery, replica sync, and the ext_proc, gRPC health and metrics listeners.
 
-It serves ext_proc on ``--grpc-port`` (9002), gRPC health on ``--grpc-health-port`` (9003) and
-Prometheus metrics on ``--metrics-port`` (9090). It starts with zero endpoints if need be and
-answers 503 until one appears; it never waits for workers before serving.
+By default it serves ext_proc on 9002, gRPC health on 9003 and Prometheus metrics on 9090. It
+starts with zero endpoints if need be and answers 503 until one appears; it never waits for workers
+before serving.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
-import sys
-from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
-from kvgate.errors import ConfigError
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.extproc.epp import Director, EppOptions, process_stream
+from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.running import run_until_signalled
-from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kubernetes import (
     INSTANCE_ID_ANNOTATION,
     KubeConfig,
-    KubeConfigError,
     PoolDiscovery,
 )
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
-    EndpointSpecError,
     parse_endpoints_flag,
 )
 from kvgate.scheduling.framework import PluginContext
@@ -96,17 +90,6 @@ class EppSettings:
     router_id: str | None = None
     sync_heartbeat_s: float = 1.0
     sync_lease_s: float = 3.0
-
-
-class _ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, director: Director) -> None:
-        self._director = director
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        async for response in process_stream(self._director, request_iterator):
-            yield response
 
 
 class EppRuntime(StackedService):
@@ -323,7 +306,7 @@ class EppRuntime(StackedService):
         s = self.settings
         self.bound_ports["grpc"] = await serve_ext_proc(
             self._stack,
-            _ExtProc(director),
+            functools.partial(process_stream, director),
             f"{s.bind}:{s.grpc_port}",
             secure=s.secure,
             cert_path=s.cert_path,
@@ -365,169 +348,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvgate epp",
-        description="KV-cache-aware endpoint picker: an Envoy ext_proc server (GAIE protocol).",
-    )
-    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc port (default 9002)")
-    p.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port")
-    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument(
-        "--secure-serving",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="TLS on the ext_proc port (self-signed unless --cert-path); default on",
-    )
-    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
-    cfg = p.add_mutually_exclusive_group()
-    cfg.add_argument("--config-file", type=Path, help="EndpointPickerConfig YAML file")
-    cfg.add_argument("--config-text", help="EndpointPickerConfig YAML text")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--endpoints", default="", help="ip:port[=instance_id],... (static)")
-    src.add_argument("--endpoints-file", type=Path, help="YAML/JSON endpoint list, watched")
-    p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
-    p.add_argument("--events-port", type=int, help="engines' KV-event port (tcp://<ip>:<port>)")
-    p.add_argument(
-        "--events-bind", help="bind one SUB socket that engines connect to (e.g. tcp://*:5557)"
-    )
-    p.add_argument("--pool-name", help="InferencePool to discover endpoints from (Kubernetes)")
-    p.add_argument("--pool-namespace", default="default", help="namespace of the InferencePool")
-    p.add_argument(
-        "--kubeconfig",
-        type=Path,
-        help="kubeconfig for --pool-name outside a cluster (default: in-cluster service "
-        "account, else $KUBECONFIG, else ~/.kube/config)",
-    )
-    p.add_argument(
-        "--instance-id-annotation",
-        default=INSTANCE_ID_ANNOTATION,
-        help="pod annotation with the worker's Dynamo instance id (default %(default)s)",
-    )
-    p.add_argument("--model", help="served model name; other model names get 404")
-    p.add_argument("--lora-adapters", default="", help="comma-separated adapter names served")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id (needed for KV routing)")
-    p.add_argument("--max-body-bytes", type=int, default=EppOptions.max_body_bytes)
-    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between scrapes")
-    p.add_argument(
-        "--body-mode",
-        choices=["full-duplex", "buffered"],
-        default="full-duplex",
-        help="request body mode assumed when Envoy does not announce it",
-    )
-    p.add_argument(
-        "--objectives",
-        default="",
-        help="InferenceObjective priorities, name=priority,... (chosen per request by the "
-        "x-gateway-inference-objective header; priority < 0 is shed when the pool is saturated)",
-    )
-    p.add_argument("--decision-header", action="store_true", help="add x-kvgate-decision")
-    p.add_argument(
-        "--inline-nvext",
-        action="store_true",
-        help="merge Dynamo nvext routing fields into the body here (no body transformer)",
-    )
-    sync = p.add_argument_group("replica sync (several EPP replicas sharing in-flight load)")
-    sync.add_argument(
-        "--replica-sync",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="share in-flight load with other replicas over NATS "
-        "(default: $DYNAMO_ROUTER_REPLICA_SYNC, else off)",
-    )
-    sync.add_argument(
-        "--nats-url", help=f"NATS server (default $NATS_SERVER or {DEFAULT_NATS_URL})"
-    )
-    sync.add_argument(
-        "--replica-sync-subject",
-        help="NATS subject shared by the replicas of one pool (default "
-        "kvgate.<pool, namespace or model>.active_sequences)",
-    )
-    sync.add_argument("--replica-id", help="this replica's id (default host-pid-random)")
-    sync.add_argument(
-        "--replica-lease",
-        type=float,
-        default=3.0,
-        help="seconds without a heartbeat (sent every lease/3) before a replica's load is "
-        "dropped (default 3)",
-    )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> EppSettings:
-    if args.pool_name and (args.endpoints or args.endpoints_file is not None):
-        raise ConfigError("--pool-name", "give either --pool-name or --endpoints[-file], not both")
-    config_text = None
-    if args.config_file is not None:
-        try:
-            config_text = args.config_file.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError("--config-file", f"cannot read {args.config_file}: {err}") from None
-    elif args.config_text:
-        config_text = args.config_text
-    for flag, value in (
-        ("--grpc-port", args.grpc_port),
-        ("--grpc-health-port", args.grpc_health_port),
-        ("--metrics-port", args.metrics_port),
-    ):
-        if not 0 <= value < 65536:
-            raise ConfigError(flag, f"got {value}; must be a port in 0..65535")
-    if args.max_body_bytes <= 0:
-        raise ConfigError("--max-body-bytes", "must be positive")
-    if not args.replica_lease > 0:
-        raise ConfigError("--replica-lease", f"got {args.replica_lease}; must be > 0")
-    adapters = frozenset(a.strip() for a in args.lora_adapters.split(",") if a.strip())
-    priorities: dict[str, int] = {}
-    for item in filter(None, (i.strip() for i in args.objectives.split(","))):
-        name, sep, value = item.partition("=")
-        try:
-            priorities[name.strip()] = int(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise ConfigError("--objectives", f"{item!r}: expected name=integer priority")
-    options = EppOptions(
-        max_body_bytes=args.max_body_bytes,
-        default_full_duplex=args.body_mode == "full-duplex",
-        served_model=args.model,
-        lora_adapters=adapters,
-        decision_header=args.decision_header,
-        inline_nvext=args.inline_nvext,
-        priorities=priorities,
-    )
-    return EppSettings(
-        bind=args.bind,
-        grpc_port=args.grpc_port,
-        health_port=args.grpc_health_port,
-        metrics_port=args.metrics_port,
-        secure=args.secure_serving,
-        cert_path=args.cert_path,
-        config_text=config_text,
-        endpoints=args.endpoints,
-        endpoints_file=args.endpoints_file,
-        engine=args.engine,
-        events_port=args.events_port,
-        events_bind=args.events_bind,
-        pool_name=args.pool_name,
-        pool_namespace=args.pool_namespace,
-        kubeconfig=args.kubeconfig,
-        instance_id_annotation=args.instance_id_annotation,
-        model=args.model,
-        tokenizer=args.tokenizer,
-        lora_adapters=adapters,
-        scrape_interval_s=args.scrape_interval,
-        options=options,
-        replica_sync=args.replica_sync,
-        nats_url=args.nats_url,
-        sync_subject=args.replica_sync_subject,
-        router_id=args.replica_id,
-        sync_heartbeat_s=args.replica_lease / 3,
-        sync_lease_s=args.replica_lease,
-    )
-
-
 async def serve(settings: EppSettings, stop: asyncio.Event) -> None:
     async with EppRuntime(settings) as runtime:
         # The tokenizer, vocabularies and protobuf classes loaded at start-up are long-lived:
@@ -544,25 +364,3 @@ async def serve(settings: EppSettings, stop: asyncio.Event) -> None:
             runtime.bound_ports.get("metrics", settings.metrics_port),
         )
         await stop.wait()
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as err:
-        print(f"kvgate epp: {err}", file=sys.stderr)
-        return 2
-
-    try:
-        run_until_signalled(lambda stop: serve(settings, stop))
-    except (ConfigError, EndpointSpecError, KubeConfigError) as err:
-        print(f"kvgate epp: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"kvgate epp: {err}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,26 +1,26 @@
-"""``kvgate sim``: run N simulated vLLM-compatible workers until interrupted."""
+"""`kvgate sim`: run N simulated vLLM-compatible workers until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from collections.abc import Callable
 
 import zmq
 
+from kvgate.commands.support import UsageError, run_server
 from kvgate.sim.engine import EngineConfig
-from kvgate.sim.fleet import FleetConfig, serve_until_signalled
+from kvgate.sim.fleet import FleetConfig, serve
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import LinearTiming, PolynomialTiming, StepTiming
 from kvgate.tokens import TokensError
 
+PROG = "kvgate sim"
 _DEFAULTS = EngineConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kvgate sim",
+        prog=PROG,
         description="Run simulated vLLM-compatible engines (HTTP API, KV events, metrics).",
     )
     p.add_argument("--workers", type=int, default=1, help="number of engines (default 1)")
@@ -120,37 +120,28 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def fleet_from_args(args: argparse.Namespace) -> tuple[FleetConfig, TokensCodec]:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"kvgate sim: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     try:
         codec = TokensCodec.load(config.tokenizer)
     except TokensError as exc:
-        print(
-            f"kvgate sim: error: cannot load tokenizer {config.tokenizer!r}: {exc}", file=sys.stderr
-        )
-        return 2
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        try:
-            runner.run(serve_until_signalled(config, codec, _announce))
-        except (OSError, zmq.ZMQError) as exc:
-            # Typically a port already in use.
-            print(f"kvgate sim: error: {exc}", file=sys.stderr)
-            return 1
-    return 0
+        raise UsageError(f"cannot load tokenizer {config.tokenizer!r}: {exc}") from None
+    return config, codec
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+async def _serve(fleet: tuple[FleetConfig, TokensCodec], stop: asyncio.Event) -> None:
+    await serve(*fleet, _announce, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_server(
+        PROG,
+        lambda: fleet_from_args(args),
+        _serve,
+        usage_errors=(UsageError,),
+        runtime_errors=(OSError, zmq.ZMQError),  # typically a port already in use
+    )
