@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kvgate-gaie"
 EXAMPLE = CHART / "examples" / "vllm_agg_qwen.yaml"
 LUA_DIR = REPO / "deploy" / "lua-filter"
+CONFIG_DIR = REPO / "deploy" / "config"
 CRD_DIR = REPO / "deploy" / "crds"
 NAMESPACE = "my-model"
 KUBE_VERSION = "1.30"
@@ -473,6 +474,23 @@ def test_bad_values_fail_rendering_naming_the_value(
 ) -> None:
     with pytest.raises(HelmRenderError, match=message.replace(".", r"\.")):
         render(_with(_example(), **overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shipped"),
+    [
+        ({}, "epp-config-dynamo.yaml"),
+        ({"epp": {"useDynamo": False}, "dynamo": {"kvBlockSize": None}}, "epp-config-random.yaml"),
+        ({"epp": {"configFile": "epp-config-kv-approx.yaml"}}, "epp-config-kv-approx.yaml"),
+    ],
+    ids=["kvgate-default", "standard-picker-default", "config-file"],
+)
+def test_configmap_holds_a_file_of_deploy_config(
+    overrides: dict[str, dict[str, Any]], shipped: str
+) -> None:
+    objects = render(_with(_example(), **overrides))
+    text = one(objects, "ConfigMap")["data"]["epp-config.yaml"]
+    assert text.strip() == (CONFIG_DIR / shipped).read_text().strip()
 
 
 def test_inline_config_wins_and_reaches_the_configmap() -> None:
