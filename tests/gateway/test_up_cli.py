@@ -12,7 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from kvgate.gateway.local import free_port
+
+pytestmark = pytest.mark.envoy
 
 
 def test_up_serves_then_ctrl_c_stops_every_process(qwen3_dir: Path, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from kvgate.scheduling.registry import (
     PluginContext,
     Registry,
 )
-from tests.scheduling.test_epp_builders import chat, context, endpoints
+from tests.scheduling.utils import chat, context, endpoints
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 HEADER = {"apiVersion": API_VERSION, "kind": KIND}

@@ -6,7 +6,7 @@ from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.plugins.decode_filter import DecodeFilter
 from kvgate.scheduling.plugins.prefill_filter import PrefillFilter
 from kvgate.scheduling.plugins.roles import ROLE_LABEL
-from tests.scheduling.test_epp_builders import endpoint, request
+from tests.scheduling.utils import endpoint, request
 
 CASES = [
     pytest.param(endpoint(labels={ROLE_LABEL: "decode"}), True, False, id="label-decode"),

@@ -21,7 +21,7 @@ from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.http import INSTANCE_HEADER, WORKER_HEADER
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import PolynomialTiming
-from tests.sim.helpers import Subscriber
+from tests.sim.utils import Subscriber
 
 LINE = re.compile(
     r"worker (\d+) url=(http://127\.0\.0\.1:\d+) events=(tcp://127\.0\.0\.1:\d+) "
@@ -77,6 +77,7 @@ def assert_port_free(port: int) -> None:
         s.listen()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 async def test_cli_serves_then_exits_cleanly_on_signal(
     qwen3_dir: Path, signum: int, zmq_context: zmq.Context[zmq.Socket[bytes]]

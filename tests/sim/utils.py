@@ -1,10 +1,13 @@
-"""Client-side helpers for the sim tests: SSE reading, KV event subscription."""
+"""Shared by the sim tests: the model name, the worker factory type, SSE reading, KV event
+subscription."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +15,13 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from kvgate.sim.http import SimWorker
 from tests.sim.msgpack_reader import unpack
+
+MODEL = "Qwen/Qwen3-0.6B"
+
+WorkerFactory = Callable[..., AbstractAsyncContextManager[SimWorker]]
+"""The ``make_worker`` fixture: ``async with make_worker(**overrides) as worker``."""
 
 
 @dataclass
