@@ -14,6 +14,8 @@ ENV PATH=/opt/kvgate/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
+# src/kvgate/deploy_config links here: the EPP configs become package data of the install.
+COPY deploy/config ./deploy/config
 RUN python -m pip install --no-cache-dir --upgrade pip \
  && python -m pip install --no-cache-dir .
 

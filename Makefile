@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # Replica-sync tests run a real nats-server: Debian's package, installed with apt when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo microbench test lint typecheck unit install clean nats-server
+.PHONY: demo microbench test test-fast lint typecheck unit unit-fast install clean nats-server
 
 $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,18 @@ unit: $(STAMP) $(VLLM_STAMP) $(ENVOY_STAMP) nats-server
 	HF_HUB_OFFLINE=1 KVGATE_VLLM_WHEEL=$(VLLM_WHEEL_DIR) $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The edit loop: lint, then every test marked neither envoy, nats nor slow (see pyproject's
+# markers). KVGATE_ENVOY and KVGATE_NATS_SERVER name no binary here, so a test that starts one
+# without its marker fails instead of quietly joining the fast set.
+FAST_MARKERS := not envoy and not nats and not slow
+
+unit-fast: $(STAMP) $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 KVGATE_VLLM_WHEEL=$(VLLM_WHEEL_DIR) \
+	  KVGATE_ENVOY=/nonexistent/envoy KVGATE_NATS_SERVER=/nonexistent/nats-server \
+	  $(BIN)/pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+test-fast: lint unit-fast
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so microbench.json

@@ -57,6 +57,8 @@ def test_candidates_in_order_and_the_hint_when_none_runs(
         )  # fmt: skip
 
 
+@pytest.mark.envoy
+@pytest.mark.nats
 def test_the_real_binaries_are_found_and_bad_overrides_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ def requests() -> list[TraceRequest]:
     ).requests
 
 
+@pytest.mark.slow
 async def test_replay_against_a_simulated_worker(worker: SimWorker) -> None:
     trace = requests()
     record = await run_bench(trace, BenchSettings(url=worker.url, model=MODEL, duration_s=30.0))
@@ -55,6 +56,7 @@ async def test_replay_against_a_simulated_worker(worker: SimWorker) -> None:
     assert 0.0 < m.hit_rate <= 1.0
 
 
+@pytest.mark.slow
 async def test_errors_are_counted_by_kind(worker: SimWorker) -> None:
     trace = requests()
     wrong_model = await run_bench(trace, BenchSettings(url=worker.url, model="nope"))

@@ -44,6 +44,7 @@ def test_kv_beats_round_robin_on_a_shared_prefix_workload() -> None:
     assert kv.ttft_ms["mean"] < rr.ttft_ms["mean"]
 
 
+@pytest.mark.slow
 def test_every_policy_serves_every_request() -> None:
     w = workload()
     records = simulate(w.requests, list(POLICIES), SETTINGS)
@@ -55,6 +56,7 @@ def test_every_policy_serves_every_request() -> None:
         assert 0.0 <= m.hit_rate <= 1.0, name
 
 
+@pytest.mark.slow
 def test_replay_is_deterministic_for_a_seed() -> None:
     w = workload()
     first = simulate(w.requests, ["kv", "random", "gaie-default"], SETTINGS)
@@ -65,6 +67,7 @@ def test_replay_is_deterministic_for_a_seed() -> None:
     assert other["random"].per_worker != first["random"].per_worker
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_records() -> None:
     w = workload()
     serial = simulate(w.requests, ["kv", "least-loaded"], SETTINGS)

@@ -19,7 +19,7 @@ from kvgate.bench.traces import (
 
 BT = MOONCAKE_BLOCK_TOKENS
 MOONCAKE_TRACE = (
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "mooncake" / "synthetic_trace.jsonl"
+    Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "mooncake_synthetic.jsonl"
 )
 
 
@@ -174,7 +174,6 @@ def test_ideal_hit_rate_needs_the_whole_block_seen() -> None:
     assert ideal_hit_rate(full_first) == pytest.approx(10 / (BT + 10))
 
 
-@pytest.mark.skipif(not MOONCAKE_TRACE.is_file(), reason=f"{MOONCAKE_TRACE} is not checked out")
 def test_mooncake_synthetic_trace_loads() -> None:
     requests = load_mooncake(MOONCAKE_TRACE)
     assert len(requests) == 3993

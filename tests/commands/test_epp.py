@@ -20,6 +20,9 @@ from kvgate.errors import ConfigError
 from kvgate.extproc.tls import self_signed
 from tests.extproc.utils import chat_body, headers_msg
 
+# Every test starts `kvgate epp` as a subprocess (tokenizer, gRPC, TLS): 1.3–2.7 s each.
+pytestmark = pytest.mark.slow
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from kvgate.commands.sim import main
-from tests.sim.helpers import WORKER_LINE, Subscriber
+from tests.sim.utils import WORKER_LINE, Subscriber
 
 
 @pytest.fixture

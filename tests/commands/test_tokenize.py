@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from dynamo.llm import compute_block_hash_for_seq
 
+# Every test runs `kvgate tokenize` in a subprocess that loads the tokenizer afresh.
+pytestmark = pytest.mark.slow
+
 
 def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -18,6 +18,8 @@ import pytest
 from kvgate.commands.up import build_parser, main
 from kvgate.gateway.local import free_port
 
+pytestmark = pytest.mark.envoy
+
 
 def test_up_serves_then_ctrl_c_stops_every_process(qwen3_dir: Path, tmp_path: Path) -> None:
     port = free_port()

@@ -2,7 +2,7 @@
 
 Rendering goes through helm-python-sdk (Helm v4 as a library, no binary, no cluster). Core kinds are
 validated against Kubernetes' own schemas (kubernetes-validate, strict: unknown fields refused),
-the Inference Extension resources against the CRDs shipped next to the repository, and the rest
+the Inference Extension resources against the upstream CRDs vendored in deploy/crds/, and the rest
 by cross-reference: every port, name and flag one object names must exist in the object it names.
 """
 
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kvgate-gaie"
 EXAMPLE = CHART / "examples" / "vllm_agg_qwen.yaml"
 LUA_DIR = REPO / "deploy" / "lua-filter"
-CRD_DIR = REPO.parent / "shared" / "data" / "crds"
+CONFIG_DIR = REPO / "deploy" / "config"
+CRD_DIR = REPO / "deploy" / "crds"
 NAMESPACE = "my-model"
 KUBE_VERSION = "1.30"
 CORE_KINDS = {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"}
@@ -111,13 +112,7 @@ def containers(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], 
 
 
 def _crd_schema(filename: str, version: str) -> dict[str, Any]:
-    path = CRD_DIR / filename
-    if not path.is_file():
-        pytest.fail(
-            f"CRD schema {path} is missing: the chart tests need the shared/ data directory "
-            "beside the repository clone (../shared/data/crds)"
-        )
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.safe_load((CRD_DIR / filename).read_text())
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             schema: dict[str, Any] = v["schema"]["openAPIV3Schema"]
@@ -125,15 +120,15 @@ def _crd_schema(filename: str, version: str) -> dict[str, Any]:
     raise AssertionError(f"{filename} has no version {version}")
 
 
-CRD_SCHEMAS = {
-    ("inference.networking.k8s.io/v1", "InferencePool"): (
-        "v1.2.1_inference.networking.k8s.io_inferencepools.yaml",
-        "v1",
-    ),
-    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"): (
-        "v1.2.1_inference.networking.x-k8s.io_inferenceobjectives.yaml",
-        "v1alpha2",
-    ),
+# Each kind against the release the chart targets and, for the pool, the API as it stands on main.
+CRD_SCHEMAS: dict[tuple[str, str], list[tuple[str, str]]] = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): [
+        ("v1.2.1/inference.networking.k8s.io_inferencepools.yaml", "v1"),
+        ("main/inference.networking.k8s.io_inferencepools.yaml", "v1"),
+    ],
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"): [
+        ("v1.2.1/inference.networking.x-k8s.io_inferenceobjectives.yaml", "v1alpha2"),
+    ],
 }
 
 
@@ -160,7 +155,8 @@ def test_every_object_validates(case: tuple[str, list[dict[str, Any]]]) -> None:
         if obj["kind"] in CORE_KINDS:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         elif key in CRD_SCHEMAS:
-            jsonschema.validate(obj, _crd_schema(*CRD_SCHEMAS[key]))
+            for crd in CRD_SCHEMAS[key]:
+                jsonschema.validate(obj, _crd_schema(*crd))
         else:
             # Gateway API, kGateway, Istio, Envoy Gateway and Prometheus operator kinds: no schema
             # here; their references are checked by the semantic tests below.
@@ -175,12 +171,17 @@ def test_every_object_validates(case: tuple[str, list[dict[str, Any]]]) -> None:
             }, key
 
 
-def test_missing_fields_are_caught_by_the_crd_schema() -> None:
+@pytest.mark.parametrize(
+    "crd",
+    CRD_SCHEMAS[("inference.networking.k8s.io/v1", "InferencePool")],
+    ids=lambda crd: crd[0].split("/")[0],
+)
+def test_missing_fields_are_caught_by_the_crd_schema(crd: tuple[str, str]) -> None:
     """The CRD check is not vacuous: a pool without targetPorts is refused."""
     pool = one(render(VALUE_SETS["example-kv-routing"]), "InferencePool")
     del pool["spec"]["targetPorts"]
     with pytest.raises(jsonschema.ValidationError, match="targetPorts"):
-        jsonschema.validate(pool, _crd_schema(*CRD_SCHEMAS[(pool["apiVersion"], pool["kind"])]))
+        jsonschema.validate(pool, _crd_schema(*crd))
 
 
 # --- cross references -------------------------------------------------------------------------
@@ -473,6 +474,23 @@ def test_bad_values_fail_rendering_naming_the_value(
 ) -> None:
     with pytest.raises(HelmRenderError, match=message.replace(".", r"\.")):
         render(_with(_example(), **overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shipped"),
+    [
+        ({}, "epp-config-dynamo.yaml"),
+        ({"epp": {"useDynamo": False}, "dynamo": {"kvBlockSize": None}}, "epp-config-random.yaml"),
+        ({"epp": {"configFile": "epp-config-kv-approx.yaml"}}, "epp-config-kv-approx.yaml"),
+    ],
+    ids=["kvgate-default", "standard-picker-default", "config-file"],
+)
+def test_configmap_holds_a_file_of_deploy_config(
+    overrides: dict[str, dict[str, Any]], shipped: str
+) -> None:
+    objects = render(_with(_example(), **overrides))
+    text = one(objects, "ConfigMap")["data"]["epp-config.yaml"]
+    assert text.strip() == (CONFIG_DIR / shipped).read_text().strip()
 
 
 def test_inline_config_wins_and_reaches_the_configmap() -> None:

@@ -1,4 +1,5 @@
-"""The CRD install script, the Dockerfile and the image make targets (no cluster, no Docker)."""
+"""The CRD install script, the Dockerfile, the image make targets and what the package carries
+(no cluster, no Docker)."""
 
 from __future__ import annotations
 
@@ -127,6 +128,24 @@ def test_dockerignore_lets_in_what_the_build_copies() -> None:
         assert included(src), f"{src} is copied but excluded by .dockerignore"
     assert not included("tests/conftest.py")
     assert not included(".venv/bin/python")
+
+
+def test_the_install_carries_every_epp_config_file() -> None:
+    """kvgate/deploy_config links to deploy/config: package data takes the files into a wheel
+    (checked by hand with `pip wheel .`; the venv's setuptools is too old to build here), and
+    the image's build stage must copy deploy/config for the link to resolve."""
+    package = REPO / "src" / "kvgate"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["kvgate"]
+    shipped = sorted((REPO / "deploy" / "config").glob("*"))
+    assert shipped
+    for path in shipped:
+        relative = (package / "deploy_config" / path.name).relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
+    build, _ = _stages(DOCKERFILE.read_text())
+    install = next(n for n, i in enumerate(build) if re.search(r"pip install [^&]*\s\.$", i))
+    assert "COPY deploy/config ./deploy/config" in build[:install]
 
 
 def test_make_image_targets() -> None:

@@ -210,6 +210,7 @@ msgpack_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @given(st.lists(msgpack_values, max_size=4), st.sampled_from([0, 1, 2]))
 @settings(max_examples=500, deadline=None)
 def test_random_msgpack_structures_never_raise_anything_but_malformed_event(

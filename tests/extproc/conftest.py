@@ -1,78 +1,18 @@
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
 
-from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import PolynomialTiming
-
-REPO = Path(__file__).resolve().parents[2]
-SEED_CONFIG = (REPO / "deploy" / "config" / "epp-config-dynamo.yaml").read_text()
-MODEL = "Qwen/Qwen3-0.6B"
-
-
-def loopback_epp_settings(
-    qwen3_dir: Path, endpoints_file: Path, env: dict[str, str] | None = None
-) -> EppSettings:
-    """The seed's config on loopback, plaintext, system-chosen ports, block size 16, seed 7."""
-    return EppSettings(
-        bind="127.0.0.1",
-        grpc_port=0,
-        health_port=0,
-        metrics_port=0,
-        secure=False,
-        config_text=SEED_CONFIG,
-        endpoints_file=endpoints_file,
-        model=MODEL,
-        tokenizer=str(qwen3_dir),
-        options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
-        env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
-        seed=7,
-    )
-
-
-@dataclass
-class Stack:
-    fleet: Fleet
-    runtime: EppRuntime
-    channel: grpc.aio.Channel
-    endpoints_file: Path
-
-    @property
-    def addresses(self) -> list[str]:
-        return [w.url.removeprefix("http://") for w in self.fleet.workers]
-
-    def write_endpoints(self, workers: list[int] | None = None) -> None:
-        chosen = range(len(self.fleet.workers)) if workers is None else workers
-        entries = []
-        for i in chosen:
-            w = self.fleet.workers[i]
-            entries.append(
-                {
-                    "address": w.url.removeprefix("http://"),
-                    "instance_id": w.instance_id,
-                    "events": w.events_endpoint,
-                    "replay": w.replay_endpoint,
-                }
-            )
-        self.endpoints_file.write_text(json.dumps(entries))
-
-    async def wait_endpoints(self, count: int, timeout: float = 5.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(self.runtime.endpoints) != count:
-            assert asyncio.get_running_loop().time() < deadline, "endpoint set did not update"
-            await asyncio.sleep(0.05)
+from tests.extproc.utils import MODEL, Stack, loopback_epp_settings
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

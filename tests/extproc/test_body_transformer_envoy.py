@@ -30,7 +30,7 @@ from tests.extproc.envoy_harness import (
 )
 from tests.extproc.nvext_cases import BIG_TEXT, CASE_IDS, CASES, NvextCase, agg, chat, dumps
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.envoy]
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 SMALL_LIMIT = 100_000

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 import pytest_asyncio
 
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
-from tests.extproc.conftest import SEED_CONFIG
-from tests.extproc.utils import ExtProcStream, chat_body
+from tests.extproc.utils import SEED_CONFIG, ExtProcStream, chat_body
 
 
 def settings(qwen3_dir: Path, endpoints: str) -> EppSettings:
@@ -47,6 +47,7 @@ async def channel_for(qwen3_dir: Path) -> AsyncIterator[object]:
         await runtime.__aexit__(None, None, None)
 
 
+@pytest.mark.slow
 async def test_zero_endpoints_serves_and_answers_503(channel_for) -> None:  # type: ignore[no-untyped-def]
     channel = await channel_for("")
     stream = ExtProcStream(channel)
@@ -55,6 +56,7 @@ async def test_zero_endpoints_serves_and_answers_503(channel_for) -> None:  # ty
     assert routed.immediate_status == 503
 
 
+@pytest.mark.slow
 async def test_sheddable_request_dropped_when_saturated(channel_for) -> None:  # type: ignore[no-untyped-def]
     # Nothing listens on these ports: their metrics are stale, so the pool counts as saturated.
     channel = await channel_for("127.0.0.1:9,127.0.0.1:19")

@@ -13,10 +13,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvgate.scheduling.services import LoadOwner
-from tests.extproc.conftest import MODEL, Stack
 from tests.extproc.utils import (
     BUFFERED,
+    MODEL,
     ExtProcStream,
+    Stack,
     chat_body,
     headers_msg,
     response_body_msg,
@@ -214,6 +215,7 @@ async def test_bodyless_request_is_routed_to_some_endpoint(stack: Stack) -> None
     assert dest["x-gateway-destination-endpoint"] in stack.addresses
 
 
+@pytest.mark.slow
 async def test_workers_join_and_leave_at_runtime(stack: Stack) -> None:
     scorer = kv_scorer(stack)
     gone = stack.addresses[1]

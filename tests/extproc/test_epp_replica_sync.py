@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 
 from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.scheduling.services import LoadOwner
@@ -22,8 +23,13 @@ from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import PolynomialTiming
-from tests.extproc.conftest import MODEL, SEED_CONFIG, loopback_epp_settings
-from tests.extproc.utils import ExtProcStream, chat_body
+from tests.extproc.utils import (
+    MODEL,
+    SEED_CONFIG,
+    ExtProcStream,
+    chat_body,
+    loopback_epp_settings,
+)
 from tests.nats_harness import NatsServer, nats_server
 
 __all__ = ["nats_server"]
@@ -187,6 +193,7 @@ async def _release(streams: list[ExtProcStream], channels: list[grpc.aio.Channel
         await channel.close()
 
 
+@pytest.mark.slow
 async def test_without_sync_a_split_burst_herds_onto_the_cached_worker(
     qwen3_dir: Path, tmp_path: Path
 ) -> None:
@@ -210,6 +217,7 @@ async def test_without_sync_a_split_burst_herds_onto_the_cached_worker(
         assert spread[hot] > single[hot], (spread, single)
 
 
+@pytest.mark.nats
 async def test_with_sync_two_replicas_route_a_burst_like_one_picker(
     qwen3_dir: Path, tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -238,6 +246,7 @@ async def test_with_sync_two_replicas_route_a_burst_like_one_picker(
             assert details["peers"][peer]["synced"] is True
 
 
+@pytest.mark.nats
 async def test_busy_threshold_holds_across_replicas_only_with_sync(
     qwen3_dir: Path, tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -272,6 +281,7 @@ async def test_busy_threshold_holds_across_replicas_only_with_sync(
     assert len(with_spread) == WORKERS + 1 and sum(with_spread) == BURST, spreads
 
 
+@pytest.mark.slow
 async def test_a_restarted_replica_rebuilds_its_index_from_the_engines_replay(
     qwen3_dir: Path, tmp_path: Path
 ) -> None:
@@ -289,6 +299,7 @@ async def test_a_restarted_replica_rebuilds_its_index_from_the_engines_replay(
             assert events["backfills"] == 1 and events["cold_starts"] == 0
 
 
+@pytest.mark.nats
 async def test_replica_sync_can_be_switched_on_by_the_scorer_parameter(
     qwen3_dir: Path, tmp_path: Path, nats_server: NatsServer
 ) -> None:

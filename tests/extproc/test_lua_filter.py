@@ -134,6 +134,7 @@ async def test_envoy_gateway_patch_adds_at_the_router_position() -> None:
 # -- behaviour in Envoy --------------------------------------------------------------------------
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("listener", ["istio", "envoy_gateway"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 async def test_case_table_matches_the_body_transformer(
@@ -151,6 +152,7 @@ async def test_case_table_matches_the_body_transformer(
     assert answer["content_length"] == str(len(received))
 
 
+@pytest.mark.envoy
 async def test_repeated_header_is_refused(gateway: LuaGateway) -> None:
     headers = CIMultiDict([("x-worker-instance-id", "1"), ("x-worker-instance-id", "2")])
     status, answer = await gateway.post("istio", b"{}", headers)
@@ -158,6 +160,7 @@ async def test_repeated_header_is_refused(gateway: LuaGateway) -> None:
     assert echoed_body(answer) == b"{}"
 
 
+@pytest.mark.envoy
 async def test_chunked_request_gets_a_content_length(gateway: LuaGateway) -> None:
     body = dumps(chat())
 
@@ -173,6 +176,7 @@ async def test_chunked_request_gets_a_content_length(gateway: LuaGateway) -> Non
     assert answer["content_length"] == str(len(expected))
 
 
+@pytest.mark.envoy
 async def test_get_without_body(gateway: LuaGateway) -> None:
     url = f"http://127.0.0.1:{gateway.envoy.listener_port('istio')}/v1/models"
     async with gateway.session.get(url, headers=agg()) as response:
@@ -180,6 +184,7 @@ async def test_get_without_body(gateway: LuaGateway) -> None:
         assert echoed_body(await response.json()) == b""
 
 
+@pytest.mark.envoy
 async def test_unrouted_requests_are_not_buffered(gateway: LuaGateway) -> None:
     """Past the buffer limit a routed body gets Envoy's 413 (it must be buffered to be rewritten),
     while a request without routing headers streams through untouched."""
@@ -251,6 +256,7 @@ def _fuzz_bodies(seed: int, count: int) -> list[tuple[bytes, dict[str, str]]]:
     return out
 
 
+@pytest.mark.envoy
 async def test_random_and_damaged_bodies_match_the_body_transformer(gateway: LuaGateway) -> None:
     mismatches = []
     injected = 0

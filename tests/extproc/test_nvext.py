@@ -119,6 +119,7 @@ def _expected_nvext(client: Any, headers: dict[str, str]) -> dict[str, Any]:
     return merged
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(
     others=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "nvext"), _values, max_size=6),

@@ -1,4 +1,5 @@
-"""A real gRPC ext_proc client that plays Envoy's part of the protocol, for EPP tests."""
+"""Shared by the ext_proc tests: a real gRPC ext_proc client that plays Envoy's part of the
+protocol, request builders, and the in-process EPP stack (settings and handle)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +17,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from kvgate.extproc.epp import EppOptions
+from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
+from kvgate.sim.fleet import Fleet
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_CONFIG = (REPO / "deploy" / "config" / "epp-config-dynamo.yaml").read_text()
+MODEL = "Qwen/Qwen3-0.6B"
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 TIMEOUT = 10.0
@@ -186,3 +195,56 @@ def chat_body(
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": content})
     return json.dumps({"model": model, "messages": messages, **extra}).encode()
+
+
+def loopback_epp_settings(
+    qwen3_dir: Path, endpoints_file: Path, env: dict[str, str] | None = None
+) -> EppSettings:
+    """The seed's config on loopback, plaintext, system-chosen ports, block size 16, seed 7."""
+    return EppSettings(
+        bind="127.0.0.1",
+        grpc_port=0,
+        health_port=0,
+        metrics_port=0,
+        secure=False,
+        config_text=SEED_CONFIG,
+        endpoints_file=endpoints_file,
+        model=MODEL,
+        tokenizer=str(qwen3_dir),
+        options=EppOptions(max_body_bytes=1_000_000, served_model=MODEL),
+        env={"DYNAMO_KV_BLOCK_SIZE": "16", **(env or {})},
+        seed=7,
+    )
+
+
+@dataclass
+class Stack:
+    fleet: Fleet
+    runtime: EppRuntime
+    channel: grpc.aio.Channel
+    endpoints_file: Path
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.url.removeprefix("http://") for w in self.fleet.workers]
+
+    def write_endpoints(self, workers: list[int] | None = None) -> None:
+        chosen = range(len(self.fleet.workers)) if workers is None else workers
+        entries = []
+        for i in chosen:
+            w = self.fleet.workers[i]
+            entries.append(
+                {
+                    "address": w.url.removeprefix("http://"),
+                    "instance_id": w.instance_id,
+                    "events": w.events_endpoint,
+                    "replay": w.replay_endpoint,
+                }
+            )
+        self.endpoints_file.write_text(json.dumps(entries))
+
+    async def wait_endpoints(self, count: int, timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.runtime.endpoints) != count:
+            assert asyncio.get_running_loop().time() < deadline, "endpoint set did not update"
+            await asyncio.sleep(0.05)

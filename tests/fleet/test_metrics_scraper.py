@@ -485,6 +485,7 @@ def test_config_is_validated(kwargs: dict[str, Any], message: str) -> None:
 # -- against the simulated engine ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_scraping_the_simulated_engine(
     stack: contextlib.AsyncExitStack, qwen3_dir: Path
 ) -> None:

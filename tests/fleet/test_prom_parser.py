@@ -118,6 +118,7 @@ def expositions(draw: st.DrawFn) -> str:
     return "\n".join(lines) + draw(st.sampled_from(["\n", ""]))
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(expositions())
 def test_generated_expositions_read_like_prometheus_client(text: str) -> None:

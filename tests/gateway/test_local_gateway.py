@@ -3,8 +3,6 @@ sockets, requests from an HTTP client — the path `kvgate up` runs."""
 
 from __future__ import annotations
 
-import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -15,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from kvgate.gateway.client import ChatResult, chat
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
+from tests.gateway.utils import MODEL, get, metric_value, send
 
-MODEL = "Qwen/Qwen3-0.6B"
+pytestmark = pytest.mark.envoy
+
 SYSTEM = "You are the end-to-end test assistant. " + " ".join(
     f"Fact {i}: the gateway keeps prefix {i} warm." for i in range(150)
 )
@@ -34,24 +32,6 @@ def body(question: str, *, system: str | None = SYSTEM, stream: bool = False) ->
     if stream:
         out.update(stream=True, stream_options={"include_usage": True})
     return out
-
-
-def send(url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> ChatResult:
-    async def go() -> ChatResult:
-        async with aiohttp.ClientSession() as session:
-            return await chat(session, url, payload, headers=headers, timeout_s=30)
-
-    return asyncio.run(go())
-
-
-def metrics(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def metric_value(text: str, name: str) -> float:
-    found = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
-    return sum(float(v) for v in found)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +68,7 @@ def test_shared_prefix_lands_on_the_same_worker_with_cached_tokens(
 def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
     kv_gateway: RunningGateway,
 ) -> None:
-    before = metrics(kv_gateway.epp_metrics_url)
+    before = get(kv_gateway.epp_metrics_url)
     result = send(kv_gateway.url, body("Stream me a short answer.", stream=True))
     assert result.status == 200, result.error
     assert result.chunks >= 3  # one SSE event per token, plus usage
@@ -98,7 +78,7 @@ def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
     ttft = "inference_objective_request_ttft_seconds_count"
     deadline = time.monotonic() + 5
     while True:
-        after = metrics(kv_gateway.epp_metrics_url)
+        after = get(kv_gateway.epp_metrics_url)
         done = metric_value(after, "inference_objective_running_requests") == 0
         if done or time.monotonic() > deadline:
             break
@@ -218,7 +198,7 @@ def test_killed_worker_is_no_longer_picked_and_its_state_goes(
                 result = send(running.url, body(f"Which worker holds me? {i}"))
                 assert result.status == 200, result.error
                 assert result.worker != first.worker
-            text = metrics(running.epp_metrics_url)
+            text = get(running.epp_metrics_url)
             assert metric_value(text, "inference_pool_ready_pods") == 1
     finally:
         for sim in sims:

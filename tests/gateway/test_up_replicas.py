@@ -3,42 +3,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from kvgate.gateway.client import ChatResult, chat
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
 from kvgate.gateway.status import status_line
+from tests.gateway.utils import MODEL, get, send_many
 
-MODEL = "Qwen/Qwen3-0.6B"
 LEASE_S = 3.0  # the EPP's default --replica-lease
 
 
 def body(question: str) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 4}
-
-
-def send_many(url: str, payloads: list[dict[str, Any]]) -> list[ChatResult]:
-    """One after the other, on fresh connections (Envoy opens one ext_proc stream per request)."""
-
-    async def go() -> list[ChatResult]:
-        async with aiohttp.ClientSession() as session:
-            return [await chat(session, url, p, timeout_s=30) for p in payloads]
-
-    return asyncio.run(go())
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return str(resp.read().decode())
 
 
 def requests_served(metrics_url: str) -> float:
@@ -68,6 +49,8 @@ def gateway(
         yield local, running
 
 
+@pytest.mark.envoy
+@pytest.mark.nats
 def test_both_replicas_serve_and_see_each_other(
     gateway: tuple[LocalGateway, RunningGateway],
 ) -> None:
@@ -99,6 +82,8 @@ def test_both_replicas_serve_and_see_each_other(
     assert "routed" in line and "epp-0=" in line and "epp-1=" in line, line
 
 
+@pytest.mark.envoy
+@pytest.mark.nats
 def test_killed_replica_is_skipped_and_its_peer_expires(
     gateway: tuple[LocalGateway, RunningGateway],
 ) -> None:

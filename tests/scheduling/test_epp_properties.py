@@ -7,6 +7,7 @@ import math
 import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +36,7 @@ from kvgate.scheduling.plugins.weighted_random_picker import WeightedRandomPicke
 from kvgate.scheduling.registry import BUILTIN_PLUGINS
 from kvgate.scheduling.request import LLMRequest, SchedulingError, ScoredEndpoint
 from kvgate.scheduling.scheduler import Scheduler
-from tests.scheduling.test_epp_builders import endpoint, request
+from tests.scheduling.utils import endpoint, request
 
 ADDRESSES = [f"10.0.0.{i}:8000" for i in range(1, 9)]
 RAW_SCORES = st.one_of(
@@ -108,6 +109,7 @@ def scheduler_for(case: dict[str, Any], seed: int) -> Scheduler:
     return Scheduler(SingleProfileHandler("h"), {"p": profile}, [])
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(scenarios(), st.integers(0, 2**32))
 def test_scheduler_picks_only_survivors_distinct_within_k(case: dict[str, Any], seed: int) -> None:
@@ -127,6 +129,7 @@ def test_scheduler_picks_only_survivors_distinct_within_k(case: dict[str, Any], 
     assert len(picked) == len(set(picked)) == min(case["k"], len(survivors))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(scenarios(), st.integers(0, 2**32))
 def test_totals_are_clamped_weighted_sums(case: dict[str, Any], seed: int) -> None:
@@ -249,6 +252,7 @@ configs = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(configs, configs, configs, ANY))
 def test_random_config_dicts_raise_only_config_errors(raw: Any) -> None:

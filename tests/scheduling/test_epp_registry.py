@@ -18,7 +18,7 @@ from kvgate.scheduling.registry import (
     parse_duration,
     parse_params,
 )
-from tests.scheduling.test_epp_builders import context
+from tests.scheduling.utils import context
 
 
 @dataclass(frozen=True, slots=True)

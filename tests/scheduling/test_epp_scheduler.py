@@ -39,7 +39,7 @@ from kvgate.scheduling.scheduler import (
     PluginTimings,
     Scheduler,
 )
-from tests.scheduling.test_epp_builders import endpoints, request
+from tests.scheduling.utils import endpoints, request
 
 
 class Fixed(Scorer):

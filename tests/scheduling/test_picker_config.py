@@ -25,7 +25,7 @@ from kvgate.scheduling.plugins.saturation import UtilizationDetector
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
 from kvgate.scheduling.registry import BUILTIN_PLUGINS, Registry
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
-from tests.scheduling.test_epp_builders import chat, context, endpoints
+from tests.scheduling.utils import chat, context, endpoints
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 HEADER = {"apiVersion": API_VERSION, "kind": KIND}

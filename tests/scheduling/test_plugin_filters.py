@@ -4,7 +4,7 @@ import pytest
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.plugins.role_filter import ROLE_LABEL, DecodeFilter, PrefillFilter
-from tests.scheduling.test_epp_builders import endpoint, request
+from tests.scheduling.utils import endpoint, request
 
 CASES = [
     pytest.param(endpoint(labels={ROLE_LABEL: "decode"}), True, False, id="label-decode"),

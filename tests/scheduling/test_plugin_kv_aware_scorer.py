@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from kvgate.epp_configs import DISAGGREGATED, shipped_config
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.gateway.local import DISAGG_CONFIG
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import load_epp_config
 from kvgate.scheduling.plugins.kv_aware_scorer import PREFILL_KEY_SUFFIX
@@ -41,7 +41,7 @@ class Pd:
     """The shipped disaggregated config, built the way the EPP builds it."""
 
     def __init__(self, tokenizer: ModelTokenizer, threshold: int) -> None:
-        config = DISAGG_CONFIG.replace(
+        config = shipped_config(DISAGGREGATED).replace(
             "- type: pd-profile-handler",
             f"- type: pd-profile-handler\n  parameters:\n    threshold: {threshold}",
         )

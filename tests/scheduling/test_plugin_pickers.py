@@ -10,7 +10,7 @@ from kvgate.scheduling.plugins.max_score_picker import MaxScorePicker
 from kvgate.scheduling.plugins.random_picker import RandomPicker
 from kvgate.scheduling.plugins.round_robin_picker import RoundRobinPicker
 from kvgate.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
-from tests.scheduling.test_epp_builders import request, scored
+from tests.scheduling.utils import request, scored
 
 
 def addresses(picker: Picker, items: list[tuple[str, float]]) -> list[str]:

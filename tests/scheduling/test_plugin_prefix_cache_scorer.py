@@ -14,7 +14,7 @@ from kvgate.scheduling.plugins.prefix_cache_scorer import (
     prompt_bytes,
 )
 from kvgate.scheduling.request import LLMRequest, ProfileResult, SchedulingResult
-from tests.scheduling.test_epp_builders import chat, completion, endpoint
+from tests.scheduling.utils import chat, completion, endpoint
 
 BLOCK = 64  # 16 tokens × 4 characters
 A, B, C = endpoint("10.0.0.1:8000"), endpoint("10.0.0.2:8000"), endpoint("10.0.0.3:8000")

@@ -17,7 +17,7 @@ from kvgate.scheduling.plugins.role_filter import ROLE_LABEL, DecodeFilter, Pref
 from kvgate.scheduling.plugins.single_profile_handler import SingleProfileHandler
 from kvgate.scheduling.request import LLMRequest, SchedulingError
 from kvgate.scheduling.scheduler import Scheduler
-from tests.scheduling.test_epp_builders import chat, endpoint, request
+from tests.scheduling.utils import chat, endpoint, request
 
 DECODE = endpoint("10.0.0.1:8000", labels={ROLE_LABEL: "decode"})
 PREFILL = endpoint("10.0.0.2:8000", labels={ROLE_LABEL: "prefill"})

@@ -4,7 +4,7 @@ import pytest
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.plugins.saturation import UtilizationDetector
-from tests.scheduling.test_epp_builders import endpoint
+from tests.scheduling.utils import endpoint
 
 
 class Clock:

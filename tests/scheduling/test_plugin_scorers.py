@@ -10,7 +10,7 @@ from kvgate.scheduling.plugins.kv_cache_utilization_scorer import KvCacheUtiliza
 from kvgate.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
 from kvgate.scheduling.plugins.queue_scorer import QueueScorer
 from kvgate.scheduling.plugins.running_requests_size_scorer import RunningRequestsSizeScorer
-from tests.scheduling.test_epp_builders import endpoint, request
+from tests.scheduling.utils import endpoint, request
 
 
 def scores_of(scorer: Scorer, eps: list[Endpoint], lora: str | None = None) -> list[float]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -12,12 +12,10 @@ from kvgate.sim.engine import Engine, EngineConfig
 from kvgate.sim.http import SimWorker, WorkerConfig
 from kvgate.sim.prompts import TokensCodec, output_vocabulary
 from kvgate.sim.timing import PolynomialTiming
+from tests.sim.utils import MODEL, WorkerFactory
 
 # Big enough for the tests' prompts, small enough that eviction tests fill it quickly.
 TEST_ENGINE = EngineConfig(num_gpu_blocks=512, max_model_len=4096)
-MODEL = "Qwen/Qwen3-0.6B"
-
-WorkerFactory = Callable[..., AbstractAsyncContextManager[SimWorker]]
 
 
 @pytest.fixture(scope="session")

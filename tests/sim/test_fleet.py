@@ -10,7 +10,7 @@ from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.http import INSTANCE_HEADER, WORKER_HEADER
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.timing import PolynomialTiming
-from tests.sim.helpers import WORKER_LINE
+from tests.sim.utils import WORKER_LINE
 
 
 def test_ports_follow_the_bases() -> None:

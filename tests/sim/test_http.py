@@ -15,8 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.http import INSTANCE_HEADER, WORKER_HEADER
 from kvgate.sim.prompts import TokensCodec
-from tests.sim.conftest import MODEL, WorkerFactory
-from tests.sim.helpers import stream
+from tests.sim.utils import MODEL, WorkerFactory, stream
 
 LOREM = (
     "Routing decides almost everything when caches are small and prefixes are long. "

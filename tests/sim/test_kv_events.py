@@ -18,9 +18,8 @@ from kvgate.sim.engine import EngineConfig
 from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.publisher import KvEventPublisher
 from kvgate.sim.wire import encode_batch
-from tests.sim.conftest import MODEL, WorkerFactory
-from tests.sim.helpers import Subscriber, events_of
 from tests.sim.msgpack_reader import unpack
+from tests.sim.utils import MODEL, Subscriber, WorkerFactory, events_of
 
 H = EngineHash
 

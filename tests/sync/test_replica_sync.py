@@ -92,6 +92,7 @@ def _peers_synced(replica: Replica, count: int) -> bool:
     return len(peers) == count and all(p["synced"] for p in peers.values())
 
 
+@pytest.mark.nats
 async def test_each_replica_sees_the_sum_of_both_loads(nats_server: NatsServer) -> None:
     async with replicas(nats_server, "A", "B") as (a, b):
         await eventually(lambda: _peers_synced(a, 1) and _peers_synced(b, 1))
@@ -121,6 +122,7 @@ async def test_each_replica_sees_the_sum_of_both_loads(nats_server: NatsServer) 
         assert sent.labels("sent", "free")._value.get() == 2
 
 
+@pytest.mark.nats
 async def test_late_joiner_gets_the_in_flight_state_at_once(nats_server: NatsServer) -> None:
     async with replicas(nats_server, "A", "B") as (a, b):
         for i in range(300):
@@ -138,6 +140,7 @@ async def test_late_joiner_gets_the_in_flight_state_at_once(nats_server: NatsSer
             assert c.router.active.prefill_tokens("w0") == 100 * 64  # b0's prefill is done
 
 
+@pytest.mark.nats
 async def test_a_replica_that_leaves_cleanly_takes_its_load_along(
     nats_server: NatsServer,
 ) -> None:
@@ -175,6 +178,7 @@ _CRASHING_REPLICA = textwrap.dedent(
 )
 
 
+@pytest.mark.nats
 async def test_a_replica_that_dies_is_dropped_after_its_lease(nats_server: NatsServer) -> None:
     async with replicas(nats_server, "A") as (a,):
         child = subprocess.Popen(
@@ -203,6 +207,7 @@ async def test_a_replica_that_dies_is_dropped_after_its_lease(nats_server: NatsS
                 child.stdout.close()
 
 
+@pytest.mark.nats
 async def test_nats_outage_routing_goes_on_and_sync_resumes(nats_server: NatsServer) -> None:
     async with replicas(nats_server, "A", "B") as (a, b):
         a.add("r1", "w1", [1], 16)
@@ -230,6 +235,7 @@ async def test_nats_outage_routing_goes_on_and_sync_resumes(nats_server: NatsSer
         assert a.sync.disconnects >= 1
 
 
+@pytest.mark.nats
 async def test_starting_without_nats_routes_locally_and_joins_later(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "late-nats.log")
     a = Replica(server, "A")
@@ -247,6 +253,7 @@ async def test_starting_without_nats_routes_locally_and_joins_later(tmp_path: Pa
         server.stop()
 
 
+@pytest.mark.nats
 async def test_malformed_and_foreign_messages_are_counted_and_ignored(
     nats_server: NatsServer,
 ) -> None:
@@ -279,6 +286,7 @@ async def test_malformed_and_foreign_messages_are_counted_and_ignored(
         await eventually(lambda: b.load() == {})
 
 
+@pytest.mark.nats
 async def test_lost_deltas_are_detected_and_repaired_by_a_snapshot(
     nats_server: NatsServer,
 ) -> None:
@@ -293,6 +301,7 @@ async def test_lost_deltas_are_detected_and_repaired_by_a_snapshot(
         assert _peers_synced(b, 1)
 
 
+@pytest.mark.nats
 async def test_oversized_prompts_are_split_and_truncated_under_max_payload(
     nats_server: NatsServer,
 ) -> None:

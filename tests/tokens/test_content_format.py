@@ -10,7 +10,7 @@ import pytest
 from kvgate.tokens import ModelTokenizer, TokenizerConfig
 from kvgate.tokens.template import detect_content_format
 from tests.tokens import vllm_reference
-from tests.tokens.tiny import write_tiny
+from tests.tokens.utils import write_tiny
 
 PARTS_TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>"

@@ -139,6 +139,7 @@ def test_lora_changes_every_hash_and_seed_wraps_u64() -> None:
     assert lora_seed(None) == lora_seed("") == DYNAMO_HASH_SEED == 1337
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     block_size=st.sampled_from(BLOCK_SIZES),

@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 
 from kvgate.tokens import ModelTokenizer, RequestError, TokenizerConfig, TokenizerLoadError
-from tests.tokens.tiny import TEMPLATE, write_tiny
+from tests.tokens.utils import TEMPLATE, write_tiny
 
 BASE_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATE}
 HELLO = {"messages": [{"role": "user", "content": "hi"}]}

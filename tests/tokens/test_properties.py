@@ -99,6 +99,7 @@ def chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=chat_bodies())
 def test_chat_cached_equals_cold_equals_transformers(

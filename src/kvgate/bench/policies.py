@@ -26,10 +26,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final, Self
 
+from kvgate.epp_configs import KV, ROUND_ROBIN, shipped_config
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.gateway.local import KV_CONFIG, STANDARD_CONFIG
 from kvgate.scheduling.framework import NoParams, PluginContext, Range, Scorer
-from kvgate.scheduling.picker_config import API_VERSION, DEFAULT_CONFIG_TEXT, KIND
+from kvgate.scheduling.picker_config import API_VERSION, KIND
 from kvgate.scheduling.registry import Registry, builtin_registry
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
 
@@ -200,15 +200,16 @@ def bench_registry() -> Registry:
     )
 
 
-def _single_scorer(plugin_type: str, parameters: str = "") -> str:
-    params = f"\n  parameters:\n{parameters}" if parameters else ""
+def _single_scorer(plugin_type: str) -> str:
+    """A config for a benchmark-only scorer: not a file of deploy/config, because `kvgate epp`
+    has no such plugin."""
     return f"""\
 apiVersion: {API_VERSION}
 kind: {KIND}
 plugins:
 - type: single-profile-handler
 - name: scorer
-  type: {plugin_type}{params}
+  type: {plugin_type}
 - name: picker
   type: max-score-picker
 schedulingProfiles:
@@ -219,33 +220,17 @@ schedulingProfiles:
 """
 
 
-_DYNAMO_CONFIG = _single_scorer(
-    "kv-aware-scorer", "    overlapScoreWeight: 1\n    routerTemperature: 0"
-)
-_KV_APPROX_CONFIG = _single_scorer("kv-aware-scorer", "    useKvEvents: false")
-
-_RANDOM_CONFIG = f"""\
-apiVersion: {API_VERSION}
-kind: {KIND}
-plugins:
-- type: single-profile-handler
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-"""
-
 # The KV-aware policies cost the most to replay (index updates for every stored and evicted
 # block); listing them first lets `kvgate simulate --jobs 2` start them first.
 POLICIES: Final[dict[str, str]] = {
-    "kv": KV_CONFIG,
-    "dynamo": _DYNAMO_CONFIG,
-    "kv-approx": _KV_APPROX_CONFIG,
-    "gaie-default": DEFAULT_CONFIG_TEXT,
+    "kv": shipped_config(KV),
+    "dynamo": shipped_config("epp-config-dynamo-pinned.yaml"),
+    "kv-approx": shipped_config("epp-config-kv-approx.yaml"),
+    "gaie-default": shipped_config("epp-config-default.yaml"),
     "sglang-cache-aware": _single_scorer(SglangCacheAwareScorer.type_name),
     "least-loaded": _single_scorer(LeastLoadedScorer.type_name),
-    "round-robin": STANDARD_CONFIG,
-    "random": _RANDOM_CONFIG,
+    "round-robin": shipped_config(ROUND_ROBIN),
+    "random": shipped_config("epp-config-random.yaml"),
 }
-"""Policy name → EndpointPickerConfig text. ``kv`` is `kvgate up`'s KV configuration."""
+"""Policy name → EndpointPickerConfig text. ``kv`` is `kvgate up`'s KV configuration; all but the
+two benchmark-only scorers are files of deploy/config."""

@@ -19,72 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kvgate import epp_configs
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
 from kvgate.gateway.supervisor import Child, StartupError, Supervisor
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 Mode = Literal["kv", "standard"]
-
-KV_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: single-profile-handler
-- name: picker
-  type: max-score-picker
-- name: dyn-kv
-  type: kv-aware-scorer
-- name: dynamo-cleanup
-  type: dynamo-response-complete
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: dyn-kv
-    weight: 1
-  - pluginRef: picker
-"""
-
-# Prefill/decode disaggregation: a decode worker for every request and, when the uncached prompt
-# is long enough, a prefill worker; both chosen by the KV scorer among workers of that role.
-DISAGG_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: pd-profile-handler
-- type: decode-filter
-- type: prefill-filter
-- name: dyn-kv
-  type: kv-aware-scorer
-- name: picker
-  type: max-score-picker
-- name: dynamo-cleanup
-  type: dynamo-response-complete
-schedulingProfiles:
-- name: decode
-  plugins:
-  - pluginRef: decode-filter
-  - pluginRef: dyn-kv
-  - pluginRef: picker
-- name: prefill
-  plugins:
-  - pluginRef: prefill-filter
-  - pluginRef: dyn-kv
-  - pluginRef: picker
-"""
-
-# The standard EPP fallback of the seed: no tokens, no KV logic, round-robin.
-STANDARD_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: single-profile-handler
-- type: round-robin-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: round-robin-picker
-"""
 
 
 def free_port() -> int:
@@ -239,9 +180,10 @@ class LocalGateway:
         if cfg.config_file is not None:
             epp_config.write_text(cfg.config_file.read_text())
         elif cfg.prefill_workers and cfg.mode == "kv":
-            epp_config.write_text(DISAGG_CONFIG)
+            epp_config.write_text(epp_configs.shipped_config(epp_configs.DISAGGREGATED))
         else:
-            epp_config.write_text(KV_CONFIG if cfg.mode == "kv" else STANDARD_CONFIG)
+            name = epp_configs.KV if cfg.mode == "kv" else epp_configs.ROUND_ROBIN
+            epp_config.write_text(epp_configs.shipped_config(name))
         if cfg.sync_enabled():
             self._start_nats(children)
         self._start_epps(epp_config, endpoints_file, tokenizer, children)

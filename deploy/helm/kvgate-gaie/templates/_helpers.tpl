@@ -69,16 +69,6 @@ affinity:
 {{- else if .Values.epp.useDynamo -}}
 {{- .Files.Get "files/config/epp-config-dynamo.yaml" -}}
 {{- else -}}
-# Standard endpoint picker without affinity: requests are spread at random; the model server
-# graph behind the pool does its own routing.
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: single-profile-handler
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
+{{- .Files.Get "files/config/epp-config-random.yaml" -}}
 {{- end -}}
 {{- end -}}

@@ -1,5 +1,5 @@
-"""Client-side helpers for the sim tests: SSE reading, KV event subscription, the line a fleet
-prints per worker."""
+"""Shared by the sim tests: the model name, the worker factory type, SSE reading, KV event
+subscription, the line a fleet prints per worker."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +16,18 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from kvgate.sim.http import SimWorker
 from tests.sim.msgpack_reader import unpack
 
 WORKER_LINE = re.compile(
     r"worker (\d+) url=(http://127\.0\.0\.1:\d+) events=(tcp://127\.0\.0\.1:\d+) "
     r"replay=(tcp://127\.0\.0\.1:\d+) instance_id=(\d+) topic=(kv@127\.0\.0\.1:\d+@\S+)"
 )
+
+MODEL = "Qwen/Qwen3-0.6B"
+
+WorkerFactory = Callable[..., AbstractAsyncContextManager[SimWorker]]
+"""The ``make_worker`` fixture: ``async with make_worker(**overrides) as worker``."""
 
 
 @dataclass

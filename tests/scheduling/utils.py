@@ -1,5 +1,4 @@
-"""Builders shared by the endpoint-picker tests (no tests here; the name keeps to the folder's
-test_epp_* / test_plugin_* convention)."""
+"""Builders shared by the scheduling tests: endpoints with metrics, requests, scored lists."""
 
 from __future__ import annotations
 
