@@ -56,7 +56,7 @@ from kvgate.scheduling.plugins.kv_aware_scorer import (
 from kvgate.scheduling.registry import PluginContext
 from kvgate.scheduling.scheduler import PluginTimings
 from kvgate.service import StackedService
-from kvgate.sync.replica import (
+from kvgate.sync import (
     DEFAULT_NATS_URL,
     ReplicaSync,
     ReplicaSyncConfig,
