@@ -31,13 +31,9 @@ from kvgate.extproc.running import run_until_signalled
 from kvgate.extproc.serving import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
-from kvgate.fleet.kubernetes import (
-    INSTANCE_ID_ANNOTATION,
-    KubeConfig,
-    KubeConfigError,
-    PoolDiscovery,
-)
+from kvgate.fleet.kube_api import KubeConfig, KubeConfigError
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
