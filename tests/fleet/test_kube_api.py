@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.kube_api import (
@@ -23,7 +22,7 @@ from kvgate.fleet.kube_api import (
 )
 from kvgate.fleet.pool_discovery import PoolDiscovery
 from tests.fleet.fake_apiserver import PODS, FakeApiServer
-from tests.fleet.utils import LABELS, POOL, wait_until
+from tests.fleet.utils import LABELS, POOL, wait_until, write_kubeconfig
 
 
 async def test_token_from_kubeconfig_reaches_the_api_server(tmp_path: Path) -> None:
@@ -33,18 +32,7 @@ async def test_token_from_kubeconfig_reaches_the_api_server(tmp_path: Path) -> N
         api.put_pool(POOL, LABELS, [8000])
         api.add_pod("a", "10.0.0.1", LABELS)
         path = tmp_path / "config"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "test",
-                    "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u"}}],
-                    "clusters": [{"name": "c", "cluster": {"server": api.url}}],
-                    "users": [{"name": "u", "user": {"token": "s3cret"}}],
-                }
-            )
-        )
+        write_kubeconfig(path, {"server": api.url}, {"token": "s3cret"})
         endpoints = EndpointSet()
         config = KubeConfig.load(path, env={})
         async with PoolDiscovery(endpoints, config, POOL, api.namespace):
@@ -112,31 +100,11 @@ async def test_tls_with_client_certificate_from_kubeconfig_data(tmp_path: Path) 
             return base64.b64encode(data).decode()
 
         path = tmp_path / "config"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "current-context": "kind",
-                    "contexts": [{"name": "kind", "context": {"cluster": "c", "user": "u"}}],
-                    "clusters": [
-                        {
-                            "name": "c",
-                            "cluster": {
-                                "server": api.url,
-                                "certificate-authority-data": b64(server_cert),
-                            },
-                        }
-                    ],
-                    "users": [
-                        {
-                            "name": "u",
-                            "user": {
-                                "client-certificate-data": b64(client_cert),
-                                "client-key-data": b64(client_key),
-                            },
-                        }
-                    ],
-                }
-            )
+        write_kubeconfig(
+            path,
+            {"server": api.url, "certificate-authority-data": b64(server_cert)},
+            {"client-certificate-data": b64(client_cert), "client-key-data": b64(client_key)},
+            context="kind",
         )
         config = KubeConfig.from_kubeconfig(path)
         assert config.server.startswith("https://")
@@ -151,15 +119,8 @@ async def test_tls_with_client_certificate_from_kubeconfig_data(tmp_path: Path) 
 
 def test_kubeconfig_errors_name_the_problem(tmp_path: Path) -> None:
     path = tmp_path / "config"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "current-context": "eks",
-                "contexts": [{"name": "eks", "context": {"cluster": "c", "user": "u"}}],
-                "clusters": [{"name": "c", "cluster": {"server": "https://k8s.example:6443"}}],
-                "users": [{"name": "u", "user": {"exec": {"command": "aws"}}}],
-            }
-        )
+    write_kubeconfig(
+        path, {"server": "https://k8s.example:6443"}, {"exec": {"command": "aws"}}, context="eks"
     )
     with pytest.raises(KubeConfigError, match="exec/auth-provider"):
         KubeConfig.from_kubeconfig(path)
@@ -172,23 +133,11 @@ def test_kubeconfig_errors_name_the_problem(tmp_path: Path) -> None:
 def test_kubeconfig_inline_certificate_data(tmp_path: Path) -> None:
     path = tmp_path / "config"
     ca = base64.b64encode(b"-----BEGIN CERTIFICATE-----\n").decode()
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "current-context": "kind",
-                "contexts": [{"name": "kind", "context": {"cluster": "c", "user": "u"}}],
-                "clusters": [
-                    {
-                        "name": "c",
-                        "cluster": {
-                            "server": "https://127.0.0.1:6443",
-                            "certificate-authority-data": ca,
-                        },
-                    }
-                ],
-                "users": [{"name": "u", "user": {"tokenFile": "token"}}],
-            }
-        )
+    write_kubeconfig(
+        path,
+        {"server": "https://127.0.0.1:6443", "certificate-authority-data": ca},
+        {"tokenFile": "token"},
+        context="kind",
     )
     (tmp_path / "token").write_text("abc\n")
     config = KubeConfig.from_kubeconfig(path)

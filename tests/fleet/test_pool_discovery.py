@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kvgate.extproc.server import EppRuntime, EppSettings, build_parser, settings_from_args
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.pool_discovery import ENGINE_LABEL, INSTANCE_ID_ANNOTATION, endpoints_of_pod
 from kvgate.fleet.sources import EndpointDefaults
 from tests.fleet.fake_apiserver import FakeApiServer
-from tests.fleet.utils import LABELS, POOL, Changes, discovery, wait_until
+from tests.fleet.utils import LABELS, POOL, Changes, discovery, wait_until, write_kubeconfig
 
 
 def addresses(endpoints: EndpointSet) -> set[str]:
@@ -230,15 +229,7 @@ async def test_epp_discovers_its_pool(api: FakeApiServer, tmp_path: Path) -> Non
     api.put_pool(POOL, LABELS, [8000])
     api.add_pod("a", "10.0.0.1", LABELS, annotations={"example.com/worker": "42"})
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "current-context": "t",
-                "contexts": [{"name": "t", "context": {"cluster": "c"}}],
-                "clusters": [{"name": "c", "cluster": {"server": api.url}}],
-            }
-        )
-    )
+    write_kubeconfig(kubeconfig, {"server": api.url}, context="t")
     args = build_parser().parse_args(
         [
             f"--pool-name={POOL}",

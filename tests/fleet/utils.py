@@ -13,8 +13,10 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -348,3 +350,21 @@ def discovery(api: FakeApiServer, endpoints: EndpointSet, **kwargs: Any) -> Pool
     kwargs.setdefault("backoff_initial_s", 0.01)
     kwargs.setdefault("backoff_max_s", 0.05)
     return PoolDiscovery(endpoints, KubeConfig(server=api.url), POOL, api.namespace, **kwargs)
+
+
+def write_kubeconfig(
+    path: Path, cluster: dict[str, Any], user: dict[str, Any] | None = None, context: str = "test"
+) -> Path:
+    """A kubeconfig at `path` whose current context names `cluster` and, when given, `user`."""
+    names = {"cluster": "c"} if user is None else {"cluster": "c", "user": "u"}
+    doc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": context,
+        "contexts": [{"name": context, "context": names}],
+        "clusters": [{"name": "c", "cluster": cluster}],
+    }
+    if user is not None:
+        doc["users"] = [{"name": "u", "user": user}]
+    path.write_text(yaml.safe_dump(doc))
+    return path

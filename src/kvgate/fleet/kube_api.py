@@ -21,6 +21,7 @@ are all discovery needs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import ssl
@@ -246,19 +247,11 @@ class HttpKubeApi:
         self, path: str, params: Mapping[str, str] | None = None
     ) -> dict[str, Any] | None:
         timeout = aiohttp.ClientTimeout(total=self._request_timeout_s)
-        try:
-            async with self._session.get(
-                self._config.server + path,
-                params=params,
-                headers=self._config.headers(),
-                timeout=timeout,
-            ) as resp:
-                if resp.status == 404:
-                    return None
-                await _raise_for_status(resp)
-                body = await resp.json(content_type=None)
-        except aiohttp.ClientError as err:
-            raise KubeConnectionError(str(err) or type(err).__name__) from err
+        async with self._request(path, params, timeout) as resp:
+            if resp.status == 404:
+                return None
+            await _raise_for_status(resp)
+            body = await resp.json(content_type=None)
         if not isinstance(body, dict):
             raise ValueError(f"GET {path}: expected a JSON object")
         return body
@@ -278,23 +271,31 @@ class HttpKubeApi:
             connect=self._request_timeout_s,
             sock_read=timeout_s + self._request_timeout_s,
         )
+        async with self._request(path, query, timeout) as resp:
+            await _raise_for_status(resp)
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if len(buffer) > _MAX_EVENT_BYTES:
+                    raise ValueError(f"watch event longer than {_MAX_EVENT_BYTES} bytes")
+                for line in lines:
+                    if line.strip():
+                        yield _decode_event(line)
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, path: str, params: Mapping[str, str] | None, timeout: aiohttp.ClientTimeout
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET ``path`` with the credentials; aiohttp's errors become `KubeConnectionError`."""
         try:
             async with self._session.get(
                 self._config.server + path,
-                params=query,
+                params=params,
                 headers=self._config.headers(),
                 timeout=timeout,
             ) as resp:
-                await _raise_for_status(resp)
-                buffer = b""
-                async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    if len(buffer) > _MAX_EVENT_BYTES:
-                        raise ValueError(f"watch event longer than {_MAX_EVENT_BYTES} bytes")
-                    for line in lines:
-                        if line.strip():
-                            yield _decode_event(line)
+                yield resp
         except aiohttp.ClientError as err:
             raise KubeConnectionError(str(err) or type(err).__name__) from err
 
