@@ -10,9 +10,10 @@ from kvgate.commands.support import add_log_level, run_server, setup_logging
 from kvgate.errors import ConfigError
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
-from kvgate.fleet.kubernetes import INSTANCE_ID_ANNOTATION, KubeConfigError
+from kvgate.fleet.kube_api import KubeConfigError
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION
 from kvgate.fleet.sources import EndpointSpecError
-from kvgate.sync.replica import DEFAULT_NATS_URL
+from kvgate.sync import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
 

@@ -27,12 +27,9 @@ from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_hea
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
-from kvgate.fleet.kubernetes import (
-    INSTANCE_ID_ANNOTATION,
-    KubeConfig,
-    PoolDiscovery,
-)
+from kvgate.fleet.kube_api import KubeConfig
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
@@ -43,7 +40,7 @@ from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
 from kvgate.scheduling.scheduler import PluginTimings, Scheduler
 from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.service import StackedService
-from kvgate.sync.replica import (
+from kvgate.sync import (
     DEFAULT_NATS_URL,
     ReplicaSync,
     ReplicaSyncConfig,

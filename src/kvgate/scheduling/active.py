@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TypeAlias
 
-from kvgate.index.prefix_index import MaskIndex, WorkerId
+from kvgate.index.mask_index import MaskIndex, WorkerId
 
 RequestKey: TypeAlias = str | tuple[str, str]
 """A request id (routed here) or ``(router_id, request_id)`` (routed by another replica)."""
@@ -49,7 +49,7 @@ class ActiveBlocks(MaskIndex):
         self.per_worker: dict[WorkerId, int] = {}
         """Distinct active blocks per worker, kept current so scoring reads one dict."""
 
-    def _on_new_slot(self, slot: int) -> None:
+    def on_new_slot(self, slot: int) -> None:
         if slot == len(self._counts):
             self._counts.append({})
 
@@ -57,21 +57,21 @@ class ActiveBlocks(MaskIndex):
         return self.per_worker.get(worker, 0)
 
     def add(self, worker: WorkerId, hashes: Sequence[int]) -> None:
-        slot = self._slot(worker)
+        slot = self.slot(worker)
         counts = self._counts[slot]
-        blocks = self._blocks
+        masks = self.masks
         bit = 1 << slot
         for h in hashes:
             n = counts.get(h)
             if n is None:
                 counts[h] = 1
-                blocks[h] = blocks.get(h, 0) | bit
+                masks[h] = masks.get(h, 0) | bit
             else:
                 counts[h] = n + 1
         self.per_worker[worker] = len(counts)
 
     def release(self, worker: WorkerId, hashes: Sequence[int]) -> None:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         counts = self._counts[slot]
@@ -84,19 +84,19 @@ class ActiveBlocks(MaskIndex):
                 counts[h] = n - 1
             else:
                 del counts[h]
-                self._drop_bit(h, bit)
+                self.drop_bit(h, bit)
         self.per_worker[worker] = len(counts)
 
     def drop_worker(self, worker: WorkerId) -> None:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         bit = 1 << slot
         for h in self._counts[slot]:
-            self._drop_bit(h, bit)
+            self.drop_bit(h, bit)
         self._counts[slot] = {}
         self.per_worker.pop(worker, None)
-        self._release_slot(worker)
+        self.release_slot(worker)
 
 
 class ActiveSequences:
