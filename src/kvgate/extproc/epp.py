@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +54,9 @@ ROUTING_HEADERS = (
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 DECISION_HEADER = "x-kvgate-decision"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+# Per-request latency objectives (GAIE's names), read by slo-aware-picker.
+SLO_TTFT_HEADER = "x-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-slo-tpot-ms"
 # Parsing JSON costs ~1 ms per 100 KB; above this size it moves off the event loop.
 _OFFLOAD_PARSE_BYTES = 64 * 1024
 
@@ -338,7 +342,21 @@ class RequestStream:
             priority=options.priorities.get(objective, 0),
             lora_name=lora,
             stream=bool(body.get("stream")),
+            slo_ttft_s=self._slo_seconds(SLO_TTFT_HEADER),
+            slo_itl_s=self._slo_seconds(SLO_TPOT_HEADER),
         )
+
+    def _slo_seconds(self, header: str) -> float | None:
+        raw = self.headers.get(header)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise SchedulingError(400, f"{header} must be a positive number of milliseconds")
+        return value / 1000.0
 
     def _reject(self, status: int, message: str, reason: str) -> list[pb.ProcessingResponse]:
         self.director.release_body(self.reserved)

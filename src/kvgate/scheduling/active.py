@@ -108,6 +108,7 @@ class ActiveSequences:
         self.prefill: dict[WorkerId, int] = {}
         """Prompt tokens routed but not yet prefilled, per worker."""
         self._in_flight: dict[WorkerId, int] = {}
+        self._prefilling: dict[WorkerId, int] = {}
         self._next_sweep = 0.0
         self.expired = 0
 
@@ -135,6 +136,10 @@ class ActiveSequences:
     def in_flight(self, worker: WorkerId) -> int:
         return self._in_flight.get(worker, 0)
 
+    def prefilling(self, worker: WorkerId) -> int:
+        """Requests booked on ``worker`` whose first token has not come yet."""
+        return self._prefilling.get(worker, 0)
+
     def add(
         self,
         request_id: RequestKey,
@@ -150,6 +155,7 @@ class ActiveSequences:
         self._requests[request_id] = ActiveRequest(worker, hashes, prefill_tokens, now)
         self.prefill[worker] = self.prefill.get(worker, 0) + prefill_tokens
         self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
+        self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
         self.blocks.add(worker, hashes)
 
     def mark_prefill_complete(self, request_id: RequestKey) -> bool:
@@ -158,6 +164,7 @@ class ActiveSequences:
             return False
         req.prefill_done = True
         self.prefill[req.worker] -= req.prefill_tokens
+        self._prefilling[req.worker] -= 1
         return True
 
     def free(self, request_id: RequestKey) -> bool:
@@ -166,6 +173,7 @@ class ActiveSequences:
             return False
         if not req.prefill_done:
             self.prefill[req.worker] -= req.prefill_tokens
+            self._prefilling[req.worker] -= 1
         self._in_flight[req.worker] -= 1
         self.blocks.release(req.worker, req.hashes)
         return True
@@ -175,6 +183,7 @@ class ActiveSequences:
             del self._requests[request_id]
         self.prefill.pop(worker, None)
         self._in_flight.pop(worker, None)
+        self._prefilling.pop(worker, None)
         self.blocks.drop_worker(worker)
 
     def expire(self, now: float) -> int:
