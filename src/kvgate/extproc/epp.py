@@ -54,6 +54,7 @@ ROUTING_HEADERS = (
     "x-worker-instance-id",
     "x-prefiller-host-port",
     "x-dynamo-routing-mode",
+    "x-prefill-instance-id",
 )
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 DECISION_HEADER = "x-kvgate-decision"
@@ -123,7 +124,9 @@ class Director:
         candidates = self.endpoints.snapshot()
         if subset is not None:
             allowed = set(subset)
-            candidates = [ep for ep in candidates if ep.address in allowed]
+            # The hint names where the data plane may send the request: a Dynamo worker's
+            # frontend, other workers themselves.
+            candidates = [ep for ep in candidates if ep.route_address in allowed]
             if not candidates:
                 raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
         if not candidates:
@@ -232,13 +235,13 @@ class RequestStream:
         """GET /v1/models and the like: any ready endpoint will do."""
         endpoints = self.d.endpoints.snapshot()
         if self.subset is not None:
-            endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
+            endpoints = [ep for ep in endpoints if ep.route_address in set(self.subset)]
         if not endpoints:
             return self._reject(503, "no ready endpoints", "no_endpoints")
         endpoint = endpoints[int(self.d.clock() * 1000) % len(endpoints)]
-        mutation = self._route_mutation([endpoint.address], {}, None)
+        mutation = self._route_mutation([endpoint.route_address], {}, None)
         response = proto.request_headers_response(mutation, clear_route_cache=True)
-        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.address]))
+        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.route_address]))
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
@@ -258,7 +261,7 @@ class RequestStream:
             self.body = bytearray()
         self.result = result
         self.d.scheduler.pre_request(request, result)
-        destinations = [ep.address for ep in result.primary.endpoints]
+        destinations = [ep.route_address for ep in result.primary.endpoints]
         self.d.metrics.observe_decision(request, result, self.d.clock() - started)
         new_body = await self._inline_nvext(body, request) if self.d.options.inline_nvext else body
         changed = new_body is not body

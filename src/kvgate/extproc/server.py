@@ -23,6 +23,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
+from kvgate.dynamo.epp import (
+    DynamoEppSettings,
+    add_dynamo_arguments,
+    dynamo_settings_from_args,
+    start_dynamo_discovery,
+)
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.events.types import KvEvent
 from kvgate.extproc.epp import Director, EppOptions, process_stream
@@ -103,6 +109,8 @@ class EppSettings:
     router_id: str | None = None
     sync_heartbeat_s: float = 1.0
     sync_lease_s: float = 3.0
+    dynamo: DynamoEppSettings | None = None
+    """Endpoints are Dynamo workers learned from Dynamo; requests go to its frontends."""
 
 
 class _FanOutSink:
@@ -190,7 +198,14 @@ class EppRuntime(StackedService):
         await scraper.start()
         self._stack.push_async_callback(scraper.aclose)
 
-        if s.pool_name:
+        if s.dynamo is not None:
+            await start_dynamo_discovery(
+                self._stack,
+                self.endpoints,
+                s.dynamo,
+                frontend_pool=self._pool_discovery if s.pool_name else None,
+            )
+        elif s.pool_name:
             discovery = PoolDiscovery(
                 self.endpoints,
                 KubeConfig.load(s.kubeconfig),
@@ -223,6 +238,19 @@ class EppRuntime(StackedService):
         self._update_readiness()
         liveness = asyncio.get_running_loop().create_task(self._watch_liveness())
         self._stack.push_async_callback(_cancel, liveness)
+
+    def _pool_discovery(self, endpoints: EndpointSet) -> PoolDiscovery:
+        """The InferencePool's pods; with a Dynamo backend, its frontends."""
+        s = self.settings
+        assert s.pool_name is not None
+        return PoolDiscovery(
+            endpoints,
+            KubeConfig.load(s.kubeconfig),
+            s.pool_name,
+            s.pool_namespace,
+            EndpointDefaults(engine=s.engine),  # type: ignore[arg-type]
+            instance_id_annotation=s.instance_id_annotation,
+        )
 
     async def _start_replica_sync(self) -> None:
         s = self.settings
@@ -469,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat (sent every lease/3) before a replica's load is "
         "dropped (default 3)",
     )
+    add_dynamo_arguments(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -542,6 +571,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         router_id=args.replica_id,
         sync_heartbeat_s=args.replica_lease / 3,
         sync_lease_s=args.replica_lease,
+        dynamo=dynamo_settings_from_args(args),
     )
 
 
