@@ -12,11 +12,17 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
-from kvgate.dynamo.processes import DynamoFleet
+from kvgate.dynamo.processes import DynamoFleet, dynamo_installed
 from kvgate.gateway.client import ChatResult, chat
 
 MODEL = "Qwen/Qwen3-0.6B"
+
+
+def require_dynamo() -> None:
+    if not dynamo_installed():
+        pytest.skip("ai-dynamo is not installed (`make install` installs it)")
 
 
 def system_prompt(group: int, facts: int = 40) -> str:

@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         mode=args.mode,
         config_file=args.config,
-        body_transformer=args.body_transformer
-        or ("inline" if args.backend == "dynamo" else "off"),
+        body_transformer=args.body_transformer or ("inline" if args.backend == "dynamo" else "off"),
         backend=args.backend,
         dynamo_router_mode=args.dynamo_router_mode,
         failure_mode=args.failure_mode,
