@@ -209,3 +209,28 @@ def test_a_killed_worker_is_no_longer_picked_and_an_added_one_is(
     picked = delta(picks(gateway), before)
     assert picked.get(newcomer.address, 0) >= 1
     assert counts.get(newcomer.instance_id, 0) == picked[newcomer.address]
+
+
+def test_any_picker_names_the_worker_it_picks(
+    agg_fleet: DynamoFleet, qwen3_dir: Path, tmp_path: Path
+) -> None:
+    """The standard EPP (round-robin picker, no KV scorer) sets no Dynamo header of its own;
+    the worker is still named, or the direct-mode frontend would refuse the request."""
+    config = LocalGatewayConfig(
+        backend="dynamo",
+        dynamo_fleet=agg_fleet,
+        dynamo_router_mode="direct",
+        mode="standard",
+        port=free_port(),
+        tokenizer=str(qwen3_dir),
+        run_dir=tmp_path,
+    )
+    gateway = LocalGateway(config)
+    with gateway:
+        for i in range(3):
+            before = picks(gateway)
+            body = chat_body(f"Round robin {i}.")
+            result, counts = served(agg_fleet, lambda b=body: send(gateway.running.url, b))  # type: ignore[misc, union-attr]
+            assert result.status == 200, result.error
+            [address] = delta(picks(gateway), before)
+            assert counts == {instance_of(agg_fleet, address): 1}

@@ -23,7 +23,7 @@ from kvgate.dynamo.processes import DynamoFleet, FleetSettings, Frontend, Router
 from kvgate.gateway.bootstrap import FailureMode
 from kvgate.gateway.supervisor import Supervisor
 
-__all__ = ["DynamoBackend", "default_router_mode", "start_dynamo_backend"]
+__all__ = ["DynamoBackend", "default_router_mode", "print_served", "start_dynamo_backend"]
 
 
 def default_router_mode(failure_mode: FailureMode) -> RouterMode:
@@ -87,3 +87,14 @@ def start_dynamo_backend(
             tokenizer_dir=Path(tokenizer) if tokenizer and Path(tokenizer).is_dir() else None,
         ).start()
     return DynamoBackend(fleet, fleet.frontend(router_mode))
+
+
+def print_served(fleet: DynamoFleet, before: dict[int, int]) -> None:
+    """Requests per worker since ``before``, from the workers' own counters."""
+    after = fleet.requests_by_worker()
+    print(f"  {'Dynamo worker (its own request counter)':<44}{'requests':>9}")
+    for worker in fleet.workers:
+        if worker.instance_id in after:
+            served = after[worker.instance_id] - before.get(worker.instance_id, 0)
+            label = f"{worker.name} #{worker.instance_id}"
+            print(f"  {label:<44}{served:>9}")

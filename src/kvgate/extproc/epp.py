@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.nvext import Injected, inject_nvext
+from kvgate.extproc.nvext import WORKER_ID_HEADER, Injected, inject_nvext
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.framework import (
@@ -261,6 +261,11 @@ class RequestStream:
             self.body = bytearray()
         self.result = result
         self.d.scheduler.pre_request(request, result)
+        chosen = result.endpoint
+        if chosen.destination is not None:
+            # Reached through a Dynamo frontend: the request must name the worker, whichever
+            # plugins picked it (a direct-mode frontend refuses it otherwise).
+            request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
         destinations = [ep.route_address for ep in result.primary.endpoints]
         self.d.metrics.observe_decision(request, result, self.d.clock() - started)
         new_body = await self._inline_nvext(body, request) if self.d.options.inline_nvext else body
