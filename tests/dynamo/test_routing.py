@@ -92,6 +92,12 @@ def test_each_pinned_request_is_served_by_the_picked_worker(
     assert counts == {instance_of(agg_fleet, a): n for a, n in picked.items()}
 
 
+def test_requests_without_a_body_reach_the_frontend(gateway: LocalGateway) -> None:
+    assert gateway.running is not None
+    models = json.loads(get(f"{gateway.running.url}/v1/models"))
+    assert [m["id"] for m in models["data"]] == ["Qwen/Qwen3-0.6B"]
+
+
 def test_shared_prefixes_stay_on_one_worker_and_predicted_cache_is_what_the_worker_reused(
     gateway: LocalGateway, agg_fleet: DynamoFleet
 ) -> None:
