@@ -236,6 +236,8 @@ class DynamoFleet:
         self.store = self.run_dir / "dynamo-store"
         self.model_dir = self.run_dir / "model"
         self._serial = 0
+        # Ports handed out but perhaps not bound yet: the next pick must not reuse them.
+        self._reserved: set[int] = set()
 
     def __enter__(self) -> DynamoFleet:
         try:
@@ -273,7 +275,7 @@ class DynamoFleet:
         write_model_dir(self.model_dir, self.tokenizer_dir)
         self.store.mkdir(parents=True, exist_ok=True)
         for mode in s.router_modes:
-            port = _free_port()
+            port = _free_block(1, self._reserved)
             child = self._supervisor.start(
                 f"dynamo-frontend-{mode}",
                 [
@@ -340,7 +342,7 @@ class DynamoFleet:
 
     def _launch(self, role: WorkerRole) -> MockerWorker:
         s = self.settings
-        base = _free_block(PORTS_PER_WORKER)
+        base = _free_block(PORTS_PER_WORKER, self._reserved)
         name = f"dynamo-{role}-{self._serial}"
         self._serial += 1
         argv = [
@@ -406,16 +408,15 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    return _free_block(1)
-
-
-def _free_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports below 32768 (checked, not reserved)."""
+def _free_block(count: int, reserved: set[int]) -> int:
+    """A base port with ``count`` consecutive free ports below 32768, none in ``reserved``; they
+    are added to it (checked free now, bound later by the process they are for)."""
     low, high = _PORT_RANGE
     for _ in range(500):
         base = random.randrange(low, high - count)
-        if all(_port_free(base + i) for i in range(count)):
+        block = range(base, base + count)
+        if not reserved.intersection(block) and all(_port_free(port) for port in block):
+            reserved.update(block)
             return base
     raise StartupError(f"no block of {count} free ports in {low}..{high}")
 
