@@ -103,6 +103,18 @@ def test_no_core_metric_at_all_is_an_error(engine: EngineType, text: str) -> Non
         read_metrics(text, ENGINE_METRICS[engine])
 
 
+def test_a_dynamo_worker_before_its_first_request_reads_as_idle() -> None:
+    """A Dynamo mocker registers its vllm:* gauges with its first request; until then its system
+    server shows only Dynamo's own metrics. It answers, so it is alive and idle."""
+    text = (
+        "# TYPE dynamo_component_uptime_seconds gauge\n"
+        'dynamo_component_uptime_seconds{worker_id="74c82a1312f4650e"} 3.5\n'
+        'dynamo_component_requests_total{dynamo_endpoint="generate"} 0\n'
+    )
+    metrics, missing = read_metrics(text, ENGINE_METRICS["vllm"])
+    assert (metrics.waiting, metrics.running, metrics.kv_usage, missing) == (0, 0, 0.0, [])
+
+
 def test_a_non_finite_count_is_an_error() -> None:
     with pytest.raises(MetricsParseError, match="vllm:num_requests_waiting is nan"):
         read_metrics("vllm:num_requests_waiting NaN\n", ENGINE_METRICS["vllm"])

@@ -34,7 +34,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.nvext import Injected, inject_nvext
+from kvgate.extproc.nvext import WORKER_ID_HEADER, Injected, inject_nvext
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
@@ -50,6 +50,7 @@ ROUTING_HEADERS = (
     "x-worker-instance-id",
     "x-prefiller-host-port",
     "x-dynamo-routing-mode",
+    "x-prefill-instance-id",
 )
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 DECISION_HEADER = "x-kvgate-decision"
@@ -122,7 +123,9 @@ class Director:
         candidates = self.endpoints.snapshot()
         if subset is not None:
             allowed = set(subset)
-            candidates = [ep for ep in candidates if ep.address in allowed]
+            # The hint names where the data plane may send the request: a Dynamo worker's
+            # frontend, other workers themselves.
+            candidates = [ep for ep in candidates if ep.route_address in allowed]
             if not candidates:
                 raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
         if not candidates:
@@ -231,13 +234,13 @@ class RequestStream:
         """GET /v1/models and the like: any ready endpoint will do."""
         endpoints = self.director.endpoints.snapshot()
         if self.subset is not None:
-            endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
+            endpoints = [ep for ep in endpoints if ep.route_address in set(self.subset)]
         if not endpoints:
             return self._reject(503, "no ready endpoints", "no_endpoints")
         endpoint = endpoints[int(self.director.clock() * 1000) % len(endpoints)]
-        mutation = self._route_mutation([endpoint.address], {}, None)
+        mutation = self._route_mutation([endpoint.route_address], {}, None)
         response = proto.request_headers_response(mutation, clear_route_cache=True)
-        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.address]))
+        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.route_address]))
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
@@ -257,7 +260,12 @@ class RequestStream:
             self.body = bytearray()
         self.result = result
         self.director.scheduler.pre_request(request, result)
-        destinations = [ep.address for ep in result.primary.endpoints]
+        chosen = result.endpoint
+        if chosen.destination is not None:
+            # Reached through a Dynamo frontend: the request must name the worker, whichever
+            # plugins picked it (a direct-mode frontend refuses it otherwise).
+            request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
+        destinations = [ep.route_address for ep in result.primary.endpoints]
         self.director.metrics.observe_decision(request, result, self.director.clock() - started)
         new_body = (
             await self._inline_nvext(body, request) if self.director.options.inline_nvext else body

@@ -43,10 +43,14 @@ class EngineMetricNames:
     block_size_flag: str = ""
     """The engine's command-line flag for its block size, quoted in the mismatch error."""
     lora_info: str | None = None
+    alive: str | None = None
+    """A metric served from start-up by a server whose load gauges appear only with its first
+    request (a Dynamo worker's system server): with it and none of them, the scrape reads as an
+    idle engine instead of failing."""
 
     @property
     def names(self) -> tuple[str, ...]:
-        extra = (self.cache_info, self.lora_info)
+        extra = (self.cache_info, self.lora_info, self.alive)
         return (self.waiting, self.running, *self.kv_usage, *(n for n in extra if n is not None))
 
 
@@ -61,6 +65,7 @@ ENGINE_METRICS: Final[dict[EngineType, EngineMetricNames]] = {
         num_blocks_label="num_gpu_blocks",
         block_size_flag="--block-size",
         lora_info="vllm:lora_requests_info",
+        alive="dynamo_component_uptime_seconds",
     ),
     "sglang": EngineMetricNames(
         path="/metrics",
@@ -128,7 +133,9 @@ def read_metrics(text: str, names: EngineMetricNames) -> tuple[EndpointMetrics, 
     if usage_name is None:
         missing.append(" or ".join(names.kv_usage))
     if len(missing) == 3:
-        raise NoEngineMetricsError(f"none of {', '.join(missing)} is exposed")
+        if names.alive is None or names.alive not in found:
+            raise NoEngineMetricsError(f"none of {', '.join(missing)} is exposed")
+        return EndpointMetrics(), []
     metrics = EndpointMetrics(
         waiting=round(_total(found, names.waiting)), running=round(_total(found, names.running))
     )

@@ -35,6 +35,7 @@ ROUTING_HEADERS = (
     "x-worker-instance-id",
     "x-prefiller-host-port",
     "x-dynamo-routing-mode",
+    "x-prefill-instance-id",
 )
 BodyTransformer = Literal["ext-proc", "inline", "lua", "off"]
 FailureMode = Literal["FailOpen", "FailClose"]
