@@ -59,7 +59,7 @@ class PredictedLatencyParams:
     max_num_batched_tokens: Annotated[int, Range(ge=1)] = _PRIOR.max_num_batched_tokens
     # Online calibration.
     calibration_forgetting: Annotated[float, Range(gt=0.5, le=1)] = 0.99
-    calibration_prior_strength: Annotated[float, Range(gt=0)] = 20.0
+    calibration_prior_strength: Annotated[float, Range(gt=0)] = 2.0
     calibration_clip: Annotated[float, Range(gt=1)] = 4.0
 
 
