@@ -49,6 +49,11 @@ class LLMRequest:
     predicted_overlap_blocks: int | None = None
     """Leading blocks the chosen endpoint is predicted to hold (set by the KV scorer)."""
     block_size: int | None = None
+    predicted_ttft_s: float | None = None
+    """Time to first token the policy predicts on the chosen endpoint (set by a predicting
+    scorer; benchmarks compare it with what happened)."""
+    predicted_itl_s: float | None = None
+    """Mean gap between output tokens the policy predicts on the chosen endpoint."""
     routing_headers: dict[str, str] = field(default_factory=dict)
     """Headers plugins want set on the routed request (e.g. Dynamo's x-worker-instance-id)."""
     decision_summary: str | None = None
