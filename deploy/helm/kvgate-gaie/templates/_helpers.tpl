@@ -66,8 +66,10 @@ affinity:
 {{- .Values.epp.config -}}
 {{- else if .Values.epp.configFile -}}
 {{- .Files.Get (printf "files/config/%s" .Values.epp.configFile) -}}
-{{- else if .Values.epp.useDynamo -}}
+{{- else if and .Values.epp.useDynamo (eq .Values.epp.routing "dynamo") -}}
 {{- .Files.Get "files/config/epp-config-dynamo.yaml" -}}
+{{- else if .Values.epp.useDynamo -}}
+{{- .Files.Get "files/config/epp-config-kvgate.yaml" -}}
 {{- else -}}
 {{- .Files.Get "files/config/epp-config-random.yaml" -}}
 {{- end -}}
