@@ -1,7 +1,7 @@
 """Build hook for the optional native parts; all metadata lives in pyproject.toml.
 
 The block hasher links the system's libxxhash (Debian/Ubuntu: libxxhash0); the prefix matcher
-needs only Python's headers. If either cannot be built, installation still succeeds and kvgate
+and the latency predictor need only Python's headers. If either cannot be built, installation still succeeds and kvgate
 uses the pure-Python code (same results, slower).
 """
 
@@ -20,6 +20,13 @@ setup(
             "kvgate.index._leading",
             sources=["src/kvgate/index/_leading.c"],
             extra_compile_args=["-O3"],
+            optional=True,
+        ),
+        Extension(
+            "kvgate.scheduling._latency",
+            sources=["src/kvgate/scheduling/_latency.c"],
+            # No fused multiply-add: each product must round on its own, as it does in Python.
+            extra_compile_args=["-O3", "-ffp-contract=off"],
             optional=True,
         ),
     ]

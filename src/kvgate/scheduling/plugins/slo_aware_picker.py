@@ -11,7 +11,8 @@ else this picker's ``ttftSloMs`` / ``tpotSloMs`` parameters, else none. With the
    any other request goes to the endpoint with the lowest predicted TTFT.
 
 Fallbacks (``maxNumOfEndpoints`` > 1) follow in the same order. Without predictions (a request
-kvgate does not tokenize) it picks like ``max-score-picker``.
+kvgate does not tokenize) it picks like ``max-score-picker``. With no objective and one endpoint
+to return (the default) the pick is one pass over the candidates, not a shuffle and a sort.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Annotated, ClassVar, Self
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import Picker, PluginContext, Product, Range
+from kvgate.scheduling.latency_model import Predictions
 from kvgate.scheduling.request import (
     LatencyPrediction,
     LLMRequest,
@@ -74,6 +76,10 @@ class SloAwarePicker(Picker):
         itl_slo = request.slo_itl_s
         if itl_slo is None and self.params.tpot_slo_ms is not None:
             itl_slo = self.params.tpot_slo_ms / 1000.0
+        if self.params.max_num_of_endpoints == 1 and (
+            (ttft_slo is None and itl_slo is None) or not predictions
+        ):
+            return [self._best(predictions, scored).endpoint]
         # Random keys first: the stable sorts below then order ties at random.
         order = scored.copy()
         self._rng.shuffle(order)
@@ -99,9 +105,28 @@ class SloAwarePicker(Picker):
                 order.sort(key=lambda s: _ttft(predictions, s))
         return [s.endpoint for s in order[: self.params.max_num_of_endpoints]]
 
+    def _best(
+        self, predictions: Mapping[str, LatencyPrediction], scored: list[ScoredEndpoint]
+    ) -> ScoredEndpoint:
+        """The first of the order the sorts above would make, in one pass: the highest score,
+        then the lowest predicted TTFT, then at random."""
+        scores = [s.score for s in scored]
+        top = max(scores)
+        if scores.count(top) == 1:
+            return scored[scores.index(top)]
+        tied = [s for s in scored if s.score == top]
+        ttft = [_ttft(predictions, s) for s in tied]
+        fastest = min(ttft)
+        tied = [s for s, t in zip(tied, ttft, strict=True) if t == fastest]
+        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
 
 def _ttft(predictions: Mapping[str, LatencyPrediction], item: ScoredEndpoint) -> float:
-    prediction = predictions.get(item.endpoint.address)
+    address = item.endpoint.address
+    if isinstance(predictions, Predictions):
+        ttft = predictions.ttft_s(address)
+        return ttft if ttft is not None else float("inf")
+    prediction = predictions.get(address)
     return prediction.ttft_s if prediction is not None else float("inf")
 
 
