@@ -20,14 +20,66 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #define EXACT (1LL << 53)
 #define COLUMNS 5
 
+#ifndef Py_T_OBJECT_EX
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
+#ifndef Py_AUDIT_READ
+#define Py_AUDIT_READ PY_AUDIT_READ
+#endif
+
 enum { OUTSIDE = 0, OK = 1, FAILED = -1 };
 
-static PyObject *s_address, *s_metrics, *s_num_gpu_blocks, *s_waiting, *s_stale, *s_theta_fixed,
-    *s_theta_token;
+/* Attribute reads. The objects read here (Endpoint, EndpointMetrics, WorkerFit) keep their fields
+ * in __slots__; through PyObject_GetAttr each read costs a type lookup and a descriptor call, which
+ * measured as most of this loop's instructions. So the slot's offset is looked up once per type
+ * (and again whenever the type changes: its version tag moves) and read directly, exactly what the
+ * slot's descriptor would do; any other kind of attribute goes through PyObject_GetAttr. */
+typedef struct {
+    const char *text;
+    PyObject *name;
+    PyTypeObject *type; /* identity only: a new type at the same address has another version */
+    unsigned int version;
+    Py_ssize_t offset; /* -1: not a plain slot */
+} Attr;
+
+static Attr a_address = {"address"}, a_metrics = {"metrics"},
+            a_num_gpu_blocks = {"num_gpu_blocks"}, a_waiting = {"waiting"}, a_stale = {"stale"},
+            a_theta_fixed = {"theta_fixed"}, a_theta_token = {"theta_token"};
+static Attr *attrs[] = {&a_address,     &a_metrics,     &a_num_gpu_blocks, &a_waiting,
+                        &a_stale,       &a_theta_fixed, &a_theta_token};
+
+static void resolve(PyTypeObject *type, Attr *attr) {
+    PyObject *descr = _PyType_Lookup(type, attr->name); /* borrowed; tags the type's version */
+    attr->offset = -1;
+    attr->type = NULL;
+    if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) return;
+    attr->type = type;
+    attr->version = type->tp_version_tag;
+    if (type->tp_getattro == PyObject_GenericGetAttr && descr != NULL &&
+        Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == Py_T_OBJECT_EX && !(member->flags & Py_AUDIT_READ))
+            attr->offset = member->offset;
+    }
+}
+
+/* getattr(obj, attr.name): a new reference, or NULL with an exception set. */
+static PyObject *read_attr(PyObject *obj, Attr *attr) {
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type != attr->type || !(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ||
+        type->tp_version_tag != attr->version)
+        resolve(type, attr);
+    if (attr->offset >= 0) {
+        PyObject *value = *(PyObject **)((char *)obj + attr->offset);
+        if (value != NULL) return Py_NewRef(value);
+    }
+    return PyObject_GetAttr(obj, attr->name); /* unset slot: the AttributeError */
+}
 
 static int exact_int(PyObject *value, long long *out) {
     if (!PyLong_Check(value)) return OUTSIDE;
@@ -50,16 +102,16 @@ static int table_int(PyObject *table, PyObject *key, long long *out) {
     return exact_int(value, out);
 }
 
-static int attr_int(PyObject *obj, PyObject *name, long long *out) {
-    PyObject *value = PyObject_GetAttr(obj, name);
+static int attr_int(PyObject *obj, Attr *name, long long *out) {
+    PyObject *value = read_attr(obj, name);
     if (value == NULL) return FAILED;
     int rc = exact_int(value, out);
     Py_DECREF(value);
     return rc;
 }
 
-static int attr_float(PyObject *obj, PyObject *name, double *out) {
-    PyObject *value = PyObject_GetAttr(obj, name);
+static int attr_float(PyObject *obj, Attr *name, double *out) {
+    PyObject *value = read_attr(obj, name);
     if (value == NULL) return FAILED;
     int rc = OUTSIDE;
     if (PyFloat_CheckExact(value)) {
@@ -97,7 +149,7 @@ typedef struct {
 
 /* Capacity in tokens: (metrics.num_gpu_blocks or default_kv_blocks) * block_size. */
 static int capacity_of(PyObject *metrics, const Inputs *in, long long *capacity) {
-    PyObject *value = PyObject_GetAttr(metrics, s_num_gpu_blocks);
+    PyObject *value = read_attr(metrics, &a_num_gpu_blocks);
     if (value == NULL) return FAILED;
     long long blocks = in->default_blocks;
     int rc = OK;
@@ -122,8 +174,8 @@ static int thetas_of(PyObject *address, const Inputs *in, double *fixed, double 
         fit = PyObject_CallOneArg(in->new_fit, address);
         if (fit == NULL) return FAILED;
     }
-    int rc = attr_float(fit, s_theta_fixed, fixed);
-    if (rc == OK) rc = attr_float(fit, s_theta_token, token);
+    int rc = attr_float(fit, &a_theta_fixed, fixed);
+    if (rc == OK) rc = attr_float(fit, &a_theta_token, token);
     Py_DECREF(fit);
     return rc;
 }
@@ -140,15 +192,15 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
     if (!mul(cached, in->block_size, &cached_tokens) || !sub(in->isl, cached_tokens, &uncached))
         return OUTSIDE;
 
-    PyObject *metrics = PyObject_GetAttr(endpoint, s_metrics);
+    PyObject *metrics = read_attr(endpoint, &a_metrics);
     if (metrics == NULL) return FAILED;
     long long waiting = 0;
     rc = capacity_of(metrics, in, &capacity);
-    if (rc == OK) rc = attr_int(metrics, s_waiting, &waiting);
+    if (rc == OK) rc = attr_int(metrics, &a_waiting, &waiting);
     if (rc == OK && waiting > prefilling) {
         /* Requests the engine holds beyond those booked here, each assumed this request's size
          * (unless the metrics are stale). */
-        PyObject *stale = PyObject_GetAttr(metrics, s_stale);
+        PyObject *stale = read_attr(metrics, &a_stale);
         int is_stale = stale == NULL ? -1 : PyObject_IsTrue(stale);
         Py_XDECREF(stale);
         if (is_stale < 0) {
@@ -245,7 +297,7 @@ static PyObject *predict(PyObject *self, PyObject *args) {
     double *col = (double *)PyBytes_AS_STRING(columns);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *endpoint = PyTuple_GET_ITEM(seq, i);
-        PyObject *address = PyObject_GetAttr(endpoint, s_address);
+        PyObject *address = read_attr(endpoint, &a_address);
         if (address == NULL) goto fail;
         PyList_SET_ITEM(addresses, i, address); /* the list owns it from here */
         if (!PyUnicode_CheckExact(address)) goto outside;
@@ -333,19 +385,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__latency(void) {
-    struct {
-        PyObject **slot;
-        const char *name;
-    } names[] = {
-        {&s_address, "address"},         {&s_metrics, "metrics"},
-        {&s_num_gpu_blocks, "num_gpu_blocks"}, {&s_waiting, "waiting"},
-        {&s_stale, "stale"},             {&s_theta_fixed, "theta_fixed"},
-        {&s_theta_token, "theta_token"},
-    };
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (*names[i].slot == NULL) {
-            *names[i].slot = PyUnicode_InternFromString(names[i].name);
-            if (*names[i].slot == NULL) return NULL;
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++) {
+        if (attrs[i]->name == NULL) {
+            attrs[i]->name = PyUnicode_InternFromString(attrs[i]->text);
+            if (attrs[i]->name == NULL) return NULL;
         }
     }
     return PyModule_Create(&module);
