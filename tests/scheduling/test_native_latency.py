@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling import latency_model
-from kvgate.scheduling._latency import min_max_scores, predict
+from kvgate.scheduling._latency import min_max_scores, predict, top_scored
 from kvgate.scheduling.latency_model import (
     EngineCost,
     LatencyModel,
@@ -22,7 +22,9 @@ from kvgate.scheduling.latency_model import (
     WorkerFit,
     min_max_scores_python,
 )
-from kvgate.scheduling.request import LoadTables
+from kvgate.scheduling.plugins import slo_aware_picker
+from kvgate.scheduling.plugins.slo_aware_picker import top_scored_python
+from kvgate.scheduling.request import LoadTables, ScoredEndpoint
 from tests.scheduling.utils import endpoint
 
 ADDRESSES = [f"10.0.0.{i}:8000" for i in range(12)]
@@ -245,3 +247,23 @@ def test_min_max_scores_declines_what_is_not_str_and_float() -> None:
     assert min_max_scores(["a"], [1.0, 2.0]) is None
     assert min_max_scores([("a",)], [1.0]) is None  # type: ignore[list-item]
     assert latency_model.min_max_scores(["a", "b"], [1.0, 3]) == {"a": 1.0, "b": 0.0}
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(st.sampled_from([0.0, -0.0, 0.25, 1.0, 1.5, float("inf"), -float("inf")]), min_size=1)
+)
+def test_top_scored_equals_the_python(scores: list[float]) -> None:
+    scored = [ScoredEndpoint(endpoint(f"10.0.0.{i}:8000"), s) for i, s in enumerate(scores)]
+    assert top_scored(scored) == top_scored_python(scored)
+
+
+def test_top_scored_declines_what_it_cannot_compare_as_floats() -> None:
+    ep = endpoint()
+    assert top_scored([]) is None
+    assert top_scored([ScoredEndpoint(ep, 1.0), ScoredEndpoint(ep, math.nan)]) is None
+    assert top_scored([ScoredEndpoint(ep, 1.0), ScoredEndpoint(ep, 2)]) is None
+    assert top_scored((ScoredEndpoint(ep, 1.0),)) is None  # type: ignore[arg-type]
+    assert top_scored([ep]) is None  # type: ignore[list-item]  # no score slot
+    with pytest.raises(AttributeError):  # and the Python says why
+        slo_aware_picker.top_scored([ep])  # type: ignore[list-item]

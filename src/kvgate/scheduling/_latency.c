@@ -49,9 +49,9 @@ typedef struct {
 
 static Attr a_address = {"address"}, a_metrics = {"metrics"},
             a_num_gpu_blocks = {"num_gpu_blocks"}, a_waiting = {"waiting"}, a_stale = {"stale"},
-            a_theta_fixed = {"theta_fixed"}, a_theta_token = {"theta_token"};
-static Attr *attrs[] = {&a_address,     &a_metrics,     &a_num_gpu_blocks, &a_waiting,
-                        &a_stale,       &a_theta_fixed, &a_theta_token};
+            a_theta_fixed = {"theta_fixed"}, a_theta_token = {"theta_token"}, a_score = {"score"};
+static Attr *attrs[] = {&a_address, &a_metrics,     &a_num_gpu_blocks, &a_waiting,
+                        &a_stale,   &a_theta_fixed, &a_theta_token,    &a_score};
 
 static void resolve(PyTypeObject *type, Attr *attr) {
     PyObject *descr = _PyType_Lookup(type, attr->name); /* borrowed; tags the type's version */
@@ -371,12 +371,58 @@ static PyObject *min_max_scores(PyObject *self, PyObject *args) {
     return scores;
 }
 
+/* top_scored(scored) -> [index, ...] | None: where the highest ``score`` is in a list of scored
+ * endpoints, in list order. None unless it is a non-empty list whose scores are all floats and
+ * none is NaN. */
+static PyObject *top_scored(PyObject *self, PyObject *scored) {
+    if (!PyList_CheckExact(scored) || PyList_GET_SIZE(scored) == 0) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(scored);
+    double top = 0;
+    Py_ssize_t ties = 0;
+    /* Reading a score runs no Python code (a slot, else getattr: then give up), so the list
+     * cannot change under us. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(scored, i);
+        PyTypeObject *type = Py_TYPE(item);
+        if (type != a_score.type || !(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ||
+            type->tp_version_tag != a_score.version)
+            resolve(type, &a_score);
+        if (a_score.offset < 0) Py_RETURN_NONE;
+        PyObject *value = *(PyObject **)((char *)item + a_score.offset);
+        if (value == NULL || !PyFloat_CheckExact(value)) Py_RETURN_NONE;
+        double score = PyFloat_AS_DOUBLE(value);
+        if (score != score) Py_RETURN_NONE;
+        if (i == 0 || score > top) {
+            top = score;
+            ties = 1;
+        } else if (score == top) {
+            ties++;
+        }
+    }
+    PyObject *found = PyList_New(ties);
+    if (found == NULL) return NULL;
+    for (Py_ssize_t i = 0, k = 0; k < ties; i++) {
+        PyObject *value = *(PyObject **)((char *)PyList_GET_ITEM(scored, i) + a_score.offset);
+        if (PyFloat_AS_DOUBLE(value) == top) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL) {
+                Py_DECREF(found);
+                return NULL;
+            }
+            PyList_SET_ITEM(found, k++, index);
+        }
+    }
+    return found;
+}
+
 static PyMethodDef methods[] = {
     {"predict", predict, METH_VARARGS,
      "predict(endpoints, overlaps, pending, prefilling, in_flight, active_blocks, fits, new_fit, "
      "isl, block_size, default_kv_blocks, cost) -> (addresses, ttft_ms, columns) | None"},
     {"min_max_scores", min_max_scores, METH_VARARGS,
      "min_max_scores(addresses, costs) -> {address: score} | None: the cheapest 1, the dearest 0"},
+    {"top_scored", top_scored, METH_O,
+     "top_scored(scored) -> [index] | None: where the highest score is, in list order"},
     {NULL, NULL, 0, NULL},
 };
 

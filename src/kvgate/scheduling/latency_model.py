@@ -196,9 +196,12 @@ class Predictions(Mapping[str, LatencyPrediction]):
             index = self._index = {w: i for i, w in enumerate(self.workers)}
         return index.get(worker)
 
-    def ttft_s(self, worker: str) -> float | None:
-        """``self[worker].ttft_s`` without making the prediction object."""
-        i = self.position(worker)
+    def ttft_s(self, worker: str, at: int = -1) -> float | None:
+        """``self[worker].ttft_s`` without making the prediction object. ``at``: where the
+        worker probably is (its place among the candidates predicted): checked, and then found
+        without building the index of every worker."""
+        workers = self.workers
+        i = at if 0 <= at < len(workers) and workers[at] == worker else self.position(worker)
         return None if i is None else self.ttft_ms[i] / 1000.0
 
     def __getitem__(self, worker: str) -> LatencyPrediction:
