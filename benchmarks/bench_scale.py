@@ -14,6 +14,7 @@
 
     python benchmarks/bench_scale.py [--workers 256] [--blocks 30000] [--rate 500]
         [--seconds 5] [--json out.json]
+    PYTHONPATH=OTHER/src python benchmarks/bench_scale.py ...   # another kvgate version
 
 Pure computation in one process; nothing is bound, every loop is bounded.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kvgate.events.types import BlockRemoved, BlockStored, EngineHash
+from kvgate.index import prefix_index
 from kvgate.index.prefix_index import PrefixIndex
 from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
 from kvgate.scheduling.router_config import KvRouterConfig
@@ -52,13 +54,14 @@ def rss_bytes() -> int:
 
 
 class Fleet:
-    """Per worker: the chain of events it stored (its engine ids, oldest first)."""
+    """Per worker: the chain of events it stored (the first engine id of each, oldest first:
+    ids are consecutive within an event, so the benchmark's own bookkeeping stays small)."""
 
     def __init__(self, workers: int, seed: int) -> None:
         rng = random.Random(seed)
         self.pool = [[rng.randrange(VOCAB) for _ in range(PER_EVENT * BLOCK)] for _ in range(POOL)]
         self.names = [f"10.1.{w // 250}.{w % 250}:8000" for w in range(workers)]
-        self.held: list[deque[list[EngineHash]]] = [deque() for _ in range(workers)]
+        self.held: list[deque[int]] = [deque() for _ in range(workers)]
         self.last: list[EngineHash | None] = [None] * workers
         self.step = [0] * workers
         self._next_id = 1
@@ -76,11 +79,12 @@ class Fleet:
         self.last[worker] = ids[-1]
         self.step[worker] = step + 1
         if step >= PINNED_EVENTS:
-            self.held[worker].append(ids)
+            self.held[worker].append(ids[0])
         return event
 
     def evicted(self, worker: int) -> BlockRemoved:
-        return BlockRemoved(self.held[worker].popleft())
+        first = self.held[worker].popleft()
+        return BlockRemoved([EngineHash(first + i) for i in range(PER_EVENT)])
 
     def prompt(self, pair: int, blocks: int) -> list[int]:
         """The first ``blocks`` blocks a pair of workers stored: a request they both cache."""
@@ -201,6 +205,8 @@ def main() -> int:
         "bytes_per_entry": round(grown / entries, 1),
         "fill_blocks_per_s": round(fill_rate),
         "native_hashing": NATIVE_HASHING,
+        # (absent before the compact map existed: lets this script measure older versions too)
+        "native_block_map": getattr(prefix_index, "NATIVE_BLOCK_MAP", False),
     }
     print(
         f"fill      {entries:,} entries ({index.num_blocks:,} distinct blocks) on "
