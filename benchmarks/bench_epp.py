@@ -402,10 +402,11 @@ def run_variant(
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             raw = args.profile / f"{label}.txt"
+            # --native cannot sample without pausing the process; otherwise do not pause it.
+            pause = [] if "--native" in args.py_spy_flags else ["--nonblocking"]
             profiler = subprocess.Popen(
                 [shutil.which("py-spy") or "py-spy", "record", "--pid", str(epp.pid), "--format",
-                 "raw", "--nonblocking", "--gil", "--rate", "200", *args.py_spy_flags,
-                 "--output", str(raw)],
+                 "raw", *pause, "--gil", "--rate", "200", *args.py_spy_flags, "--output", str(raw)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         print(f"--- {label}: EPP from {src}", flush=True)

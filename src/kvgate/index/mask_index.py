@@ -47,7 +47,8 @@ class MaskIndex:
         # just make the masks two words long.
         self.masks: dict[int, int] = {}
         """Sequence hash → bitmask of the slots holding that block; never 0."""
-        self._shared: dict[int, int] = {}
+        self.shared_masks: dict[int, int] = {}
+        """Mask → the one int object used for it (see `share`); hot loops may read it inline."""
         self._slot_of: dict[WorkerId, int] = {}
         self._worker_at: list[WorkerId | None] = []
         self._free_slots: list[int] = []
@@ -93,7 +94,7 @@ class MaskIndex:
         shared masks is bounded: past ``_SHARED_MASKS`` distinct ones it starts again (the masks
         already stored stay valid, they just are not shared with later ones).
         """
-        shared = self._shared
+        shared = self.shared_masks
         found = shared.get(mask)
         if found is not None:
             return found

@@ -183,8 +183,8 @@ class PrefixIndex(MaskIndex):
         by_engine = self._by_engine[slot]
         masks = self.masks
         dups = self._dups[slot]
-        share = self.share
-        bit = 1 << slot
+        shared = self.shared_masks
+        bit = self.share(1 << slot)
         added = 0
         for engine_hash, seq in zip(engine_hashes, hashes, strict=True):
             previous = by_engine.get(engine_hash)
@@ -202,8 +202,11 @@ class PrefixIndex(MaskIndex):
             mask = masks.get(seq, 0)
             if mask & bit:
                 dups[seq] = dups.get(seq, 1) + 1
+            elif mask:
+                mask |= bit
+                masks[seq] = shared.get(mask) or self.share(mask)
             else:
-                masks[seq] = share(mask | bit)
+                masks[seq] = bit  # the common case, a new block: one shared int per slot
             added += 1
         self._entries += added
         self.stats.stored_blocks += added
