@@ -13,6 +13,7 @@ passing the chunk on).
         [--baseline-src DIR --rounds 3]   # A/B: the EPP from DIR's src/ and from this tree,
                                           # alternating, same sim, same machine, same run
         [--profile DIR]                   # py-spy samples of the EPP (top functions to stdout)
+        [--epps 4]                        # instead: 1, 2, 4 EPP processes, replica sync on
 
 Everything binds 127.0.0.1; every loop is bounded in count and time.
 """
@@ -367,6 +368,45 @@ def profile_summary(raw: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def start_epp(
+    label: str,
+    *,
+    src: Path,
+    endpoints_file: Path,
+    run_dir: Path,
+    tokenizer: str,
+    pin: str,
+    extra: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A `kvgate epp` from ``src`` pinned to core ``pin``; returns it and its ext_proc port once
+    that port answers."""
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "DYNAMO_KV_BLOCK_SIZE": "16", "PYTHONPATH": str(src)}
+    epp_cmd = [
+        sys.executable, "-m", "kvgate", "epp", "--bind", "127.0.0.1", "--no-secure-serving",
+        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+        "--metrics-port", str(metrics_port), "--config-file",
+        str(REPO / "deploy" / "config" / "epp-config-dynamo.yaml"),
+        "--endpoints-file", str(endpoints_file), "--tokenizer", tokenizer,
+        "--model", MODEL, "--log-level", "warning", *extra,
+    ]  # fmt: skip
+    log = run_dir / f"epp-{label}.log"
+    epp = start(epp_cmd, log, pin, env)
+
+    def epp_up() -> bool:
+        if epp.poll() is not None:
+            raise RuntimeError(f"kvgate epp exited: {log.read_text()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", grpc_port)) == 0
+
+    try:
+        wait_ready(epp_up, "kvgate epp")
+    except BaseException:
+        stop(epp)
+        raise
+    return epp, grpc_port
+
+
 def run_variant(
     args: argparse.Namespace,
     label: str,
@@ -376,28 +416,11 @@ def run_variant(
     run_dir: Path,
     tokenizer: str,
 ) -> dict[str, Any]:
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "DYNAMO_KV_BLOCK_SIZE": "16", "PYTHONPATH": str(src)}
-    epp_cmd = [
-        sys.executable, "-m", "kvgate", "epp", "--bind", "127.0.0.1", "--no-secure-serving",
-        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-        "--metrics-port", str(metrics_port), "--config-file",
-        str(REPO / "deploy" / "config" / "epp-config-dynamo.yaml"),
-        "--endpoints-file", str(endpoints_file), "--tokenizer", tokenizer,
-        "--model", MODEL, "--log-level", "warning",
-    ]  # fmt: skip
-    log = run_dir / f"epp-{label}.log"
-    epp = start(epp_cmd, log, "0", env)
+    epp, grpc_port = start_epp(
+        label, src=src, endpoints_file=endpoints_file, run_dir=run_dir, tokenizer=tokenizer, pin="0"
+    )
     profiler = None
     try:
-
-        def epp_up() -> bool:
-            if epp.poll() is not None:
-                raise RuntimeError(f"kvgate epp exited: {log.read_text()}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", grpc_port)) == 0
-
-        wait_ready(epp_up, "kvgate epp")
         time.sleep(1.0)  # first metrics scrapes and event subscriptions
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -426,6 +449,93 @@ def run_variant(
                 summary = profile_summary(raw)
                 (args.profile / f"{label}-top.txt").write_text(summary + "\n")
                 print(summary)
+
+
+async def scaling_round(
+    args: argparse.Namespace, ports: list[int], pids: list[int]
+) -> dict[str, Any]:
+    """Closed loops over ``len(ports)`` EPPs at once (callers spread evenly): requests/s and the
+    EPPs' CPU per request."""
+    results: dict[str, Any] = {}
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    try:
+        stubs = [pb_grpc.ExternalProcessorStub(channel) for channel in channels]
+        for stub in stubs:
+            await one(stub, make_bodies("warm", 1, 0)[0])
+
+        def cpu() -> float:
+            return sum(cpu_seconds(pid) for pid in pids)
+
+        before = cpu()
+        await asyncio.sleep(2.0)
+        idle = (cpu() - before) / 2.0
+        for kind in sorted(args.kinds, reverse=True):
+            bodies = make_bodies(kind, 3000 if kind == "cold" else 500, seed=99)
+            before = cpu()
+            counts = await asyncio.gather(
+                *(
+                    closed_loop(stub, bodies[i :: len(stubs)], 32 // len(stubs), args.duration / 2)
+                    for i, stub in enumerate(stubs)
+                )
+            )
+            done = sum(n for n, _ in counts)
+            wall = max(w for _, w in counts)
+            spent = cpu() - before - idle * wall
+            results[f"max_rps_{kind}"] = round(done / wall, 1)
+            results[f"cpu_ms_per_request_{kind}"] = round(1e3 * spent / done, 3)
+            print(
+                f"{len(ports)} EPP(s), {kind}: {done / wall:.0f} routed requests/s, "
+                f"EPP CPU {1e3 * spent / done:.3f} ms/request"
+            )
+    finally:
+        for channel in channels:
+            await channel.close()
+    return results
+
+
+def run_scaling(
+    args: argparse.Namespace, *, endpoints_file: Path, run_dir: Path, tokenizer: str
+) -> dict[str, Any]:
+    """1, 2, ... ``args.epps`` EPP processes, each on its own core (round-robin over the
+    machine's), sharing in-flight load through replica sync (a local nats-server) when several."""
+    from kvgate.sync.nats_server import nats_server_argv
+
+    nats_port = free_port()
+    nats = start(nats_server_argv(nats_port), run_dir / "nats.log", None)
+    cores = os.cpu_count() or 1
+    out: dict[str, Any] = {}
+    try:
+        wait_ready(lambda: not ports_free([nats_port]), "nats-server")
+        n = 1
+        while n <= args.epps:
+            sync = (
+                ("--replica-sync", "--nats-url", f"nats://127.0.0.1:{nats_port}") if n > 1 else ()
+            )
+            epps = []
+            try:
+                for i in range(n):
+                    epps.append(
+                        start_epp(
+                            f"scale{n}-{i}",
+                            src=REPO / "src",
+                            endpoints_file=endpoints_file,
+                            run_dir=run_dir,
+                            tokenizer=tokenizer,
+                            pin=str(i % cores),
+                            extra=(*sync, "--replica-id", f"epp-{i}"),
+                        )
+                    )
+                time.sleep(1.0)
+                out[str(n)] = asyncio.run(
+                    scaling_round(args, [port for _, port in epps], [p.pid for p, _ in epps])
+                )
+            finally:
+                for proc, _ in epps:
+                    stop(proc)
+            n *= 2
+    finally:
+        stop(nats)
+    return out
 
 
 def _numbers(result: dict[str, Any]) -> dict[str, float]:
@@ -473,6 +583,10 @@ def main() -> int:
         "--baseline-src", type=Path, help="a src/ directory of another kvgate version to compare"
     )
     parser.add_argument("--rounds", type=int, default=1, help="repeats of each variant (A/B/A/B)")
+    parser.add_argument(
+        "--epps", type=int, default=0,
+        help="instead: throughput of 1, 2, 4 ... up to this many EPP processes (replica sync on)",
+    )  # fmt: skip
     parser.add_argument("--kinds", default="cold,warm", help="prompt kinds to measure")
     parser.add_argument(
         "--no-stream", dest="stream", action="store_false", help="skip the response phase"
@@ -491,6 +605,8 @@ def main() -> int:
         parser.error("duration must be in (0, 120] s and rates in (0, 2000] req/s")
     if not 1 <= args.rounds <= 10:
         parser.error("rounds must be in [1, 10]")
+    if not 0 <= args.epps <= 16 or (args.epps and args.baseline_src):
+        parser.error("--epps is in [0, 16] and measures this tree only (no --baseline-src)")
     if args.profile and not shutil.which("py-spy"):
         parser.error("--profile needs py-spy (pip install py-spy)")
     tokenizer = args.tokenizer or default_tokenizer()
@@ -526,6 +642,13 @@ def main() -> int:
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
     try:
         wait_ready(lambda: "ready" in (run_dir / "sim.log").read_text(), "kvgate sim")
+        if args.epps:
+            scaling = run_scaling(
+                args, endpoints_file=endpoints_file, run_dir=run_dir, tokenizer=tokenizer
+            )
+            if args.json:
+                args.json.write_text(json.dumps({"scaling": scaling}, indent=2) + "\n")
+            return 0
         for r in range(args.rounds):
             for label, src in variants if r % 2 == 0 else variants[::-1]:
                 name = label if args.rounds == 1 else f"{label}-{r}"
