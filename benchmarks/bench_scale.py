@@ -238,13 +238,14 @@ def main() -> int:
         f"({s['stored_blocks_per_s']:,} stored + as many evicted)"
     )
     print(
-        f"          this process had {100 * s['cpu_share']:.0f}% of a core (the machine is shared); "
-        f"routing took {100 * s['routing_cpu_share']:.0f}% of a core, ingest "
+        f"          this process had {100 * s['cpu_share']:.0f}% of a core (the machine is "
+        f"shared); routing took {100 * s['routing_cpu_share']:.0f}% of a core, ingest "
         f"{s['ingested_blocks_per_ingest_cpu_s']:,} blocks per CPU-second of its own"
     )
     print(
         f"decision  CPU p50 {s['decision_cpu_p50_ms']:.3f} ms  "
-        f"p99 {s['decision_cpu_p99_ms']:.3f} ms; wall p50 {s['decision_p50_ms']:.3f} ms  p99 {s['decision_p99_ms']:.3f} ms; "
+        f"p99 {s['decision_cpu_p99_ms']:.3f} ms; wall p50 {s['decision_p50_ms']:.3f} ms  "
+        f"p99 {s['decision_p99_ms']:.3f} ms; "
         f"as a request sees it (waiting behind events) p50 {s['seen_p50_ms']:.3f} ms  "
         f"p99 {s['seen_p99_ms']:.3f} ms"
     )
