@@ -21,10 +21,10 @@ Memory: each (block, worker) entry costs one per-slot map entry (~30 bytes in a 
 entry plus the engine id's int, ~80, without it), plus a share of the block dict entry (its slot
 and the sequence hash's int; the mask int is shared by every block held by the same workers, see
 `MaskIndex.share`). ``bytes_per_entry`` in ``kvgate microbench`` and ``benchmarks/bench_scale.py``
-measure it. A cap on the
-number of entries bounds the whole index: when exceeded, the largest worker forgets its newest
-blocks in one batch (dict order is insertion order; the newest are leaves, so the prefixes that
-remain still match), which only costs routing quality — a missed hit — never correctness.
+measure it (~63 and ~73 bytes). A cap on the number of entries bounds the whole index: when
+exceeded, the largest worker forgets its newest blocks in one batch (both maps keep insertion
+order; the newest are leaves, so the prefixes that remain still match), which only costs routing
+quality — a missed hit — never correctness.
 
 Thread-safety: none. The index is owned by one asyncio loop (events and lookups both run there).
 """
