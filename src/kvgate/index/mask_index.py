@@ -111,7 +111,7 @@ class MaskIndex:
             return
         mask &= ~bit
         if mask:
-            masks[seq] = self.share(mask)
+            masks[seq] = self.shared_masks.get(mask) or self.share(mask)
         else:
             del masks[seq]
 

@@ -220,14 +220,29 @@ class PrefixIndex(MaskIndex):
             self.stats.unknown_removals += len(engine_hashes)
             return 0
         by_engine = self._by_engine[slot]
+        dups = self._dups[slot]
+        masks = self.masks
+        shared = self.shared_masks
+        keep = ~(1 << slot)
         removed = 0
         for engine_hash in engine_hashes:
             seq = by_engine.pop(engine_hash, None)
             if seq is None:
                 self.stats.unknown_removals += 1
                 continue
-            self._unlink(slot, seq)
             removed += 1
+            if dups and seq in dups:
+                self._unlink(slot, seq)
+                continue
+            # `_unlink` inline (its common case: the block held once): this runs for every
+            # block every engine evicts.
+            mask = masks.get(seq)
+            if mask is not None:
+                mask &= keep
+                if mask:
+                    masks[seq] = shared.get(mask) or self.share(mask)
+                else:
+                    del masks[seq]
         self._entries -= removed
         self.stats.removed_blocks += removed
         return removed
