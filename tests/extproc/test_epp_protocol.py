@@ -173,17 +173,33 @@ async def test_shared_prefix_goes_to_the_worker_that_cached_it(stack: Stack) -> 
         assert routed.destination == target
 
 
+def own_keys(scorer: LoadOwner) -> set[str]:
+    return {key for key, _ in scorer.router.active.own()}
+
+
+async def finish_response(stream: ExtProcStream) -> None:
+    """Play a complete non-streaming response through the stream's response phases."""
+    await stream.send(response_headers_msg(200))
+    assert (await stream.recv()).HasField("response_headers")
+    await stream.send(response_body_msg(b'{"choices": []}', True))
+    assert (
+        await stream.recv()
+    ).response_body.response.body_mutation.streamed_response.end_of_stream
+    await stream.close()
+
+
 async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     scorer = kv_scorer(stack)
+    before = own_keys(scorer)
     stream = ExtProcStream(stack.channel)
     await stream.route(chat_body("phases", max_tokens=2), {"x-request-id": "req-phases"})
-    assert "req-phases" in scorer.router.active
+    (key,) = own_keys(scorer) - before
     await stream.send(response_headers_msg(200, "text/event-stream"))
     assert (await stream.recv()).HasField("response_headers")
     await stream.send(response_body_msg(b'data: {"choices": []}\n\n', False))
     echoed = await stream.recv()
     assert echoed.response_body.response.body_mutation.streamed_response.body.startswith(b"data:")
-    booked = scorer.router.active.get("req-phases")
+    booked = scorer.router.active.get(key)
     assert booked is not None and booked.prefill_done
     usage = {"usage": {"prompt_tokens": 10, "completion_tokens": 2,
                        "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
@@ -193,16 +209,40 @@ async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     last = await stream.recv()
     assert last.response_body.response.body_mutation.streamed_response.end_of_stream
     await stream.close()
-    assert "req-phases" not in scorer.router.active
+    assert key not in scorer.router.active
 
 
 async def test_aborted_stream_frees_the_request(stack: Stack) -> None:
     scorer = kv_scorer(stack)
+    before = own_keys(scorer)
     stream = ExtProcStream(stack.channel)
     await stream.route(chat_body("abort me", max_tokens=2), {"x-request-id": "req-abort"})
-    assert "req-abort" in scorer.router.active
+    (key,) = own_keys(scorer) - before
     stream.cancel()
-    await wait_for(lambda: "req-abort" not in scorer.router.active)
+    await wait_for(lambda: key not in scorer.router.active)
+
+
+async def test_a_repeated_client_request_id_cannot_free_another_requests_load(
+    stack: Stack,
+) -> None:
+    """Bookkeeping is keyed per stream: a client reusing an ``x-request-id`` (by mistake, or to
+    release someone else's booking) frees only its own request."""
+    scorer = kv_scorer(stack)
+    before = own_keys(scorer)
+    first, second = ExtProcStream(stack.channel), ExtProcStream(stack.channel)
+    routed = []
+    for stream, text in ((first, "twin request one"), (second, "twin request two")):
+        routed.append(await stream.route(chat_body(text, max_tokens=2), {"x-request-id": "twin"}))
+    assert all("x-request-id" not in r.set_headers for r in routed)  # forwarded as the client sent
+    keys = own_keys(scorer) - before
+    assert len(keys) == 2 and "twin" not in keys
+    await finish_response(first)
+    (left,) = own_keys(scorer) - before
+    booking = scorer.router.active.get(left)
+    assert booking is not None and booking.worker == routed[1].destination
+    assert scorer.router.active.in_flight(routed[1].destination) >= 1
+    await finish_response(second)
+    assert own_keys(scorer) == before
 
 
 async def test_bodyless_request_is_routed_to_some_endpoint(stack: Stack) -> None:

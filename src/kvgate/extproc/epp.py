@@ -150,7 +150,10 @@ class RequestStream:
         self.first_chunk_seen = False
         self.completed = False
         self.started = director.clock()
-        self.request_id = ""
+        self.request_id = str(uuid.uuid4())
+        """The server-side key of this request's bookkeeping, unique per stream: clients may
+        repeat an ``x-request-id`` (by mistake or to free another request's load)."""
+        self.client_request_id: str | None = None
 
     async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if msg.HasField("protocol_config"):
@@ -179,7 +182,7 @@ class RequestStream:
 
     async def _request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self.headers = proto.header_map(msg.request_headers)
-        self.request_id = self.headers.get("x-request-id") or str(uuid.uuid4())
+        self.client_request_id = self.headers.get("x-request-id") or None
         self.subset = self._subset(msg)
         if msg.request_headers.end_of_stream:
             return await self._route_bodyless()
@@ -189,8 +192,13 @@ class RequestStream:
 
     def _strip_mutation(self) -> pb.HeaderMutation:
         present = [h for h in ROUTING_HEADERS if h in self.headers]
-        extra = {} if "x-request-id" in self.headers else {"x-request-id": self.request_id}
+        extra = {} if self.client_request_id else {"x-request-id": self.request_id}
         return proto.header_mutation(extra, present)
+
+    @property
+    def log_id(self) -> str:
+        """The id logs name a request by: the ``x-request-id`` it travels under."""
+        return self.client_request_id or self.request_id
 
     def _subset(self, msg: pb.ProcessingRequest) -> list[str] | None:
         value = proto.metadata_value(msg, proto.SUBSET_NAMESPACE, proto.SUBSET_KEY)
@@ -281,7 +289,7 @@ class RequestStream:
             headers[DECISION_HEADER] = (
                 self.request.decision_summary or f"endpoint={destinations[0]}"
             )
-        if "x-request-id" not in self.headers:
+        if not self.client_request_id:
             headers["x-request-id"] = self.request_id
         if length is not None:
             headers["content-length"] = str(length)
@@ -331,6 +339,7 @@ class RequestStream:
         objective = self.headers.get(OBJECTIVE_HEADER, "")
         return LLMRequest(
             request_id=self.request_id,
+            client_request_id=self.client_request_id,
             model=model,
             kind=request_kind_for_path(self.headers.get(":path", "")),
             body=body,
@@ -345,7 +354,7 @@ class RequestStream:
         self.reserved = 0
         self.body = bytearray()
         self.director.metrics.rejections.labels(code=str(status), reason=reason).inc()
-        log.info("request %s rejected with %d: %s", self.request_id, status, message)
+        log.info("request %s rejected with %d: %s", self.log_id, status, message)
         return [proto.immediate_error(status, message, reason=reason)]
 
     # -- response --------------------------------------------------------------------------
@@ -413,7 +422,7 @@ async def process_stream(
             try:
                 responses = await stream.handle(msg)
             except Exception:
-                log.exception("request %s: internal error in the picker", stream.request_id)
+                log.exception("request %s: internal error in the picker", stream.log_id)
                 director.metrics.rejections.labels(code="500", reason="internal").inc()
                 yield proto.immediate_error(500, "internal error in the endpoint picker")
                 return
