@@ -242,7 +242,7 @@ class FakeApiServer:
         if (refusal := self._refusal(request)) is not None:
             return refusal
         matches = _field_matcher(request.query.get("fieldSelector", "metadata.name="))
-        if request.query.get("watch") in ("1", "true"):
+        if _flag(request.query.get("watch")):
             return await self._watch(request, "pools", matches)
         items = [p for p in self.pools.values() if matches(p)]
         return self._list("InferencePoolList", items)
@@ -251,7 +251,7 @@ class FakeApiServer:
         if (refusal := self._refusal(request)) is not None:
             return refusal
         matches = _label_matcher(request.query.get("labelSelector", ""))
-        if request.query.get("watch") in ("1", "true"):
+        if _flag(request.query.get("watch")):
             return await self._watch(request, "pods", matches)
         items = [p for p in self.pods.values() if matches(p)]
         return self._list("PodList", items)
@@ -341,6 +341,11 @@ def _gone() -> Obj:
             "code": 410,
         },
     }
+
+
+def _flag(value: str | None) -> bool:
+    """A boolean query parameter as the API server reads it (Go's strconv.ParseBool)."""
+    return value in ("1", "t", "T", "TRUE", "true", "True")
 
 
 def _status(code: int) -> web.Response:

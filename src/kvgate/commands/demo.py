@@ -25,21 +25,30 @@ def run_mode(mode: Mode, args: argparse.Namespace) -> LoadReport:
         tokenizer=args.tokenizer,
         speedup=args.speedup,
         num_gpu_blocks=args.num_gpu_blocks,
-        body_transformer="off",
+        body_transformer="inline" if args.backend == "dynamo" else "off",
+        backend=args.backend,
     )
     gateway = LocalGateway(config)
-    print(f"\n== {mode} routing: starting Envoy, EPP and {args.workers} simulated engines "
+    engines = "Dynamo mocker workers" if args.backend == "dynamo" else "simulated engines"
+    print(f"\n== {mode} routing: starting Envoy, EPP and {args.workers} {engines} "
           f"(logs in {gateway.run_dir})")  # fmt: skip
     with gateway as running:
         first = asyncio.run(first_request(running.url))
         if first.status != 200:
             raise StartupError(f"first request through Envoy failed: {first.status} {first.error}")
-        print(f"POST {running.url}/v1/chat/completions -> {first.status} from worker "
-              f"{first.worker} in {first.latency_s * 1e3:.0f} ms: {first.text[:60]!r}")  # fmt: skip
+        by = f" from worker {first.worker}" if first.worker else ""
+        print(f"POST {running.url}/v1/chat/completions -> {first.status}{by} in "
+              f"{first.latency_s * 1e3:.0f} ms: {first.text[:60]!r}")  # fmt: skip
         bodies = workload(args.groups, args.per_group, args.prompt_words)
+        fleet = running.dynamo.fleet if running.dynamo is not None else None
+        before = fleet.requests_by_worker() if fleet is not None else {}
         results = asyncio.run(run_load(running.url, bodies, args.concurrency))
         report = LoadReport(mode, results)
         print_report(report, running.workers)
+        if fleet is not None:
+            from kvgate.dynamo.gateway import print_served
+
+            print_served(fleet, before)
     return report
 
 
@@ -59,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speedup", type=float, default=1.0, help="engine time divisor")
     parser.add_argument("--port", type=int, default=8000, help="gateway port on 127.0.0.1")
     parser.add_argument("--tokenizer", help="tokenizer dir or hub id (default: bundled Qwen3)")
+    parser.add_argument(
+        "--backend",
+        choices=["sim", "dynamo"],
+        default="sim",
+        help="simulated engines, or Dynamo's frontend + mocker workers (needs kvgate[dynamo])",
+    )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the round-robin comparison run"
     )

@@ -7,12 +7,14 @@ import argparse
 from pathlib import Path
 
 from kvgate.commands.support import add_log_level, run_server, setup_logging
+from kvgate.dynamo.epp import add_dynamo_arguments, dynamo_settings_from_args
 from kvgate.errors import ConfigError
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
-from kvgate.fleet.kubernetes import INSTANCE_ID_ANNOTATION, KubeConfigError
+from kvgate.fleet.kube_api import KubeConfigError
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION
 from kvgate.fleet.sources import EndpointSpecError
-from kvgate.sync.replica import DEFAULT_NATS_URL
+from kvgate.sync import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat (sent every lease/3) before a replica's load is "
         "dropped (default 3)",
     )
+    add_dynamo_arguments(p)
     add_log_level(p)
     return p
 
@@ -177,6 +180,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         router_id=args.replica_id,
         sync_heartbeat_s=args.replica_lease / 3,
         sync_lease_s=args.replica_lease,
+        dynamo=dynamo_settings_from_args(args),
     )
 
 

@@ -3,6 +3,9 @@
 Engine block hashes are opaque ids (vLLM's are SHA-256 based, SGLang's and the Dynamo mocker's are
 their own): they are only ever used to *name* a block in a later removal. kvgate re-hashes the
 ``token_ids`` of every stored block itself (see `kvgate.tokens.hashing`).
+
+These types are the contract between the engines that publish events (the simulator), the
+decoder and the index, so this module imports the standard library only (a test pins it).
 """
 
 from __future__ import annotations

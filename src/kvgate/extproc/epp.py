@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from kvgate.extproc import headers as gw
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.nvext import NVEXT, Injected, inject_nvext, strip_routing_fields
+from kvgate.extproc.nvext import (
+    NVEXT,
+    WORKER_ID_HEADER,
+    Injected,
+    inject_nvext,
+    strip_routing_fields,
+)
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
@@ -111,7 +118,9 @@ class Director:
         candidates = self.endpoints.snapshot()
         if subset is not None:
             allowed = set(subset)
-            candidates = [ep for ep in candidates if ep.address in allowed]
+            # The hint names where the data plane may send the request: a Dynamo worker's
+            # frontend, other workers themselves.
+            candidates = [ep for ep in candidates if ep.route_address in allowed]
             if not candidates:
                 raise SchedulingError(503, "no endpoint of the data plane's subset hint is known")
         if not candidates:
@@ -228,13 +237,13 @@ class RequestStream:
         """GET /v1/models and the like: any ready endpoint will do."""
         endpoints = self.director.endpoints.snapshot()
         if self.subset is not None:
-            endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
+            endpoints = [ep for ep in endpoints if ep.route_address in set(self.subset)]
         if not endpoints:
             return self._reject(503, "no ready endpoints", "no_endpoints")
         endpoint = endpoints[int(self.director.clock() * 1000) % len(endpoints)]
-        mutation = self._route_mutation([endpoint.address], {}, None)
+        mutation = self._route_mutation([endpoint.route_address], {}, None)
         response = proto.request_headers_response(mutation, clear_route_cache=True)
-        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.address]))
+        response.dynamic_metadata.CopyFrom(proto.lb_metadata([endpoint.route_address]))
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
@@ -254,7 +263,12 @@ class RequestStream:
             self.body = bytearray()
         self.result = result
         self.director.scheduler.pre_request(request, result)
-        destinations = [ep.address for ep in result.primary.endpoints]
+        chosen = result.endpoint
+        if chosen.destination is not None:
+            # Reached through a Dynamo frontend: the request must name the worker, whichever
+            # plugins picked it (a direct-mode frontend refuses it otherwise).
+            request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
+        destinations = [ep.route_address for ep in result.primary.endpoints]
         self.director.metrics.observe_decision(request, result, self.director.clock() - started)
         new_body = await self._rewrite_body(body, request)
         changed = new_body is not body
@@ -345,7 +359,21 @@ class RequestStream:
             priority=options.priorities.get(objective, 0),
             lora_name=lora,
             stream=bool(body.get("stream")),
+            slo_ttft_s=self._slo_seconds(gw.SLO_TTFT),
+            slo_itl_s=self._slo_seconds(gw.SLO_TPOT),
         )
+
+    def _slo_seconds(self, header: str) -> float | None:
+        raw = self.headers.get(header)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise SchedulingError(400, f"{header} must be a positive number of milliseconds")
+        return value / 1000.0
 
     def _reject(self, status: int, message: str, reason: str) -> list[pb.ProcessingResponse]:
         self.director.release_body(self.reserved)

@@ -21,18 +21,16 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from kvgate.dynamo.epp import DynamoEppSettings, start_dynamo_discovery
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
-from kvgate.fleet.kubernetes import (
-    INSTANCE_ID_ANNOTATION,
-    KubeConfig,
-    PoolDiscovery,
-)
+from kvgate.fleet.kube_api import KubeConfig
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
@@ -43,7 +41,7 @@ from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
 from kvgate.scheduling.scheduler import PluginTimings, Scheduler
 from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.service import StackedService
-from kvgate.sync.replica import (
+from kvgate.sync import (
     DEFAULT_NATS_URL,
     ReplicaSync,
     ReplicaSyncConfig,
@@ -90,6 +88,8 @@ class EppSettings:
     router_id: str | None = None
     sync_heartbeat_s: float = 1.0
     sync_lease_s: float = 3.0
+    dynamo: DynamoEppSettings | None = None
+    """Endpoints are Dynamo workers learned from Dynamo; requests go to its frontends."""
 
 
 class EppRuntime(StackedService):
@@ -156,7 +156,14 @@ class EppRuntime(StackedService):
         await scraper.start()
         self._stack.push_async_callback(scraper.aclose)
 
-        if s.pool_name:
+        if s.dynamo is not None:
+            await start_dynamo_discovery(
+                self._stack,
+                self.endpoints,
+                s.dynamo,
+                frontend_pool=self._pool_discovery if s.pool_name else None,
+            )
+        elif s.pool_name:
             discovery = PoolDiscovery(
                 self.endpoints,
                 KubeConfig.load(s.kubeconfig),
@@ -189,6 +196,19 @@ class EppRuntime(StackedService):
         self._update_readiness()
         liveness = asyncio.get_running_loop().create_task(self._watch_liveness())
         self._stack.push_async_callback(_cancel, liveness)
+
+    def _pool_discovery(self, endpoints: EndpointSet) -> PoolDiscovery:
+        """The InferencePool's pods; with a Dynamo backend, its frontends."""
+        s = self.settings
+        assert s.pool_name is not None
+        return PoolDiscovery(
+            endpoints,
+            KubeConfig.load(s.kubeconfig),
+            s.pool_name,
+            s.pool_namespace,
+            EndpointDefaults(engine=s.engine),  # type: ignore[arg-type]
+            instance_id_annotation=s.instance_id_annotation,
+        )
 
     async def _start_replica_sync(self) -> None:
         s = self.settings

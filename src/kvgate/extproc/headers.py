@@ -14,13 +14,16 @@ removes the gateway inputs. docs/configuration.md lists them.
   from Envoy's metadata only. They are removed from the forwarded request.
 - **Client controls** (``CLIENT_CONTROLS``): chosen by clients by design (GAIE). An objective name
   only selects among the pool's InferenceObjectives (unknown: priority 0), so a client gains no
-  more than by naming none.
+  more than by naming none; latency objectives (``x-slo-ttft-ms``, ``x-slo-tpot-ms``) only shape
+  how the client's own request is placed.
 """
 
 from __future__ import annotations
 
 from kvgate.extproc.nvext import MODE_HEADER, PREFILL_HEADER, WORKER_ID_HEADER
 
+PREFILL_INSTANCE = "x-prefill-instance-id"
+"""Dynamo's name for the prefill worker's instance id in some releases."""
 DESTINATION = "x-gateway-destination-endpoint"
 """The picked endpoint, then ordered fallbacks: ``ip:port[,ip:port...]``."""
 DECISION = "x-kvgate-decision"
@@ -29,9 +32,18 @@ SUBSET = "x-gateway-destination-endpoint-subset"
 SERVED = "x-gateway-destination-endpoint-served"
 OBJECTIVE = "x-gateway-inference-objective"
 FAIRNESS_ID = "x-gateway-inference-fairness-id"
+SLO_TTFT = "x-slo-ttft-ms"
+SLO_TPOT = "x-slo-tpot-ms"
 
-PICKER_OUTPUTS = (DESTINATION, WORKER_ID_HEADER, PREFILL_HEADER, MODE_HEADER, DECISION)
+PICKER_OUTPUTS = (
+    DESTINATION,
+    WORKER_ID_HEADER,
+    PREFILL_HEADER,
+    MODE_HEADER,
+    PREFILL_INSTANCE,
+    DECISION,
+)
 GATEWAY_INPUTS = (MODEL_REWRITE, SUBSET, SERVED)
-CLIENT_CONTROLS = (OBJECTIVE, FAIRNESS_ID)
+CLIENT_CONTROLS = (OBJECTIVE, FAIRNESS_ID, SLO_TTFT, SLO_TPOT)
 GATEWAY_INTERNAL = (*PICKER_OUTPUTS, *GATEWAY_INPUTS)
 """Every header a client must not be able to set."""

@@ -121,6 +121,12 @@ class EppMetrics:
         self.decisions = Counter(
             "kvgate_decisions", "Routing decisions per endpoint", ["endpoint"], registry=r
         )
+        self.profile_decisions = Counter(
+            "kvgate_profile_decisions",
+            "Endpoint picked per scheduling profile (disaggregated serving: prefill and decode)",
+            ["profile", "endpoint"],
+            registry=r,
+        )
         self.rejections = Counter(
             "kvgate_rejections", "Requests refused by the picker", ["code", "reason"], registry=r
         )
@@ -215,6 +221,9 @@ class EppMetrics:
         self.scheduler_duration.observe(seconds)
         self.stage_duration.labels("total").observe(seconds)
         self.decisions.labels(result.endpoint.address).inc()
+        for profile, chosen in result.profiles.items():
+            if chosen.endpoints:
+                self.profile_decisions.labels(profile, chosen.endpoints[0].address).inc()
         if request.tokens is not None:
             self.input_tokens.labels(request.model, request.model).observe(len(request.tokens))
 

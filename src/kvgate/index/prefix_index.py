@@ -3,7 +3,8 @@
 Layout
 ------
 A prefix is identified by its *sequence hash* (see `kvgate.tokens.hashing`), so the index needs no
-tree: one flat ``dict`` maps a sequence hash to a **bitmask of worker slots** that hold that block.
+tree: one flat ``dict`` maps a sequence hash to a **bitmask of worker slots** that hold that block
+(`kvgate.index.mask_index`, shared with the approximate index and the router's active blocks).
 Matching a request walks its sequence hashes in order and ANDs the masks; the moment a worker's bit
 drops out, its overlap is the number of blocks walked so far. One dict lookup and two integer
 operations per block, whatever the number of workers — and no per-node objects, so no per-node
@@ -27,27 +28,17 @@ Thread-safety: none. The index is owned by one asyncio loop (events and lookups 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
+from kvgate.index.mask_index import MaskIndex, WorkerId
 from kvgate.tokens.hashing import SequenceHash, lora_seed, sequence_hashes_of
 
-_leading_runs: Callable[[dict[int, int], Sequence[int]], list[tuple[int, int]]] | None
-try:  # the native matcher (`_leading.c`); optional, the Python loop gives the same answer
-    from kvgate.index._leading import leading_runs as _leading_runs
-except ImportError:  # pragma: no cover - depends on the build
-    _leading_runs = None
-
-NATIVE_MATCHING = _leading_runs is not None
+__all__ = ["DEFAULT_MAX_ENTRIES", "IndexStats", "PrefixIndex", "WorkerId"]
 
 log = logging.getLogger(__name__)
 
-WorkerId = str
-
-# 64 workers fit in one machine word, but Python ints grow as needed: slots beyond 63 just make
-# the masks two words long.
 DEFAULT_MAX_ENTRIES = 16 * 1024 * 1024
 # When the cap is hit, trim to this fraction of it so eviction runs rarely and in batches.
 _TRIM_TO = 0.9
@@ -71,99 +62,6 @@ def _routable_tier(medium: str | None) -> bool:
     return medium is None or medium.upper() == "GPU"
 
 
-class MaskIndex:
-    """Sequence hash → worker bitmask, with slot bookkeeping; the shared core of both indexes."""
-
-    def __init__(self) -> None:
-        self._blocks: dict[int, int] = {}
-        self._slot_of: dict[WorkerId, int] = {}
-        self._worker_at: list[WorkerId | None] = []
-        self._free_slots: list[int] = []
-
-    def _slot(self, worker: WorkerId) -> int:
-        slot = self._slot_of.get(worker)
-        if slot is None:
-            if self._free_slots:
-                slot = self._free_slots.pop()
-                self._worker_at[slot] = worker
-            else:
-                slot = len(self._worker_at)
-                self._worker_at.append(worker)
-            self._slot_of[worker] = slot
-            self._on_new_slot(slot)
-        return slot
-
-    def _on_new_slot(self, slot: int) -> None:
-        """Hook for subclasses to size their per-slot state."""
-
-    def _release_slot(self, worker: WorkerId) -> int | None:
-        slot = self._slot_of.pop(worker, None)
-        if slot is not None:
-            self._worker_at[slot] = None
-            self._free_slots.append(slot)
-        return slot
-
-    def _drop_bit(self, seq: int, bit: int) -> None:
-        mask = self._blocks.get(seq)
-        if mask is None:
-            return
-        mask &= ~bit
-        if mask:
-            self._blocks[seq] = mask
-        else:
-            del self._blocks[seq]
-
-    def workers(self) -> list[WorkerId]:
-        return list(self._slot_of)
-
-    def __contains__(self, worker: object) -> bool:
-        return worker in self._slot_of
-
-    @property
-    def num_blocks(self) -> int:
-        """Distinct prefixes held by at least one worker."""
-        return len(self._blocks)
-
-    def find_matches(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
-        """Overlap per worker: how many *leading* blocks of ``hashes`` it holds (absent = 0)."""
-        if _leading_runs is not None:
-            overlaps: dict[WorkerId, int] = {}
-            for bits, depth in _leading_runs(self._blocks, hashes):
-                self._assign(overlaps, bits, depth)
-            return overlaps
-        return self.find_matches_python(hashes)
-
-    def find_matches_python(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
-        """The specification of `find_matches` (used when the native matcher is not built)."""
-        if not hashes:
-            return {}
-        get = self._blocks.get
-        mask = get(hashes[0], 0)
-        if not mask:
-            return {}
-        overlaps: dict[WorkerId, int] = {}
-        depth = 1
-        for h in islice(hashes, 1, None):
-            still = mask & get(h, 0)
-            if still != mask:
-                self._assign(overlaps, mask ^ still, depth)
-                if not still:
-                    return overlaps
-                mask = still
-            depth += 1
-        self._assign(overlaps, mask, depth)
-        return overlaps
-
-    def _assign(self, overlaps: dict[WorkerId, int], bits: int, depth: int) -> None:
-        worker_at = self._worker_at
-        while bits:
-            low = bits & -bits
-            worker = worker_at[low.bit_length() - 1]
-            if worker is not None:
-                overlaps[worker] = depth
-            bits ^= low
-
-
 class PrefixIndex(MaskIndex):
     """Exact index fed by engine KV events (BlockStored, BlockRemoved, AllBlocksCleared)."""
 
@@ -180,7 +78,7 @@ class PrefixIndex(MaskIndex):
         self._dups: list[dict[int, int]] = []
         self._entries = 0
 
-    def _on_new_slot(self, slot: int) -> None:
+    def on_new_slot(self, slot: int) -> None:
         if slot == len(self._by_engine):
             self._by_engine.append({})
             self._dups.append({})
@@ -191,11 +89,11 @@ class PrefixIndex(MaskIndex):
         return self._entries
 
     def size(self, worker: WorkerId) -> int:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         return 0 if slot is None else len(self._by_engine[slot])
 
     def sizes(self) -> dict[WorkerId, int]:
-        return {w: len(self._by_engine[s]) for w, s in self._slot_of.items()}
+        return {w: len(self._by_engine[s]) for w, s in self.slots()}
 
     def apply_event(self, worker: WorkerId, event: KvEvent) -> None:
         if isinstance(event, BlockStored):
@@ -227,7 +125,7 @@ class PrefixIndex(MaskIndex):
                 block_size,
             )
             return 0
-        slot = self._slot(worker)
+        slot = self.slot(worker)
         by_engine = self._by_engine[slot]
         parent: SequenceHash | None = None
         if event.parent_block_hash is not None:
@@ -252,11 +150,11 @@ class PrefixIndex(MaskIndex):
         self, worker: WorkerId, engine_hashes: Sequence[int], hashes: Sequence[int]
     ) -> int:
         """Index blocks whose sequence hashes are already known (snapshots, benchmarks)."""
-        return self._insert(self._slot(worker), engine_hashes, hashes)
+        return self._insert(self.slot(worker), engine_hashes, hashes)
 
     def _insert(self, slot: int, engine_hashes: Sequence[int], hashes: Sequence[int]) -> int:
         by_engine = self._by_engine[slot]
-        blocks = self._blocks
+        masks = self.masks
         dups = self._dups[slot]
         bit = 1 << slot
         added = 0
@@ -269,11 +167,11 @@ class PrefixIndex(MaskIndex):
                 self._unlink(slot, previous)
                 self._entries -= 1
             by_engine[engine_hash] = seq
-            mask = blocks.get(seq, 0)
+            mask = masks.get(seq, 0)
             if mask & bit:
                 dups[seq] = dups.get(seq, 1) + 1
             else:
-                blocks[seq] = mask | bit
+                masks[seq] = mask | bit
             added += 1
         self._entries += added
         self.stats.stored_blocks += added
@@ -282,7 +180,7 @@ class PrefixIndex(MaskIndex):
         return added
 
     def apply_removed(self, worker: WorkerId, engine_hashes: Sequence[EngineHash]) -> int:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             self.stats.unknown_removals += len(engine_hashes)
             return 0
@@ -308,11 +206,11 @@ class PrefixIndex(MaskIndex):
             else:
                 del dups[seq]
             return
-        self._drop_bit(seq, 1 << slot)
+        self.drop_bit(seq, 1 << slot)
 
     def clear_worker(self, worker: WorkerId) -> None:
         """Forget every block of ``worker`` but keep it known (AllBlocksCleared, a seq gap)."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         self._clear_slot(slot)
@@ -320,16 +218,16 @@ class PrefixIndex(MaskIndex):
 
     def remove_worker(self, worker: WorkerId) -> None:
         """The worker left the pool: drop its blocks and free its slot."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         self._clear_slot(slot)
-        self._release_slot(worker)
+        self.release_slot(worker)
 
     def _clear_slot(self, slot: int) -> None:
         by_engine = self._by_engine[slot]
         bit = 1 << slot
-        drop = self._drop_bit
+        drop = self.drop_bit
         for seq in set(by_engine.values()):
             drop(seq, bit)
         self._entries -= len(by_engine)
@@ -339,7 +237,7 @@ class PrefixIndex(MaskIndex):
     def _trim(self) -> None:
         target = int(self.max_entries * _TRIM_TO)
         while self._entries > target:
-            slot = max(self._slot_of.values(), key=lambda s: len(self._by_engine[s]))
+            slot = max((s for _, s in self.slots()), key=lambda s: len(self._by_engine[s]))
             by_engine = self._by_engine[slot]
             # Newest first: they are the leaves of the newest prefixes, so what stays is still
             # whole prefixes that match. popitem() is O(1) from the end of a dict.
@@ -357,6 +255,6 @@ class PrefixIndex(MaskIndex):
 
     def blocks_of(self, worker: WorkerId) -> Iterator[int]:
         """Sequence hashes a worker holds (for tests and debugging)."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is not None:
             yield from self._by_engine[slot].values()

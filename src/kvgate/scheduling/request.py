@@ -40,6 +40,10 @@ class LoadView(Protocol):
         """Requests booked on ``worker`` and not yet complete."""
         ...
 
+    def prefilling(self, worker: str) -> int:
+        """Requests booked on ``worker`` whose first token has not come yet."""
+        ...
+
 
 @dataclass(slots=True)
 class LatencyPrediction:
@@ -49,6 +53,10 @@ class LatencyPrediction:
     """Time to first token: queued prefill work ahead of it plus its own uncached prefill."""
     itl_s: float
     """Inter-token latency once it decodes, from the running batch and KV usage."""
+    fixed_ms: float = 0.0
+    """The per-step part of the uncalibrated TTFT (what the model calibrates with)."""
+    token_ms: float = 0.0
+    """The per-token part of the uncalibrated TTFT."""
 
 
 @dataclass(slots=True)
@@ -100,6 +108,12 @@ class LLMRequest:
     predicted_ttft_s: float | None = None
     """The chosen endpoint's predicted TTFT (for the prediction-error metric)."""
     predicted_itl_s: float | None = None
+
+    def note_decision(self, text: str) -> None:
+        """Add a plugin's part to the one-line explanation of the pick."""
+        self.decision_summary = (
+            text if not self.decision_summary else f"{self.decision_summary} {text}"
+        )
 
     def has(self, product: Product) -> bool:
         """Whether the prepare phase made ``product`` for this request."""

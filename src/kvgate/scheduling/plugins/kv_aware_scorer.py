@@ -298,12 +298,12 @@ class KvAwareScorer(Scorer):
             self._book(request.request_id, chosen.address, routing, None, now)
         best = max((overlaps.get(a, 0) for a in result.primary.scores), default=overlap)
         request.predicted_overlap_blocks = overlap
-        request.decision_summary = (
+        request.note_decision(
             f"endpoint={chosen.address} overlap_blocks={overlap} "
             f"best_overlap_blocks={best} block_size={block_size}"
         )
         if prefill_worker is not None:
-            request.decision_summary += f" prefill_endpoint={prefill_worker.address}"
+            request.note_decision(f"prefill_endpoint={prefill_worker.address}")
         self.metrics.picked(overlap, best, block_size)
 
     def _book(
