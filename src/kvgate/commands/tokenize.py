@@ -1,7 +1,8 @@
 """`kvgate tokenize`: what the router sees for one request — token ids and block hashes.
 
 Compare its ``token_ids`` with the engine's own (vLLM: ``POST /tokenize``) to check parity; a
-mismatch means the router matches prefixes the engine never cached.
+mismatch means the router matches prefixes the engine never cached. A request's ``cache_salt``
+changes the hashes from the first block on, as it changes the engine's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _read_body(source: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
     from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
     from kvgate.tokens.hashing import block_hashes
+    from kvgate.tokens.request import cache_salt
 
     try:
         block_size = validate_block_size(args.block_size, "--block-size")
@@ -61,9 +63,10 @@ def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
         raise UsageError(str(err)) from None
     try:
         tokens = tokenizer.tokenize_request(body, kind)
+        salt = cache_salt(body)
     except RequestError as err:
         raise UsageError(f"invalid request: {err}") from None
-    local, sequence = block_hashes(tokens, block_size, args.lora_name)
+    local, sequence = block_hashes(tokens, block_size, args.lora_name, salt)
     return {"token_ids": tokens, "local_hashes": local, "sequence_hashes": sequence}
 
 
