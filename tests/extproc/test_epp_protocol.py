@@ -289,6 +289,38 @@ async def finish_response(stream: ExtProcStream) -> None:
     await stream.close()
 
 
+async def test_media_requests_are_routed_with_credit_for_the_text_before_them(
+    stack: Stack,
+) -> None:
+    """A request with an image is never refused by the picker (the backend decides what it
+    serves), and the text the engine will see before the image earns prefix credit."""
+    scorer = kv_scorer(stack)
+    system = "You look at pictures for the routing tests. " * 60
+    warm = chat_body("Describe the next picture.", system=system, max_tokens=2)
+    stream = ExtProcStream(stack.channel)
+    target = (await stream.route(warm)).destination
+    await stream.close()
+    await send_to_worker(target, warm)
+    await wait_for(lambda: scorer.router.index.size(target) > 30)
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    for question in ("What is in it?", "Which colour is it?"):
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": [image, {"type": "text", "text": question}]},
+                ],
+            }
+        ).encode()
+        stream = ExtProcStream(stack.channel)
+        routed = await stream.route(body)
+        await stream.close()
+        assert routed.immediate_status is None, routed.immediate_body
+        assert routed.destination == target
+        assert routed.body == body
+
+
 async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     scorer = kv_scorer(stack)
     before = own_keys(scorer)

@@ -113,7 +113,7 @@ def chat(text: str, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
-async def test_no_client_header_steers_or_reaches_the_worker(
+async def test_no_client_header_steers_and_no_servable_request_is_refused(
     qwen3_dir: Path, tmp_path: Path
 ) -> None:
     async with gateway(qwen3_dir, tmp_path, config=KV_CONFIG) as gw:
@@ -141,6 +141,12 @@ async def test_no_client_header_steers_or_reaches_the_worker(
             {"x-gateway-model-name-rewrite": MODEL},
         )
         assert status == 404, error
+        # A request with media reaches a worker: whether it serves images is the worker's call.
+        image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+        media = {"model": MODEL, "messages": [{"role": "user", "content": [image]}]}
+        status, echoed = await post(gw, media)
+        assert status == 200, echoed
+        assert json.loads(echoed_body(echoed)) == media
 
 
 async def test_fallbacks_reach_envoy_as_one_list_and_the_first_endpoint_serves(

@@ -227,20 +227,22 @@ class KvAwareScorer(Scorer):
         started = time.perf_counter()
         try:
             if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
-                tokens = tokenizer.tokenize_request(body, kind)
+                routed = tokenizer.tokenize_for_routing(body, kind)
             else:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
                         max_workers=1, thread_name_prefix="kvgate-tokenize"
                     )
                 loop = asyncio.get_running_loop()
-                tokens = await loop.run_in_executor(
-                    self._executor, tokenizer.tokenize_request, body, kind
+                routed = await loop.run_in_executor(
+                    self._executor, tokenizer.tokenize_for_routing, body, kind
                 )
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
         self.metrics.stage("tokenize", time.perf_counter() - started)
-        request.tokens = tokens
+        # With media the engine's prompt is only partly known: its known prefix earns prefix
+        # credit and load, the rest is not predicted (never a refusal the engine would not give).
+        request.tokens = routed.tokens
         return True
 
     def _routing(self, request: LLMRequest) -> RoutingRequest:
