@@ -596,7 +596,8 @@ def test_bad_values_fail_rendering_naming_the_value(
 @pytest.mark.parametrize(
     ("overrides", "shipped"),
     [
-        ({}, "epp-config-dynamo.yaml"),
+        ({}, "epp-config-kvgate.yaml"),
+        ({"epp": {"routing": "dynamo"}}, "epp-config-dynamo.yaml"),
         (
             {"epp": {"useDynamo": False}, "dynamo": {"kvBlockSize": None}},
             "epp-config-round-robin.yaml",
@@ -607,7 +608,13 @@ def test_bad_values_fail_rendering_naming_the_value(
         ),
         ({"epp": {"configFile": "epp-config-kv-approx.yaml"}}, "epp-config-kv-approx.yaml"),
     ],
-    ids=["kvgate-default", "standard-picker-default", "upstream-picker-default", "config-file"],
+    ids=[
+        "kvgate-default",
+        "dynamo-routing",
+        "standard-picker-default",
+        "upstream-picker-default",
+        "config-file",
+    ],
 )
 def test_configmap_holds_a_file_of_deploy_config(
     overrides: dict[str, dict[str, Any]], shipped: str

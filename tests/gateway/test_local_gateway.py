@@ -289,9 +289,12 @@ def test_aggregated_nvext_names_the_serving_worker(
 def test_disaggregated_headers_and_nvext_carry_prefill_and_decode(
     qwen3_dir: Path, tmp_path: Path, transformer: str
 ) -> None:
+    # The reference policy disaggregates every request (threshold 0), so every request shows the
+    # headers; kvgate's policy prefills remotely only when that is predicted to be faster.
     config = LocalGatewayConfig(
         workers=3, prefill_workers=1, port=free_port(), tokenizer=str(qwen3_dir),
         speedup=20.0, body_transformer=transformer, run_dir=tmp_path,  # type: ignore[arg-type]
+        routing="dynamo",
     )  # fmt: skip
     with LocalGateway(config) as running:
         prefill_id = int(running.workers[0].rsplit(":", 1)[1])  # instance id = HTTP port

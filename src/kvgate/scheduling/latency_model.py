@@ -17,7 +17,7 @@ not yet prefilled (``P``: its pending prefill tokens, as the gateway booked them
 its own uncached tokens ``U = isl − overlap·block_size`` (at least one). With ``D`` requests
 decoding the chunk is ``C = M − D`` tokens, so ``P + U`` tokens take ``k = ⌈(P+U)/C⌉`` steps::
 
-    fixed_ms = k·(prefill_fixed + [D > 0]·decode(u)) + [busy]·½·(one step of current work)
+    fixed_ms = k·(prefill_fixed + [D > 0]·decode(u)) + [D > 0]·½·decode(u)
     token_ms = prefill_per_token·(P+U) + prefill_per_token²·(⌊(P+U)/C⌋·C² + ((P+U) mod C)²)
     TTFT     = θ_fixed·fixed_ms + θ_token·token_ms
 
@@ -82,7 +82,7 @@ class EngineCost:
 class CalibrationSettings:
     forgetting: Annotated[float, Range(gt=0.5, le=1)] = 0.99
     """RLS forgetting factor: the weight of an observation halves after ~ln 2 / (1 − λ) more."""
-    prior_strength: Annotated[float, Range(gt=0)] = 20.0
+    prior_strength: Annotated[float, Range(gt=0)] = 2.0
     """How many typical observations the prior is worth (larger: slower to move)."""
     clip: Annotated[float, Range(gt=1)] = 4.0
     """Observations beyond clip× the prediction are clipped; θ stays in [1/clip, clip]."""
@@ -210,10 +210,10 @@ class LatencyModel:
         step_fixed = cost.prefill_fixed_ms
         decode_now = cost.decode_ms(decode_usage) if decoding else 0.0
         fixed = steps * (step_fixed + decode_now)
-        if ahead or decoding:
-            # A step is under way: on average half of it remains.
-            first = ahead if ahead < chunk else chunk
-            fixed += 0.5 * (cost.prefill_ms(first) + decode_now)
+        if decoding:
+            # A decode step is under way: on average half of it remains. (A prefill step under
+            # way needs no term: its tokens are still counted in the pending work.)
+            fixed += 0.5 * decode_now
         token = cost.prefill_per_token_ms * total + cost.prefill_per_token_sq_ms * (
             full * chunk * chunk + rest * rest
         )

@@ -90,8 +90,10 @@ KV routing (epp.useDynamo), else the standard picker's round-robin (kvgate) or r
 {{- .Values.epp.config -}}
 {{- else if .Values.epp.configFile -}}
 {{- .Files.Get (printf "files/config/%s" .Values.epp.configFile) -}}
-{{- else if .Values.epp.useDynamo -}}
+{{- else if and .Values.epp.useDynamo (eq .Values.epp.routing "dynamo") -}}
 {{- .Files.Get "files/config/epp-config-dynamo.yaml" -}}
+{{- else if .Values.epp.useDynamo -}}
+{{- .Files.Get "files/config/epp-config-kvgate.yaml" -}}
 {{- else if eq (include "kvgate-gaie.flavor" .) "kvgate" -}}
 {{- .Files.Get "files/config/epp-config-round-robin.yaml" -}}
 {{- else -}}
