@@ -26,7 +26,7 @@ from tests.gateway.utils import MODEL
 
 pytestmark = pytest.mark.envoy
 
-KV_CONFIG = epp_configs.shipped_config(epp_configs.KV)
+KV_CONFIG = epp_configs.shipped_config(epp_configs.DYNAMO)
 ROUND_ROBIN_CONFIG = epp_configs.shipped_config(epp_configs.ROUND_ROBIN)
 FALLBACK_CONFIG = KV_CONFIG.replace(
     "  type: max-score-picker\n",
