@@ -321,8 +321,12 @@ def test_kv_routing_env_and_flags(case: tuple[str, list[dict[str, Any]]]) -> Non
         assert env["DYNAMO_KV_BLOCK_SIZE"] == "16"
         assert "--tokenizer=Qwen/Qwen3-0.6B" in container["args"]
         assert "--events-port=5557" in container["args"]
+        assert "--replay-port=5558" in container["args"]
     else:
-        assert not any(a.startswith(("--tokenizer", "--events-port")) for a in container["args"])
+        assert not any(
+            a.startswith(("--tokenizer", "--events-port", "--replay-port"))
+            for a in container["args"]
+        )
     # kvgate's own parser accepts the rendered environment, with the values given.
     config = KvRouterConfig.from_env(env)
     assert config.use_kv_routing is kv

@@ -13,7 +13,8 @@ Per-pod settings
     ``both``). The Dynamo worker id from the annotation named by ``--instance-id-annotation``
     (default `INSTANCE_ID_ANNOTATION`): one integer, or with several target ports a
     comma-separated list, one per port in the pool's order; pods without it get an id derived
-    from their address.
+    from their address. KV events and their replay socket on the pod's IP at the ports given by
+    ``--events-port`` and ``--replay-port`` (the same for every pod, as in a Deployment).
 
 Protocol
     List (collection ``resourceVersion``), then watch from there, as client-go does (the client:
@@ -148,6 +149,7 @@ def endpoints_of_pod(
                 role=role,
                 labels=labels,
                 events_endpoint=events,
+                replay_endpoint=defaults.replay_for(address),
             )
         )
     return endpoints
