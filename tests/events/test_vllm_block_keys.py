@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import time
@@ -24,7 +25,7 @@ import pytest
 
 from kvgate.events.decode import decode_batch
 from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.scheduling.plugins.kv_aware_scorer import KvAwareScorer
 from kvgate.scheduling.request import LLMRequest
 from kvgate.scheduling.router_config import KvRouterConfig
@@ -33,7 +34,7 @@ from tests.events.publisher import last_endpoint
 from tests.events.vllm_hashing import LoraRequest, Request, block_hashes, load_block_hashing
 from tests.events.vllm_hashing import stored_event as vllm_stored_event
 from tests.events.vllm_publisher import load_kv_events
-from tests.extproc.utils import MODEL, SEED_CONFIG, ExtProcStream
+from tests.extproc.utils import MODEL, ExtProcStream, loopback_epp_settings
 
 BLOCK = 16
 SYSTEM = "You answer questions about the kvgate test suite. " * 12
@@ -176,18 +177,9 @@ async def test_salted_requests_are_routed_as_the_engines_cache_them(
                 ]
             )
         )  # fmt: skip
-        settings = EppSettings(
-            bind="127.0.0.1",
-            grpc_port=0,
-            health_port=0,
-            metrics_port=0,
-            secure=False,
-            config_text=SEED_CONFIG,
-            endpoints_file=endpoints,
-            model=MODEL,
-            tokenizer=str(qwen3_dir),
+        settings = dataclasses.replace(
+            loopback_epp_settings(qwen3_dir, endpoints),
             options=EppOptions(served_model=MODEL, decision_header=True),
-            env={"DYNAMO_KV_BLOCK_SIZE": str(BLOCK)},
         )
         async with EppRuntime(settings) as runtime:
             (owner,) = runtime.shared_load.owners.values()

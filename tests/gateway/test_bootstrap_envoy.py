@@ -5,6 +5,7 @@ a client can make reach a worker, in every body-transformer mode, and how fallba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ import pytest
 from kvgate import epp_configs
 from kvgate.extproc.body_transformer import BodyTransformerRuntime, TransformerSettings
 from kvgate.extproc.epp import EppOptions
-from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.extproc.headers import GATEWAY_INTERNAL
 from kvgate.gateway.bootstrap import UPSTREAM_HEADER, BodyTransformer, GatewaySpec, build_bootstrap
 from kvgate.gateway.lua import load_lua
 from tests.extproc.envoy_harness import echo_upstream, echoed_body, envoy_running
+from tests.extproc.utils import loopback_epp_settings
 from tests.gateway.utils import MODEL
 
 pytestmark = pytest.mark.envoy
@@ -50,26 +52,16 @@ async def gateway(
 ) -> AsyncIterator[Gateway]:
     async with contextlib.AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(echo_upstream()) for _ in INSTANCE_IDS]
-        epp = await stack.enter_async_context(
-            EppRuntime(
-                EppSettings(
-                    bind="127.0.0.1",
-                    grpc_port=0,
-                    health_port=0,
-                    metrics_port=0,
-                    secure=False,
-                    config_text=config,
-                    endpoints=",".join(
-                        f"127.0.0.1:{port}={iid}"
-                        for port, iid in zip(ports, INSTANCE_IDS, strict=True)
-                    ),
-                    model=MODEL,
-                    tokenizer=str(qwen3_dir),
-                    options=EppOptions(served_model=MODEL, inline_nvext=transformer == "inline"),
-                    env={"DYNAMO_KV_BLOCK_SIZE": "16"},
-                )
-            )
+        settings = dataclasses.replace(
+            loopback_epp_settings(qwen3_dir, workdir / "unused-endpoints.json"),
+            endpoints_file=None,
+            endpoints=",".join(
+                f"127.0.0.1:{port}={iid}" for port, iid in zip(ports, INSTANCE_IDS, strict=True)
+            ),
+            config_text=config,
+            options=EppOptions(served_model=MODEL, inline_nvext=transformer == "inline"),
         )
+        epp = await stack.enter_async_context(EppRuntime(settings))
         transformer_address = None
         if transformer == "ext-proc":
             bt = await stack.enter_async_context(

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
-from kvgate.fleet.kube_api import HttpKubeApi, KubeApi, KubeApiError, KubeConfig, WatchExpired
-from kvgate.service import Service
+from kvgate.fleet.kube_api import KubeApi, KubeApiError, KubeConfig, KubeTask, WatchExpired
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def objective_priority(objective: Mapping[str, Any], pool_name: str) -> int | No
     return priority
 
 
-class ObjectiveWatch(Service):
+class ObjectiveWatch(KubeTask):
     """Keep ``priorities`` equal to ``static`` updated by the pool's InferenceObjectives.
 
     ``priorities`` is changed in place (the endpoint picker reads it per request). ``api`` is
@@ -63,35 +62,15 @@ class ObjectiveWatch(Service):
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
+        super().__init__(api, f"objectives {namespace}/{pool_name}")
         self.priorities = priorities
         self._static = dict(priorities)
-        self._api_source = api
         self.pool_name = pool_name
         self.namespace = namespace
         self._watch_timeout_s = watch_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s)
-        self._api: KubeApi | None = None
-        self._task: asyncio.Task[None] | None = None
         self._watched: dict[str, int] = {}
         self._missing_logged = False
-
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        source = self._api_source
-        self._api = HttpKubeApi(source) if isinstance(source, KubeConfig) else source
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"objectives {self.namespace}/{self.pool_name}"
-        )
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        api, self._api = self._api, None
-        if api is not None and api is not self._api_source:
-            await api.aclose()
 
     async def _run(self) -> None:
         delay = self._backoff[0]
