@@ -37,6 +37,7 @@ from kvgate.fleet.sources import (
     EndpointsFileWatcher,
     parse_endpoints_flag,
 )
+from kvgate.scheduling.active import LoadColumns
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
 from kvgate.scheduling.scheduler import PluginTimings, Scheduler
@@ -202,7 +203,9 @@ class EppRuntime(StackedService):
             self.metrics,
             saturation=self.plugins.saturation_detector.is_saturated,
         )
-        self.metrics.watch(self.endpoints, s.pool_name or "kvgate", self._gauges())
+        self.metrics.watch(
+            self.endpoints, s.pool_name or "kvgate", self._gauges(), self._booked_load
+        )
         await self._serve_grpc(director)
         await self._serve_health()
         await self._serve_metrics()
@@ -300,6 +303,16 @@ class EppRuntime(StackedService):
                     log.info("worker %s answers again", endpoint.address)
                     scheduler.endpoints_changed([endpoint], [])
             down &= {ep.address for ep in self.endpoints}
+
+    def _booked_load(self, workers: list[str]) -> LoadColumns:
+        """The load the KV scorers booked per worker, summed over them (usually one)."""
+        n = len(workers)
+        columns: LoadColumns = ([0] * n, [0] * n, [0] * n, [0] * n)
+        for owner in self.shared_load.owners.values():
+            for total, part in zip(columns, owner.router.active.loads(workers), strict=True):
+                for i, value in enumerate(part):
+                    total[i] += value
+        return columns
 
     def _gauges(self) -> dict[str, tuple[str, Any]]:
         def index_blocks() -> float:

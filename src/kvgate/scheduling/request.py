@@ -44,6 +44,11 @@ class LoadView(Protocol):
         """Requests booked on ``worker`` whose first token has not come yet."""
         ...
 
+    def loads(self, workers: Sequence[str]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """All four of the above for each of ``workers``, as columns: pending prefill tokens,
+        requests in prefill, requests in flight, active blocks."""
+        ...
+
 
 @dataclass(slots=True)
 class LatencyPrediction:
