@@ -34,6 +34,8 @@ from typing import Any, Final, Protocol
 import aiohttp
 import yaml
 
+from kvgate.errors import InvalidInput
+
 __all__ = [
     "HttpKubeApi",
     "KubeApi",
@@ -49,7 +51,7 @@ _SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MAX_EVENT_BYTES: Final = 16 << 20
 
 
-class KubeConfigError(ValueError):
+class KubeConfigError(InvalidInput):
     """No usable API server credentials; the message says which file or field is wrong."""
 
 
