@@ -267,6 +267,12 @@ class RequestStream:
             request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
         destinations = [ep.route_address for ep in result.primary.endpoints]
         self.director.metrics.observe_decision(request, result, self.director.clock() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s routed: %s",
+                self.request_id,
+                request.decision_summary or f"endpoint={destinations[0]}",
+            )
         new_body = (
             await self._inline_nvext(body, request) if self.director.options.inline_nvext else body
         )
