@@ -11,9 +11,9 @@ import argparse
 import asyncio
 
 from kvgate.commands.support import RUNTIME_ERROR, fail
+from kvgate.errors import StartupError
 from kvgate.gateway.demo import LoadReport, first_request, print_report, run_load, workload
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, Mode, Routing
-from kvgate.gateway.supervisor import StartupError
 
 PROG = "kvgate demo"
 

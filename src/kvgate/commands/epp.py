@@ -11,9 +11,7 @@ from kvgate.dynamo.epp import add_dynamo_arguments, dynamo_settings_from_args
 from kvgate.errors import ConfigError
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
-from kvgate.fleet.kube_api import KubeConfigError
 from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION
-from kvgate.fleet.sources import EndpointSpecError
 from kvgate.sync import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
@@ -198,6 +196,5 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: settings_from_args(args),
         serve,
-        usage_errors=(ConfigError, EndpointSpecError, KubeConfigError),
         runtime_errors=(OSError,),
     )

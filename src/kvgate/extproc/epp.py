@@ -270,6 +270,12 @@ class RequestStream:
             request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
         destinations = [ep.route_address for ep in result.primary.endpoints]
         self.director.metrics.observe_decision(request, result, self.director.clock() - started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s routed: %s",
+                self.log_id,
+                request.decision_summary or f"endpoint={destinations[0]}",
+            )
         new_body = await self._rewrite_body(body, request)
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None

@@ -35,6 +35,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 import yaml
 
+from kvgate.errors import InvalidInput
 from kvgate.service import Service
 
 __all__ = [
@@ -53,7 +54,7 @@ _SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MAX_EVENT_BYTES: Final = 16 << 20
 
 
-class KubeConfigError(ValueError):
+class KubeConfigError(InvalidInput):
     """No usable API server credentials; the message says which file or field is wrong."""
 
 

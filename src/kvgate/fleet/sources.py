@@ -48,6 +48,7 @@ from typing import Final, cast, get_args
 
 import yaml
 
+from kvgate.errors import InvalidInput
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
 from kvgate.service import Service
 
@@ -74,7 +75,7 @@ _RACY_WINDOW_NS: Final = 2_000_000_000
 _UNQUOTED_IPV6: Final = re.compile(r"(?:^|[\s:-])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:", re.MULTILINE)
 
 
-class EndpointSpecError(ValueError):
+class EndpointSpecError(InvalidInput):
     """An endpoint list (flag or file) that cannot be used; the message names the bad item."""
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kvgate import epp_configs
+from kvgate.errors import StartupError
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.supervisor import Child, StartupError, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
     from kvgate.dynamo.gateway import DynamoBackend
