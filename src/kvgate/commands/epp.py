@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
     p.add_argument("--events-port", type=int, help="engines' KV-event port (tcp://<ip>:<port>)")
     p.add_argument(
+        "--replay-port",
+        type=int,
+        help="engines' KV-event replay port (vLLM's replay_endpoint, tcp://<ip>:<port>), for "
+        "endpoints whose events come by --events-port: gaps refilled, history read on start",
+    )
+    p.add_argument(
         "--events-bind", help="bind one SUB socket that engines connect to (e.g. tcp://*:5557)"
     )
     p.add_argument("--pool-name", help="InferencePool to discover endpoints from (Kubernetes)")
@@ -162,6 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         endpoints_file=args.endpoints_file,
         engine=args.engine,
         events_port=args.events_port,
+        replay_port=args.replay_port,
         events_bind=args.events_bind,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,

@@ -30,6 +30,7 @@ from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kube_api import KubeConfig
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.objectives import ObjectiveWatch
 from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
@@ -67,6 +68,8 @@ class EppSettings:
     endpoints_file: Path | None = None
     engine: str = "vllm"
     events_port: int | None = None
+    replay_port: int | None = None
+    """With ``events_port``: every engine's replay socket (``tcp://<endpoint ip>:<port>``)."""
     events_bind: str | None = None
     """Bind one central SUB socket here that engines connect to (topic ``kv@<ip:port>@...``)."""
     pool_name: str | None = None
@@ -113,7 +116,11 @@ class EppRuntime(StackedService):
 
     async def _start(self) -> None:
         s = self.settings
-        defaults = EndpointDefaults(engine=s.engine, events_port=s.events_port)  # type: ignore[arg-type]
+        defaults = EndpointDefaults(
+            engine=s.engine,  # type: ignore[arg-type]
+            events_port=s.events_port,
+            replay_port=s.replay_port,
+        )
         tokenizer = None
         if s.tokenizer:
             from kvgate.tokens import ModelTokenizer
@@ -181,6 +188,13 @@ class EppRuntime(StackedService):
             self._stack.push_async_callback(watcher.aclose)
         else:
             self.endpoints.replace(parse_endpoints_flag(s.endpoints, defaults))
+        if s.pool_name:
+            # The pool's InferenceObjectives, live, over the --objectives flag's priorities.
+            objectives = ObjectiveWatch(
+                s.options.priorities, KubeConfig.load(s.kubeconfig), s.pool_name, s.pool_namespace
+            )
+            await objectives.start()
+            self._stack.push_async_callback(objectives.aclose)
 
         director = Director(
             self.endpoints,
