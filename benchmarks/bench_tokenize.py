@@ -1,7 +1,7 @@
 """Cold tokenization of a 2k-token chat: its cost against raw `tokenizers`, and what it does to
 the event loop.
 
-1. **Against raw tokenizers**: `ModelTokenizer.tokenize_request` (chat template, split at added
+1. **Against raw tokenizers**: `ModelTokenizer.tokenize_for_routing` (chat template, split at added
    tokens, segment-cache bookkeeping; cache off, so every prompt is cold) against
    `tokenizers.Tokenizer.encode` of the same rendered text, alternating, several rounds: the ratio
    of the two.
@@ -45,7 +45,7 @@ def against_raw(
     for _ in range(rounds):
         started = time.process_time()
         for body in bodies:
-            tokenizer.tokenize_request(body, "chat")
+            tokenizer.tokenize_for_routing(body, "chat")
         ours = time.process_time() - started
         started = time.process_time()
         for text in texts:
@@ -59,7 +59,7 @@ def against_raw(
     plans = []
     for body in bodies:
         started = time.process_time()
-        tokenizer.plan_request(body, "chat")
+        tokenizer.plan_for_routing(body, "chat")
         plans.append(time.process_time() - started)
     plan_ms = 1e3 * statistics.median(plans)
     print(

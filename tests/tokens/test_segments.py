@@ -243,7 +243,7 @@ def test_without_the_cache_a_plan_encodes_the_whole_text() -> None:
     assert plan.finish() == tokenizer.encode("xabab", add_special_tokens=False).ids
 
 
-def test_request_plans_match_tokenize_request(qwen3: ModelTokenizer) -> None:
+def test_routing_plans_match_tokenize_request(qwen3: ModelTokenizer) -> None:
     system = "You route requests to the worker that caches their prefix. " * 20
     chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
     bodies: list[tuple[dict[str, Any], Any]] = [
@@ -252,13 +252,15 @@ def test_request_plans_match_tokenize_request(qwen3: ModelTokenizer) -> None:
         ({"prompt": [1, 2, 3, 4]}, "completions"),
     ]
     for body, kind in bodies:
-        expected = qwen3.tokenize_request(body, kind)
-        assert qwen3.plan_request(body, kind).finish() == expected
+        routed = qwen3.plan_for_routing(body, kind).finish()
+        assert routed.complete and routed.tokens == qwen3.tokenize_request(body, kind)
     # The system prompt is cached now: a new question leaves only itself to encode.
     follow_up = {"messages": [*chat["messages"][:1], {"role": "user", "content": "a new one"}]}
-    plan = qwen3.plan_request(follow_up, "chat")
+    plan = qwen3.plan_for_routing(follow_up, "chat")
     assert 0 < plan.missing_chars < 40
-    assert plan.finish() == qwen3.tokenize_request(follow_up, "chat")
-    assert qwen3.plan_request({"prompt": [5, 6]}, "completions").missing_chars == 0
+    assert plan.finish().tokens == qwen3.tokenize_request(follow_up, "chat")
+    assert qwen3.plan_for_routing({"prompt": [5, 6]}, "completions").missing_chars == 0
+    embeds = qwen3.plan_for_routing({"prompt_embeds": "AAAA"}, "completions")
+    assert embeds.missing_chars == 0 and not embeds.finish().complete
     with pytest.raises(ValueError, match="unknown request kind"):
-        qwen3.plan_request(chat, "embeddings")  # type: ignore[arg-type]
+        qwen3.plan_for_routing(chat, "embeddings")  # type: ignore[arg-type]

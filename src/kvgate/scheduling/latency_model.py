@@ -17,7 +17,7 @@ not yet prefilled (``P``: its pending prefill tokens, as the gateway booked them
 its own uncached tokens ``U = isl − overlap·block_size`` (at least one). With ``D`` requests
 decoding the chunk is ``C = M − D`` tokens, so ``P + U`` tokens take ``k = ⌈(P+U)/C⌉`` steps::
 
-    fixed_ms = k·(prefill_fixed + [D > 0]·decode(u)) + [busy]·½·(one step of current work)
+    fixed_ms = k·(prefill_fixed + [D > 0]·decode(u)) + [D > 0]·½·decode(u)
     token_ms = prefill_per_token·(P+U) + prefill_per_token²·(⌊(P+U)/C⌋·C² + ((P+U) mod C)²)
     TTFT     = θ_fixed·fixed_ms + θ_token·token_ms
 
@@ -40,6 +40,7 @@ arithmetic operations.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -82,7 +83,7 @@ class EngineCost:
 class CalibrationSettings:
     forgetting: Annotated[float, Range(gt=0.5, le=1)] = 0.99
     """RLS forgetting factor: the weight of an observation halves after ~ln 2 / (1 − λ) more."""
-    prior_strength: Annotated[float, Range(gt=0)] = 20.0
+    prior_strength: Annotated[float, Range(gt=0)] = 2.0
     """How many typical observations the prior is worth (larger: slower to move)."""
     clip: Annotated[float, Range(gt=1)] = 4.0
     """Observations beyond clip× the prediction are clipped; θ stays in [1/clip, clip]."""
@@ -149,6 +150,68 @@ class WorkerFit:
         self.itl_scale += s.itl_smoothing * (ratio - self.itl_scale)
 
 
+class Predictions(Mapping[str, LatencyPrediction]):
+    """The predictions of one request for many workers: kept as parallel lists, a
+    `LatencyPrediction` is made when a worker's is asked for (most never are)."""
+
+    __slots__ = (
+        "_decoding", "_fixed", "_index", "_model", "_out", "_pending", "_token", "_usage_after",
+        "_workers", "ttft_ms",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        model: LatencyModel,
+        workers: Sequence[str],
+        *,
+        ttft_ms: list[float],
+        fixed_ms: list[float],
+        token_ms: list[float],
+        pending: Sequence[int],
+        decoding: Sequence[int],
+        usage_after: Sequence[float],
+        expected_output_tokens: int,
+    ) -> None:
+        self._model = model
+        self._workers = workers
+        self.ttft_ms = ttft_ms
+        """Predicted TTFT per worker, in the order of the workers given (milliseconds)."""
+        self._fixed = fixed_ms
+        self._token = token_ms
+        self._pending = pending
+        self._decoding = decoding
+        self._usage_after = usage_after
+        self._out = expected_output_tokens
+        self._index: dict[str, int] | None = None
+
+    def position(self, worker: str) -> int | None:
+        """Where ``worker`` is in `ttft_ms`; None if it was not predicted."""
+        index = self._index
+        if index is None:
+            index = self._index = {w: i for i, w in enumerate(self._workers)}
+        return index.get(worker)
+
+    def __getitem__(self, worker: str) -> LatencyPrediction:
+        i = self.position(worker)
+        if i is None:
+            raise KeyError(worker)
+        itl = self._model.itl_ms(
+            worker, self._pending[i], self._decoding[i], self._usage_after[i], self._out
+        )
+        return LatencyPrediction(
+            self.ttft_ms[i] / 1000.0, itl / 1000.0, self._fixed[i], self._token[i]
+        )
+
+    def __contains__(self, worker: object) -> bool:
+        return isinstance(worker, str) and self.position(worker) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._workers)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+
 class LatencyModel:
     """Per-worker calibrated predictions over one engine cost shape."""
 
@@ -199,36 +262,91 @@ class LatencyModel:
         prompt work booked there before it; ``decoding``: requests generating there;
         ``decode_usage`` / ``usage_after``: their KV tokens over the cache's capacity, without
         and with this request."""
-        cost = self.cost
-        own = uncached_tokens if uncached_tokens > 0 else 1
-        ahead = pending_prefill_tokens if pending_prefill_tokens > 0 else 0
-        total = ahead + own
-        chunk = cost.max_num_batched_tokens - decoding
-        chunk = max(chunk, 1)
-        full, rest = divmod(total, chunk)
-        steps = full + (1 if rest else 0)
-        step_fixed = cost.prefill_fixed_ms
-        decode_now = cost.decode_ms(decode_usage) if decoding else 0.0
-        fixed = steps * (step_fixed + decode_now)
-        if ahead or decoding:
-            # A step is under way: on average half of it remains.
-            first = ahead if ahead < chunk else chunk
-            fixed += 0.5 * (cost.prefill_ms(first) + decode_now)
-        token = cost.prefill_per_token_ms * total + cost.prefill_per_token_sq_ms * (
-            full * chunk * chunk + rest * rest
+        batch = self.predict_many(
+            [worker],
+            uncached=[uncached_tokens],
+            pending=[pending_prefill_tokens],
+            decoding=[decoding],
+            usage=[decode_usage],
+            usage_after=[usage_after],
+            expected_output_tokens=expected_output_tokens,
         )
-        fit = self.fits.get(worker) or self.fit(worker)
-        ttft = fit.theta_fixed * fixed + fit.theta_token * token
+        prediction = batch.get(worker)
+        assert prediction is not None
+        return prediction
+
+    def predict_many(
+        self,
+        workers: Sequence[str],
+        *,
+        uncached: Sequence[int],
+        pending: Sequence[int],
+        decoding: Sequence[int],
+        usage: Sequence[float],
+        usage_after: Sequence[float],
+        expected_output_tokens: int,
+    ) -> Predictions:
+        """`predict` for many workers at once (parallel sequences): the routing hot path, so
+        one loop of arithmetic on locals, and the ITL and prediction objects made only when
+        asked for."""
+        cost = self.cost
+        a, b, c = cost.prefill_fixed_ms, cost.prefill_per_token_ms, cost.prefill_per_token_sq_ms
+        d0, d1, d2, floor = (
+            cost.decode_fixed_ms,
+            cost.decode_linear_ms,
+            cost.decode_square_ms,
+            cost.decode_floor_ms,
+        )
+        budget = cost.max_num_batched_tokens
+        fits = self.fits
+        ttft: list[float] = []
+        fixed_ms: list[float] = []
+        token_ms: list[float] = []
+        for worker, fresh, ahead, dec, used in zip(
+            workers, uncached, pending, decoding, usage, strict=True
+        ):
+            total = (ahead if ahead > 0 else 0) + (fresh if fresh > 0 else 1)
+            chunk = budget - dec if dec < budget else 1
+            full, rest = divmod(total, chunk)
+            if dec > 0:
+                u = 0.0 if used < 0 else 1.0 if used > 1 else used
+                decode_now = d0 + d1 * u + d2 * u * u
+                decode_now = decode_now if decode_now > floor else floor
+                # A decode step is under way: on average half of it remains. (A prefill step
+                # under way needs no term: its tokens are still counted in the pending work.)
+                fixed = (full + (1 if rest else 0)) * (a + decode_now) + 0.5 * decode_now
+            else:
+                fixed = (full + (1 if rest else 0)) * a
+            token = b * total + c * (full * chunk * chunk + rest * rest)
+            fit = fits.get(worker) or self.fit(worker)
+            ttft.append(fit.theta_fixed * fixed + fit.theta_token * token)
+            fixed_ms.append(fixed)
+            token_ms.append(token)
+        return Predictions(
+            self,
+            workers,
+            ttft_ms=ttft,
+            fixed_ms=fixed_ms,
+            token_ms=token_ms,
+            pending=pending,
+            decoding=decoding,
+            usage_after=usage_after,
+            expected_output_tokens=expected_output_tokens,
+        )
+
+    def itl_ms(self, worker: str, ahead: int, decoding: int, usage_after: float, out: int) -> float:
+        """Inter-token latency on ``worker``: its decode step with this request in the batch,
+        plus the prompt work queued there spread over the tokens this request will generate."""
+        cost = self.cost
         interference = 0.0
-        if ahead:
-            steps_ahead = -(-ahead // chunk)
+        if ahead > 0:
+            chunk = max(cost.max_num_batched_tokens - decoding, 1)
             interference = (
-                steps_ahead * step_fixed
+                -(-ahead // chunk) * cost.prefill_fixed_ms
                 + cost.prefill_per_token_ms * ahead
-                + cost.prefill_per_token_sq_ms * ahead * (ahead if ahead < chunk else chunk)
-            ) / max(expected_output_tokens, 1)
-        itl = fit.itl_scale * (cost.decode_ms(usage_after) + interference)
-        return LatencyPrediction(ttft / 1000.0, itl / 1000.0, fixed, token)
+                + cost.prefill_per_token_sq_ms * ahead * min(ahead, chunk)
+            ) / max(out, 1)
+        return self.fit(worker).itl_scale * (cost.decode_ms(usage_after) + interference)
 
     def observe_ttft(self, worker: str, prediction: LatencyPrediction, observed_s: float) -> None:
         fit = self.fits.get(worker)
