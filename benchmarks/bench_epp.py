@@ -44,6 +44,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+# The seed's KV-aware config (the kv-aware-scorer deciding alone); --config picks another.
+CONFIG = REPO / "deploy" / "config" / "epp-config-dynamo.yaml"
 MODEL = "Qwen/Qwen3-0.6B"
 _SENTENCE = (
     "cache prefix block worker engine token latency gateway envoy router index event stream "
@@ -379,6 +381,7 @@ def start_epp(
     run_dir: Path,
     tokenizer: str,
     pin: str,
+    config: Path,
     extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
     """A `kvgate epp` from ``src`` pinned to core ``pin``; returns it and its ext_proc port once
@@ -388,8 +391,7 @@ def start_epp(
     epp_cmd = [
         sys.executable, "-m", "kvgate", "epp", "--bind", "127.0.0.1", "--no-secure-serving",
         "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-        "--metrics-port", str(metrics_port), "--config-file",
-        str(REPO / "deploy" / "config" / "epp-config-dynamo.yaml"),
+        "--metrics-port", str(metrics_port), "--config-file", str(config),
         "--endpoints-file", str(endpoints_file), "--tokenizer", tokenizer,
         "--model", MODEL, "--log-level", "warning", *extra,
     ]  # fmt: skip
@@ -420,8 +422,9 @@ def run_variant(
     tokenizer: str,
 ) -> dict[str, Any]:
     epp, grpc_port = start_epp(
-        label, src=src, endpoints_file=endpoints_file, run_dir=run_dir, tokenizer=tokenizer, pin="0"
-    )
+        label, src=src, endpoints_file=endpoints_file, run_dir=run_dir, tokenizer=tokenizer,
+        pin="0", config=args.config,
+    )  # fmt: skip
     profiler = None
     try:
         time.sleep(1.0)  # first metrics scrapes and event subscriptions
@@ -525,6 +528,7 @@ def run_scaling(
                             run_dir=run_dir,
                             tokenizer=tokenizer,
                             pin=str(i % cores),
+                            config=args.config,
                             extra=(*sync, "--replica-id", f"epp-{i}"),
                         )
                     )
@@ -581,6 +585,7 @@ def main() -> int:
     parser.add_argument("--rates", default="50,200", help="arrival rates, requests/s")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="EndpointPickerConfig file")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--baseline-src", type=Path, help="a src/ directory of another kvgate version to compare"
