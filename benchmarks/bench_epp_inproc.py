@@ -3,7 +3,8 @@
 One process builds the picker as `kvgate epp` does (the given EndpointPickerConfig, the Qwen3
 tokenizer, 8 endpoints) and routes warm 2k-token chats (a shared 1.9k-token system prompt + a new
 question, as `bench_epp.py` sends): request headers, body, response headers, a final body with
-usage. Reported: CPU time per request. Run it twice under cachegrind for instruction counts, which
+usage (or, with ``--chunks N``, a streamed response of N SSE chunks). Reported: CPU time per
+request. Run it twice under cachegrind for instruction counts, which
 the machine's other load cannot move (the difference of two request counts removes start-up):
 
     python benchmarks/bench_epp_inproc.py [--requests 1000] [--kind warm|cold]
@@ -35,24 +36,37 @@ from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.tokens import ModelTokenizer
 
 _USAGE = b'{"usage":{"prompt_tokens":2000,"completion_tokens":8,"total_tokens":2008}}'
+_DELTA = (
+    b'data: {"id":"cmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}]}\n\n'
+)
+_LAST = b"data: " + _USAGE + b"\n\ndata: [DONE]\n\n"
 
 
-def messages(body: bytes, request_id: str) -> list[pb.ProcessingRequest]:
+def messages(body: bytes, request_id: str, chunks: int) -> list[pb.ProcessingRequest]:
+    """Envoy's side of one request; ``chunks`` > 1: a streamed (SSE) response of that many."""
     head = headers_msg()
     head.request_headers.headers.headers.append(
         base_pb2.HeaderValue(key="x-request-id", raw_value=request_id.encode())
     )
     response = pb.ProcessingRequest()
-    for key, value in ((":status", b"200"), ("content-type", b"application/json")):
+    kind = b"text/event-stream" if chunks > 1 else b"application/json"
+    for key, value in ((":status", b"200"), ("content-type", kind)):
         response.response_headers.headers.headers.append(
             base_pb2.HeaderValue(key=key, raw_value=value)
         )
-    return [
+    out = [
         head,
         pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
         response,
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=_USAGE, end_of_stream=True)),
     ]
+    if chunks == 1:
+        return [
+            *out,
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=_USAGE, end_of_stream=True)),
+        ]
+    out += [pb.ProcessingRequest(response_body=pb.HttpBody(body=_DELTA)) for _ in range(chunks - 1)]
+    return [*out, pb.ProcessingRequest(response_body=pb.HttpBody(body=_LAST, end_of_stream=True))]
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -74,7 +88,7 @@ async def run(args: argparse.Namespace) -> None:
 
     async def one(body: bytes, request_id: str) -> None:
         async def incoming() -> AsyncIterator[pb.ProcessingRequest]:
-            for msg in messages(body, request_id):
+            for msg in messages(body, request_id, args.chunks):
                 yield msg
 
         answers = [answer async for answer in process_stream(director, incoming())]
@@ -87,18 +101,24 @@ async def run(args: argparse.Namespace) -> None:
         await one(body, f"r{i}")
     cpu = time.process_time() - started
     scheduler.close()
-    print(f"{args.requests} {args.kind} requests: {1e6 * cpu / args.requests:.0f} us CPU each")
+    print(
+        f"{args.requests} {args.kind} requests, {args.chunks} response chunk(s) each: "
+        f"{1e6 * cpu / args.requests:.0f} us CPU per request"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--kind", choices=["warm", "cold"], default="warm")
+    parser.add_argument(
+        "--chunks", type=int, default=1, help="response body chunks (> 1: a streamed response)"
+    )
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--tokenizer", default=None)
     args = parser.parse_args()
-    if not 1 <= args.requests <= 100_000:
-        parser.error("requests must be in [1, 100000]")
+    if not (1 <= args.requests <= 100_000 and 1 <= args.chunks <= 10_000):
+        parser.error("requests must be in [1, 100000] and chunks in [1, 10000]")
     uvloop.run(run(args))
     return 0
 
