@@ -30,6 +30,7 @@ def test_the_package_and_the_chart_read_deploy_config_itself() -> None:
         epp_configs.DYNAMO,
         epp_configs.DISAGGREGATED,
         epp_configs.DISAGGREGATED_KVGATE,
+        epp_configs.DISAGGREGATED_KVGATE_PAIRED,
         epp_configs.ROUND_ROBIN,
     ],
 )

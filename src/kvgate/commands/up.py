@@ -8,10 +8,10 @@ import threading
 from pathlib import Path
 
 from kvgate.commands.support import RUNTIME_ERROR, USAGE_ERROR, fail
+from kvgate.errors import StartupError
 from kvgate.gateway.envoy_binary import EnvoyNotFound
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway
 from kvgate.gateway.status import status_line
-from kvgate.gateway.supervisor import StartupError
 
 PROG = "kvgate up"
 

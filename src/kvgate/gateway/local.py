@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kvgate import epp_configs
+from kvgate.errors import StartupError
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.supervisor import Child, StartupError, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
     from kvgate.dynamo.gateway import DynamoBackend
@@ -101,9 +102,12 @@ class LocalGatewayConfig:
         if self.mode == "standard":
             return epp_configs.ROUND_ROBIN
         if self.prefill_workers:
-            if self.routing == "kvgate":
-                return epp_configs.DISAGGREGATED_KVGATE
-            return epp_configs.DISAGGREGATED
+            if self.routing == "dynamo":
+                return epp_configs.DISAGGREGATED
+            # Dynamo's decode workers never prefill alone: every request gets a prefill worker.
+            if self.backend == "dynamo":
+                return epp_configs.DISAGGREGATED_KVGATE_PAIRED
+            return epp_configs.DISAGGREGATED_KVGATE
         return epp_configs.KVGATE if self.routing == "kvgate" else epp_configs.DYNAMO
 
 

@@ -75,7 +75,8 @@ class LLMRequest:
     request_id: str
     """Unique per scheduled request, made by the gateway: the key of all bookkeeping."""
     model: str
-    """Model name the client asked for (after any rewrite)."""
+    """Model name the client asked for in the body (``x-gateway-model-name-rewrite`` is not
+    trusted: see :mod:`kvgate.extproc.headers`)."""
     kind: RequestKind | None
     """chat / completions, or None for an endpoint kvgate does not tokenize."""
     body: dict[str, Any]
