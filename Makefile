@@ -24,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo microbench test test-fast lint typecheck unit unit-fast install clean nats-server
 
-$(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/kvgate/*/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dynamo]'
@@ -80,7 +80,7 @@ unit-fast: $(STAMP) $(VLLM_STAMP)
 test-fast: lint unit-fast
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so src/kvgate/index/*.so microbench.json
+	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/*/*.so microbench.json
 
 # Container image (Docker or a compatible CLI). IMAGE_TAG defaults to the package version.
 IMAGE_REGISTRY ?= ghcr.io/kvgate
