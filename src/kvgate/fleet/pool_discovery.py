@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
 
-from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
+from kvgate.fleet.endpoint import ROLE_LABEL, Endpoint, EndpointSet, EngineType, Role
 from kvgate.fleet.kube_api import (
     KubeApi,
     KubeApiError,
@@ -56,7 +56,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINE_LABEL: Final = "inference.networking.k8s.io/engine-type"
-ROLE_LABEL: Final = "llm-d.ai/role"
 INSTANCE_ID_ANNOTATION: Final = "kvgate.io/instance-id"
 POOL_API: Final = "/apis/inference.networking.k8s.io/v1"
 _ENGINES: Final[Mapping[str, EngineType]] = {
