@@ -55,8 +55,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from kvgate.fleet.endpoint import Endpoint, EndpointSet, Role
-from kvgate.fleet.pool_discovery import ROLE_LABEL
+from kvgate.fleet.endpoint import ROLE_LABEL, Endpoint, EndpointSet, Role
 from kvgate.service import Service
 
 __all__ = [
