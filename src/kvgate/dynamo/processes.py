@@ -24,9 +24,7 @@ import shutil
 import signal
 import socket
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,7 +42,6 @@ __all__ = [
     "WorkerRole",
     "dynamo_installed",
     "requests_served",
-    "wait_until",
     "write_model_dir",
 ]
 
@@ -420,16 +417,3 @@ def _free_block(count: int, reserved: set[int]) -> int:
             reserved.update(block)
             return base
     raise StartupError(f"no block of {count} free ports in {low}..{high}")
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``predicate()`` until true or ``timeout_s`` passes; False on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except OSError:
-            pass
-        time.sleep(interval_s)
-    return False
