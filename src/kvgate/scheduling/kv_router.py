@@ -16,7 +16,8 @@ among w's active blocks: in-flight requests on a worker hold whole prefixes, so 
 exact in practice and costs one walk instead of a lookup per block per worker.
 
 The router is synchronous and pure apart from its own state; time is passed in. The EPP and the
-trace simulator both drive it through `select` / `book` / `mark_prefill_complete` / `free`.
+trace simulator drive it through the ``kv-aware-scorer`` plugin (`overlaps`, `select`, `book_key`,
+`mark_prefill_complete`, `free`); `route` (select, then `book`) serves the benchmarks.
 """
 
 from __future__ import annotations
