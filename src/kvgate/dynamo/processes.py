@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from kvgate.errors import StartupError
+from kvgate.fleet.prometheus_text import parse_labels, scan_samples
 from kvgate.gateway.supervisor import Child, Supervisor
 
 __all__ = [
@@ -78,11 +79,7 @@ QWEN3_06B_CONFIG: dict[str, object] = {
     "eos_token_id": 151645,
 }
 
-_REQUESTS = re.compile(
-    r'^dynamo_component_requests_total\{[^}]*dynamo_endpoint="generate"[^}]*'
-    r'worker_id="([0-9a-f]+)"[^}]*\} ([0-9.e+]+)$',
-    re.M,
-)
+_REQUESTS = "dynamo_component_requests_total"
 _WORKER_ID = re.compile(r'^dynamo_component_uptime_seconds\{worker_id="([0-9a-f]+)"\}', re.M)
 
 
@@ -384,7 +381,12 @@ class DynamoFleet:
 
 def requests_served(metrics_text: str) -> dict[int, int]:
     """``generate`` requests per worker id in a worker's ``/metrics`` text."""
-    return {int(wid, 16): int(float(v)) for wid, v in _REQUESTS.findall(metrics_text)}
+    served: dict[int, int] = {}
+    for label_text, value in scan_samples(metrics_text, (_REQUESTS,)).get(_REQUESTS, ()):
+        labels = parse_labels(label_text)
+        if labels.get("dynamo_endpoint") == "generate" and "worker_id" in labels:
+            served[int(labels["worker_id"], 16)] = int(value)
+    return served
 
 
 def _get(url: str, timeout_s: float = 2.0) -> str:
