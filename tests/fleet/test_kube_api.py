@@ -3,6 +3,7 @@ the fake API server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import tempfile
@@ -17,6 +18,7 @@ from kvgate.fleet.kube_api import (
     KubeApiError,
     KubeConfig,
     KubeConfigError,
+    KubeTask,
     WatchEvent,
     WatchExpired,
 )
@@ -212,3 +214,55 @@ async def test_an_unreachable_server_is_an_os_error() -> None:
             await kube.get("/api/v1/namespaces/x/pods")
     finally:
         await kube.aclose()
+
+
+class PodWatch(KubeTask):
+    """Watches the pods from ``since`` until a pod named ``stop`` is deleted."""
+
+    def __init__(self, client: HttpKubeApi, namespace: str, since: str, timeout_s: int) -> None:
+        super().__init__(client, "pod watch")
+        self.path = PODS.format(ns=namespace)
+        self.since = since
+        self.timeout_s = timeout_s
+        self.seen: list[tuple[str, str]] = []
+        self.ended: asyncio.Future[BaseException | None] = asyncio.Future()
+
+    async def _run(self) -> None:
+        try:
+            await self._watch_from(
+                self.path, {}, self.since, timeout_s=self.timeout_s, what="pod", handle=self.handle
+            )
+        except Exception as err:
+            self.ended.set_result(err)
+        else:
+            self.ended.set_result(None)
+
+    def handle(self, kind: str, pod: dict[str, object]) -> bool:
+        name = pod["metadata"]["name"]  # type: ignore[index]
+        self.seen.append((kind, name))
+        return kind == "DELETED" and name == "stop"
+
+
+async def test_a_watch_that_ends_at_once_and_empty_is_an_error(
+    api: FakeApiServer, client: HttpKubeApi
+) -> None:
+    watch = PodWatch(client, api.namespace, str(api.version), timeout_s=0)
+    async with watch:
+        ended = await asyncio.wait_for(watch.ended, 5)
+    assert isinstance(ended, ValueError)
+    assert str(ended) == "pod watch closed immediately"
+
+
+async def test_a_watch_the_server_ends_resumes_after_the_last_event(
+    api: FakeApiServer, client: HttpKubeApi
+) -> None:
+    since = str(api.version)
+    api.add_pod("a", "10.0.0.1", LABELS)
+    watch = PodWatch(client, api.namespace, since, timeout_s=1)
+    async with watch:
+        await wait_until(lambda: sum("watch" in query for _, query in api.requests) >= 2)
+        api.add_pod("stop", "10.0.0.2", LABELS)
+        api.delete_pod("stop")
+        assert await asyncio.wait_for(watch.ended, 5) is None
+    # The resumed watch started after "a": nothing is handed over twice.
+    assert watch.seen == [("ADDED", "a"), ("ADDED", "stop"), ("DELETED", "stop")]

@@ -107,6 +107,17 @@ def test_fallbacks_keep_the_whole_order() -> None:
     assert [ep.address for ep in picked] == ["b", "a", "c"]
 
 
+def test_endpoints_meeting_the_objective_come_first_then_the_rest_by_ttft() -> None:
+    predictions = predictions_for({"a": 4000, "b": 300, "c": 100, "d": 50})
+    slo_s = (predictions["b"].ttft_s + predictions["c"].ttft_s) / 2  # c and d meet it
+    scored = [
+        ScoredEndpoint(endpoint(a), s) for a, s in (("a", 1.0), ("b", 1.0), ("c", 0.5), ("d", 0.1))
+    ]
+    picker = SloAwarePicker("p", SloAwarePickerParams(max_num_of_endpoints=4))
+    picked = picker.pick(request(predictions=predictions, slo_ttft_s=slo_s), scored)
+    assert [ep.address for ep in picked] == ["c", "d", "b", "a"]
+
+
 def run(coroutine: object) -> None:
     try:
         coroutine.send(None)  # type: ignore[attr-defined]

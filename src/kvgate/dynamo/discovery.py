@@ -55,8 +55,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from kvgate.fleet.endpoint import Endpoint, EndpointSet, Role
-from kvgate.fleet.pool_discovery import ROLE_LABEL
+from kvgate.fleet.endpoint import ROLE_LABEL, Endpoint, EndpointSet, Role
+from kvgate.fleet.sources import events_endpoint_for
 from kvgate.service import Service
 
 __all__ = [
@@ -254,8 +254,7 @@ class WorkerAddressing:
                 return None
             host = f"[{worker.host}]" if ":" in worker.host else worker.host
             address = f"{host}:{self.system_port}"
-        host, _, port = address.rpartition(":")
-        system_port = int(port)
+        system_port = int(address.rpartition(":")[2])
         return Endpoint(
             address,
             instance_id=worker.instance_id,
@@ -263,10 +262,10 @@ class WorkerAddressing:
             labels={ROLE_LABEL: role} if role != "both" else {},
             events_endpoint=None
             if self.events is None
-            else f"tcp://{host}:{self.events.port(system_port)}",
+            else events_endpoint_for(address, self.events.port(system_port)),
             replay_endpoint=None
             if self.replay is None
-            else f"tcp://{host}:{self.replay.port(system_port)}",
+            else events_endpoint_for(address, self.replay.port(system_port)),
             destination=destination,
         )
 

@@ -24,14 +24,13 @@ import shutil
 import signal
 import socket
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from kvgate.errors import StartupError
+from kvgate.fleet.prometheus_text import parse_labels, scan_samples
 from kvgate.gateway.supervisor import Child, Supervisor
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "WorkerRole",
     "dynamo_installed",
     "requests_served",
-    "wait_until",
     "write_model_dir",
 ]
 
@@ -81,11 +79,7 @@ QWEN3_06B_CONFIG: dict[str, object] = {
     "eos_token_id": 151645,
 }
 
-_REQUESTS = re.compile(
-    r'^dynamo_component_requests_total\{[^}]*dynamo_endpoint="generate"[^}]*'
-    r'worker_id="([0-9a-f]+)"[^}]*\} ([0-9.e+]+)$',
-    re.M,
-)
+_REQUESTS = "dynamo_component_requests_total"
 _WORKER_ID = re.compile(r'^dynamo_component_uptime_seconds\{worker_id="([0-9a-f]+)"\}', re.M)
 
 
@@ -387,7 +381,12 @@ class DynamoFleet:
 
 def requests_served(metrics_text: str) -> dict[int, int]:
     """``generate`` requests per worker id in a worker's ``/metrics`` text."""
-    return {int(wid, 16): int(float(v)) for wid, v in _REQUESTS.findall(metrics_text)}
+    served: dict[int, int] = {}
+    for label_text, value in scan_samples(metrics_text, (_REQUESTS,)).get(_REQUESTS, ()):
+        labels = parse_labels(label_text)
+        if labels.get("dynamo_endpoint") == "generate" and "worker_id" in labels:
+            served[int(labels["worker_id"], 16)] = int(value)
+    return served
 
 
 def _get(url: str, timeout_s: float = 2.0) -> str:
@@ -420,16 +419,3 @@ def _free_block(count: int, reserved: set[int]) -> int:
             reserved.update(block)
             return base
     raise StartupError(f"no block of {count} free ports in {low}..{high}")
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``predicate()`` until true or ``timeout_s`` passes; False on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except OSError:
-            pass
-        time.sleep(interval_s)
-    return False

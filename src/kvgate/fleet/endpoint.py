@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 import xxhash
 
 EngineType = Literal["vllm", "sglang", "trtllm"]
 Role = Literal["decode", "prefill", "both"]
+ROLE_LABEL: Final = "llm-d.ai/role"
+"""Pod label naming a worker's role (``decode`` / ``prefill`` / ``both``), as llm-d uses it."""
 
 
 @dataclass(slots=True)

@@ -27,7 +27,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -370,3 +370,30 @@ class KubeTask(Service):
 
     async def _run(self) -> None:
         raise NotImplementedError
+
+    async def _watch_from(
+        self,
+        path: str,
+        params: Mapping[str, str],
+        version: str,
+        *,
+        timeout_s: int,
+        what: str,
+        handle: Callable[[str, dict[str, Any]], bool],
+    ) -> None:
+        """Watch ``path`` from ``version`` and give every event but bookmarks to ``handle``
+        until it returns True (the caller relists). A watch the server ends (its timeout) is
+        resumed from the last version seen; one that ends at once, empty, is a misbehaving
+        server, not a timeout: ValueError, so that the caller backs off instead of spinning."""
+        assert self._api is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            events = 0
+            async for kind, obj in self._api.watch(path, params, version, timeout_s):
+                events += 1
+                version = str(obj.get("metadata", {}).get("resourceVersion", version))
+                if kind != "BOOKMARK" and handle(kind, obj):
+                    return
+            if not events and loop.time() - started < 1.0:
+                raise ValueError(f"{what} watch closed immediately")

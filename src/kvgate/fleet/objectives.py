@@ -113,17 +113,19 @@ class ObjectiveWatch(KubeTask):
             self._apply("ADDED", item)
         self._publish()
         version = str(listing.get("metadata", {}).get("resourceVersion", ""))
-        while True:
-            started = asyncio.get_running_loop().time()
-            events = 0
-            async for kind, item in self._api.watch(path, {}, version, self._watch_timeout_s):
-                events += 1
-                version = str(item.get("metadata", {}).get("resourceVersion", version))
-                if kind != "BOOKMARK":
-                    self._apply(kind, item)
-                    self._publish()
-            if not events and asyncio.get_running_loop().time() - started < 1.0:
-                raise ValueError("InferenceObjective watch closed immediately")
+        await self._watch_from(
+            path,
+            {},
+            version,
+            timeout_s=self._watch_timeout_s,
+            what="InferenceObjective",
+            handle=self._on_event,
+        )
+
+    def _on_event(self, kind: str, item: dict[str, Any]) -> bool:
+        self._apply(kind, item)
+        self._publish()
+        return False
 
     def _apply(self, kind: str, item: Mapping[str, Any]) -> None:
         name = (item.get("metadata") or {}).get("name")

@@ -30,18 +30,17 @@ import asyncio
 import ipaddress
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
 
-from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
+from kvgate.fleet.endpoint import ROLE_LABEL, Endpoint, EndpointSet, EngineType, Role
 from kvgate.fleet.kube_api import (
     KubeApi,
     KubeApiError,
     KubeConfig,
     KubeTask,
-    WatchEvent,
     WatchExpired,
 )
 from kvgate.fleet.sources import EndpointDefaults, events_endpoint_for
@@ -57,7 +56,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINE_LABEL: Final = "inference.networking.k8s.io/engine-type"
-ROLE_LABEL: Final = "llm-d.ai/role"
 INSTANCE_ID_ANNOTATION: Final = "kvgate.io/instance-id"
 POOL_API: Final = "/apis/inference.networking.k8s.io/v1"
 _ENGINES: Final[Mapping[str, EngineType]] = {
@@ -280,54 +278,47 @@ class PoolDiscovery(KubeTask):
             await asyncio.gather(pod_watch, pool_watch, return_exceptions=True)
 
     async def _watch_pods(self, path: str, params: dict[str, str], version: str) -> None:
-        while True:
-            started = asyncio.get_running_loop().time()
-            events = 0
-            async for kind, pod in self._watch(path, params, version):
-                events += 1
-                version = pod.get("metadata", {}).get("resourceVersion", version)
-                if kind == "BOOKMARK" or not _has_uid(pod):
-                    continue
-                uid = pod["metadata"]["uid"]
-                if kind == "DELETED":
-                    self._pods.pop(uid, None)
-                else:
-                    self._pods[uid] = pod
-                self._publish()
-            # A watch that the server ends normally is resumed; one that ends at once, empty, is
-            # a misbehaving server, not a timeout: back off instead of spinning.
-            if not events and asyncio.get_running_loop().time() - started < 1.0:
-                raise ValueError("pod watch closed immediately")
+        def on_pod(kind: str, pod: dict[str, Any]) -> bool:
+            if not _has_uid(pod):
+                return False
+            uid = pod["metadata"]["uid"]
+            if kind == "DELETED":
+                self._pods.pop(uid, None)
+            else:
+                self._pods[uid] = pod
+            self._publish()
+            return False
+
+        await self._watch_from(
+            path, params, version, timeout_s=self._watch_timeout_s, what="pod", handle=on_pod
+        )
 
     async def _watch_pool(self, path: str, spec: _PoolSpec, version: str) -> None:
         """Returns (forcing a relist) when the pool's selector or ports change or it goes."""
-        params = {"fieldSelector": f"metadata.name={self.pool_name}"}
-        while True:
-            started = asyncio.get_running_loop().time()
-            events = 0
-            async for kind, pool in self._watch(path, params, version):
-                events += 1
-                version = pool.get("metadata", {}).get("resourceVersion", version)
-                if kind == "BOOKMARK":
-                    continue
-                if kind == "DELETED":
-                    log.warning("InferencePool %s/%s deleted", self.namespace, self.pool_name)
-                    self._publish_empty("deleted")
-                    return
-                try:
-                    changed = _PoolSpec.parse(pool) != spec
-                except ValueError as err:
-                    log.warning("InferencePool %s: %s; keeping the last spec", self.pool_name, err)
-                    continue
-                if changed:
-                    log.info("InferencePool %s changed; relisting its pods", self.pool_name)
-                    return
-            if not events and asyncio.get_running_loop().time() - started < 1.0:
-                raise ValueError("InferencePool watch closed immediately")
 
-    def _watch(self, path: str, params: dict[str, str], version: str) -> AsyncIterator[WatchEvent]:
-        assert self._api is not None
-        return self._api.watch(path, params, version, self._watch_timeout_s)
+        def on_pool(kind: str, pool: dict[str, Any]) -> bool:
+            if kind == "DELETED":
+                log.warning("InferencePool %s/%s deleted", self.namespace, self.pool_name)
+                self._publish_empty("deleted")
+                return True
+            try:
+                changed = _PoolSpec.parse(pool) != spec
+            except ValueError as err:
+                log.warning("InferencePool %s: %s; keeping the last spec", self.pool_name, err)
+                return False
+            if changed:
+                log.info("InferencePool %s changed; relisting its pods", self.pool_name)
+            return changed
+
+        params = {"fieldSelector": f"metadata.name={self.pool_name}"}
+        await self._watch_from(
+            path,
+            params,
+            version,
+            timeout_s=self._watch_timeout_s,
+            what="InferencePool",
+            handle=on_pool,
+        )
 
     def _publish(self) -> None:
         assert self._spec is not None

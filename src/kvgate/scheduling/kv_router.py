@@ -16,7 +16,8 @@ among w's active blocks: in-flight requests on a worker hold whole prefixes, so 
 exact in practice and costs one walk instead of a lookup per block per worker.
 
 The router is synchronous and pure apart from its own state; time is passed in. The EPP and the
-trace simulator both drive it through `select` / `book` / `mark_prefill_complete` / `free`.
+trace simulator drive it through the ``kv-aware-scorer`` plugin (`overlaps`, `select`, `book_key`,
+`mark_prefill_complete`, `free`); `route` (select, then `book`) serves the benchmarks.
 """
 
 from __future__ import annotations
@@ -174,9 +175,13 @@ class KvRouter:
     def book(self, request: RoutingRequest, selection: Selection, now: float) -> int:
         """Count the routed request in the chosen worker's load (and, without KV events, assume
         the worker now caches its blocks). Returns the prompt tokens booked as pending prefill."""
-        prefill = max(0, request.isl - selection.overlap_blocks * self.block_size)
+        prefill = self.uncached_tokens(request.isl, selection.overlap_blocks)
         self.book_key(request.request_id, selection.worker, request.hashes, prefill, now)
         return prefill
+
+    def uncached_tokens(self, isl: int, overlap_blocks: int) -> int:
+        """Prompt tokens a worker caching ``overlap_blocks`` leading blocks has to prefill."""
+        return max(0, isl - overlap_blocks * self.block_size)
 
     def book_key(
         self,

@@ -335,8 +335,10 @@ class LatencyModel:
         usage: Sequence[float],
         usage_after: Sequence[float],
         expected_output_tokens: int,
+        candidates: Sequence[Endpoint] | None = None,
     ) -> Predictions:
-        """`predict` for many workers at once (parallel sequences)."""
+        """`predict` for many workers at once (parallel sequences); ``candidates``: the endpoints
+        behind ``workers``, in their order, when the predictions are made from endpoints."""
         ttft, fixed_ms, token_ms = self._ttft_columns(workers, uncached, pending, decoding, usage)
         return Predictions(
             self,
@@ -344,6 +346,7 @@ class LatencyModel:
             ttft,
             [*fixed_ms, *token_ms, *pending, *decoding, *usage_after],
             expected_output_tokens=expected_output_tokens,
+            candidates=candidates,
         )
 
     def predict_endpoints(
@@ -427,12 +430,13 @@ class LatencyModel:
             metrics = endpoint.metrics
             if metrics.waiting > prefilling[i] and not metrics.stale:
                 pending[i] += (metrics.waiting - prefilling[i]) * isl
-        ttft, fixed_ms, token_ms = self._ttft_columns(workers, uncached, pending, decoding, usage)
-        return Predictions(
-            self,
+        return self.predict_many(
             workers,
-            ttft,
-            [*fixed_ms, *token_ms, *pending, *decoding, *usage_after],
+            uncached=uncached,
+            pending=pending,
+            decoding=decoding,
+            usage=usage,
+            usage_after=usage_after,
             expected_output_tokens=expected_output_tokens,
             candidates=endpoints,
         )

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.tokens.request import RequestKind
-
-if TYPE_CHECKING:
-    from kvgate.scheduling.framework import Product
-
 
 LoadTables: TypeAlias = tuple[
     Mapping[str, int], Mapping[str, int], Mapping[str, int], Mapping[str, int]
@@ -125,10 +121,6 @@ class LLMRequest:
         self.decision_summary = (
             text if not self.decision_summary else f"{self.decision_summary} {text}"
         )
-
-    def has(self, product: Product) -> bool:
-        """Whether the prepare phase made ``product`` for this request."""
-        return getattr(self, product.value) is not None
 
 
 @dataclass(slots=True)

@@ -338,7 +338,7 @@ class KvAwareScorer(Scorer):
         if overlap_blocks is None:
             prefill = 0
         else:
-            prefill = max(0, routing.isl - overlap_blocks * self.config.block_size)
+            prefill = self.router.uncached_tokens(routing.isl, overlap_blocks)
         self.router.book_key(key, worker, routing.hashes, prefill, now)
         if self.journal is not None:
             self.journal.added(self.name, key, worker, routing.hashes, prefill)

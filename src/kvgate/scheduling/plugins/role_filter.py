@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kvgate.fleet.endpoint import Endpoint
+from kvgate.fleet.endpoint import ROLE_LABEL, Endpoint
 from kvgate.scheduling.framework import Filter
 from kvgate.scheduling.request import LLMRequest
-
-ROLE_LABEL = "llm-d.ai/role"
 
 
 def endpoint_role(endpoint: Endpoint) -> str:

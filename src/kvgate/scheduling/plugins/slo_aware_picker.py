@@ -83,19 +83,20 @@ class SloAwarePicker(Picker):
         itl_slo = request.slo_itl_s
         if itl_slo is None and self.params.tpot_slo_ms is not None:
             itl_slo = self.params.tpot_slo_ms / 1000.0
-        if self.params.max_num_of_endpoints == 1 and (
-            (ttft_slo is None and itl_slo is None) or not predictions
-        ):
+        unconstrained = (ttft_slo is None and itl_slo is None) or not predictions
+        if unconstrained and self.params.max_num_of_endpoints == 1:
             return [self._best(predictions, scored).endpoint]
         # Random keys first: the stable sorts below then order ties at random.
         order = scored.copy()
         self._rng.shuffle(order)
-        if (ttft_slo is None and itl_slo is None) or not predictions:
+        if unconstrained:
             order.sort(key=lambda s: (-s.score, _ttft(predictions, s)))
         else:
-            meets = [s for s in order if _meets(predictions, s, ttft_slo, itl_slo)]
+            meets: list[ScoredEndpoint] = []
+            rest: list[ScoredEndpoint] = []
+            for s in order:
+                (meets if _meets(predictions, s, ttft_slo, itl_slo) else rest).append(s)
             if meets:
-                rest = [s for s in order if s not in meets]
                 meets.sort(key=lambda s: (-s.score, _ttft(predictions, s)))
                 rest.sort(key=lambda s: _ttft(predictions, s))
                 order = meets + rest
