@@ -158,3 +158,17 @@ def test_kvgates_policy_beats_the_reference_cost_function_on_agent_sessions() ->
     assert kvgate.hit_rate > dynamo.hit_rate
     assert kvgate.ttft_ms["p90"] < 0.9 * dynamo.ttft_ms["p90"]
     assert kvgate.ttft_ms["p50"] <= dynamo.ttft_ms["p50"]
+
+
+def test_kvgates_policy_without_kv_events_still_keeps_sessions_on_their_cache() -> None:
+    """With KV events off the index is learned from the picker's own choices: the latency model
+    then predicts overlaps from that guess, and must still beat blind routing by a wide margin."""
+    w = generate(
+        "agentic:sessions_per_worker=3", workers=4, load=1.0, seed=3, default_blocks=32_000
+    )
+    settings = SimSettings(workers=4, block_size=16, seed=7)
+    records = simulate(w.requests, ["kvgate-approx", "round-robin"], settings)
+    approx, blind = summarize(records["kvgate-approx"]), summarize(records["round-robin"])
+    assert approx.requests == blind.requests == len(w.requests)
+    assert approx.hit_rate > blind.hit_rate + 0.1
+    assert approx.ttft_ms["p90"] < 0.7 * blind.ttft_ms["p90"]

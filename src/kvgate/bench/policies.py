@@ -226,6 +226,7 @@ POLICIES: Final[dict[str, str]] = {
     "kv": shipped_config(KVGATE),
     "dynamo": shipped_config("epp-config-dynamo-pinned.yaml"),
     "kv-approx": shipped_config("epp-config-kv-approx.yaml"),
+    "kvgate-approx": shipped_config("epp-config-kvgate-approx.yaml"),
     "gaie-default": shipped_config("epp-config-default.yaml"),
     "sglang-cache-aware": _single_scorer(SglangCacheAwareScorer.type_name),
     "least-loaded": _single_scorer(LeastLoadedScorer.type_name),
