@@ -101,6 +101,13 @@ class Director:
         self.clock = clock
         self._slots = asyncio.Semaphore(options.max_concurrent_scheduling)
         self._buffered = 0
+        self.open_streams = 0
+        """ext_proc streams being served now (one per HTTP request in flight through Envoy)."""
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request body bytes held by streams still waiting for the end of their body."""
+        return self._buffered
 
     def reserve_body(self, size: int) -> bool:
         if self._buffered + size > self.options.max_buffered_bytes:
@@ -408,6 +415,7 @@ async def process_stream(
     director: Director, requests: AsyncIterator[pb.ProcessingRequest]
 ) -> AsyncIterator[pb.ProcessingResponse]:
     stream = RequestStream(director)
+    director.open_streams += 1
     try:
         async for msg in requests:
             try:
@@ -420,6 +428,7 @@ async def process_stream(
             for response in responses:
                 yield response
     finally:
+        director.open_streams -= 1
         stream.close()
 
 
