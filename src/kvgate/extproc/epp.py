@@ -158,6 +158,12 @@ class RequestStream:
         self.completed = False
         self.started = director.clock()
         self.request_id = ""
+        # Envoy skips the request headers phase when so configured (request_header_mode SKIP):
+        # a body may come first.
+        self.subset: list[str] | None = None
+        self.decided = False
+        """The request was routed or refused; later request phases (a second end of body, from
+        a misbehaving data plane) must not route it again."""
 
     async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if msg.HasField("protocol_config"):
@@ -167,6 +173,8 @@ class RequestStream:
                 and msg.protocol_config.send_body_without_waiting_for_header_response
             )
         kind = msg.WhichOneof("request")
+        if self.decided and kind in ("request_headers", "request_body"):
+            return []
         if kind == "request_headers":
             return await self._request_headers(msg)
         if kind == "request_body":
@@ -225,13 +233,14 @@ class RequestStream:
         return await self._route_body()
 
     async def _request_trailers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
-        if self.result is None and self.request is None:
+        if not self.decided:
             out = await self._route_body()
             return [*out, proto.continue_response("request_trailers")]
         return [proto.continue_response("request_trailers")]
 
     async def _route_bodyless(self) -> list[pb.ProcessingResponse]:
         """GET /v1/models and the like: any ready endpoint will do."""
+        self.decided = True
         endpoints = self.director.endpoints.snapshot()
         if self.subset is not None:
             endpoints = [ep for ep in endpoints if ep.address in set(self.subset)]
@@ -244,6 +253,7 @@ class RequestStream:
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
+        self.decided = True
         started = self.director.clock()
         body = bytes(self.body)
         try:
@@ -315,6 +325,8 @@ class RequestStream:
                 parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise SchedulingError(400, f"request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise SchedulingError(400, "request body is nested too deeply") from None
         if not isinstance(parsed, dict):
             raise SchedulingError(
                 400, f"request body must be a JSON object, got {type(parsed).__name__}"

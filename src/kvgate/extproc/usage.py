@@ -47,7 +47,7 @@ class UsageTracker:
             return Usage()
         try:
             body = json.loads(self._buf)
-        except ValueError:
+        except (ValueError, RecursionError):
             return Usage()
         return _from_object(body)
 
@@ -62,7 +62,7 @@ def _from_sse(data: bytes) -> Usage:
             continue
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         usage = _from_object(event)
         if usage.prompt_tokens is not None or usage.completion_tokens is not None:

@@ -268,7 +268,7 @@ class ModelTokenizer:
 
         ``cached=False`` encodes without the segment cache (for comparison and benchmarks).
         """
-        text = self.render_chat(body)
+        text = _unicode(self.render_chat(body), "messages")
         special = add_special_tokens(body, default=False)
         encode = self.encode if cached else self.encode_cold
         return truncate(encode(text, add_special_tokens=special), body)
@@ -286,7 +286,7 @@ class ModelTokenizer:
         special = add_special_tokens(body, default=True)
         if isinstance(prompt, str):
             encode = self.encode if cached else self.encode_cold
-            prompt = encode(prompt, add_special_tokens=special)
+            prompt = encode(_unicode(prompt, "prompt"), add_special_tokens=special)
         return truncate(prompt, body)
 
     def tokenize_request(self, body: Mapping[str, Any], kind: RequestKind) -> list[int]:
@@ -497,3 +497,16 @@ def _added_token(token: Mapping[str, Any]) -> AddedToken:
         )
     except (KeyError, TypeError) as exc:
         raise TokenizerLoadError(f"malformed added_tokens_decoder entry {token!r}") from exc
+
+
+def _unicode(text: str, field: str) -> str:
+    """``text`` if it is Unicode text. JSON can escape lone surrogates (``"\\ud800"``), which
+    Python keeps in a str but no tokenizer takes (the engine's fails on them too)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as err:
+            raise RequestError(
+                field, f"holds a lone surrogate (character {err.start}), which is not text"
+            ) from None
+    return text
