@@ -492,7 +492,7 @@ class ExtProcTarget:
         self.outcomes["grpc_cases"] += plan.grpc
         results = await asyncio.gather(*(drive(s) for s in plan.streams))
         self.outcomes["streams"] += len(plan.streams)
-        await self._settled()
+        await self._settled(plan.grpc)
         return [answer for answers in results for answer in answers]
 
     async def _direct(self, plan: StreamPlan) -> list[pb.ProcessingResponse]:
@@ -562,15 +562,21 @@ class ExtProcTarget:
                     raise
         return answers
 
-    async def _settled(self, timeout_s: float = 10.0) -> None:
-        """Wait for the picker to have finished every stream (over gRPC, a cancelled stream
-        ends on the server a little after the client gave up)."""
+    async def _settled(self, grpc_used: bool, timeout_s: float = 10.0) -> None:
+        """Wait for the picker to have finished every stream. Over gRPC a cancelled stream
+        ends on the server a little after the client gave up, and one cancelled at once may
+        not even have started there yet: wait for no stream to be open for a while."""
         assert self.director is not None
+        quiet_needed = 0.02 if grpc_used else 0.0
         deadline = time.monotonic() + timeout_s
-        while self.director.open_streams and time.monotonic() < deadline:
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.director.open_streams:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_needed:
+                return
             await asyncio.sleep(0.002)
-        if self.director.open_streams:
-            self.stuck = _task_stacks()
+        self.stuck = _task_stacks()
 
     # -- the properties -----------------------------------------------------------------------
 

@@ -228,7 +228,8 @@ class EppRuntime(StackedService):
 
     def health_details(self) -> dict[str, Any]:
         """What /healthz on the metrics port shows: readiness and the state of replica sync."""
-        events = self.subscriber.stats.total() if self.subscriber is not None else None
+        subscriber = self.subscriber
+        events = subscriber.stats.total() if subscriber is not None else None
         return {
             "ready": bool(self.endpoints.known),
             "endpoints": len(self.endpoints),
@@ -241,6 +242,12 @@ class EppRuntime(StackedService):
                 "malformed": events.malformed,
                 "backfills": events.backfills,
                 "cold_starts": events.cold_starts,
+                "replays_ok": events.replays_ok,
+                "replays_failed": events.replays_failed,
+                "resets": events.resets,
+                "block_size_mismatches": events.block_size_mismatch,
+                "sink_errors": events.sink_errors,
+                "internal_errors": subscriber.stats.internal_errors if subscriber else 0,
             },
             "replica_sync": self.sync.status() if self.sync is not None else {"state": "off"},
             "bookkeeping": self.bookkeeping(),
