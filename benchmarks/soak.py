@@ -17,7 +17,8 @@ Every ``--sample-every`` seconds it reads the EPP's /metrics and /healthz: resid
 file descriptors, asyncio tasks, what it holds per request (open streams, buffered request bytes,
 in-flight bookings), the prefix index size, its rejections by status; and the client's own
 counts: sent, completed, unexpected outcomes (a status other than the expected one, a connection
-error, a timeout), latency. After the load, it waits for the picker to go idle and samples again.
+error, a timeout), latency; and the CPU cores each process used (picker, engines, Envoy, this
+client), from /proc. After the load, it waits for the picker to go idle and samples again.
 Writes ``soak.csv``, ``soak.png`` and ``summary.json`` to ``--out``, and exits 1 unless:
 no unexpected outcome, resident memory grew less than 5% from the end of the warm-up to the end
 of the load, and the bookkeeping is back to 0 at idle.
@@ -35,6 +36,7 @@ import asyncio
 import csv
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -96,7 +98,7 @@ def payload(kind: str, rng: random.Random) -> tuple[str, bytes]:
     body: dict[str, Any] = {
         "model": MODEL,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": rng.randrange(4, 32),
+        "max_tokens": rng.randrange(2, 16),
     }
     if kind in ("stream", "abort"):
         body.update(stream=True, stream_options={"include_usage": True})
@@ -217,15 +219,28 @@ def scrape(metrics_url: str, healthz_url: str) -> dict[str, float]:
     return row
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Sampler:
     metrics_url: str
     healthz_url: str
     counts: Counts
     started: float
+    pids: dict[str, int] = field(default_factory=dict)
+    """Processes whose CPU share is recorded (``cpu_<name>`` columns: cores used since the last
+    sample)."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     _last_sent: int = 0
     _last_latencies: int = 0
+    _last_cpu: dict[str, float] = field(default_factory=dict)
 
     def sample(self, phase: str) -> dict[str, Any]:
         row: dict[str, Any] = {"t_s": round(time.monotonic() - self.started, 1), "phase": phase}
@@ -243,6 +258,11 @@ class Sampler:
             p50_ms=round(1000 * fresh[len(fresh) // 2], 1) if fresh else "",
             p99_ms=round(1000 * fresh[int(len(fresh) * 0.99)], 1) if fresh else "",
         )
+        for name, pid in {**self.pids, "client": os.getpid()}.items():
+            used = cpu_seconds(pid)
+            last = self._last_cpu.get(name)
+            row[f"cpu_{name}"] = round((used - last) / interval, 2) if last and interval else ""
+            self._last_cpu[name] = used
         self._last_sent = sent
         self._last_latencies = len(self.counts.latencies)
         self.rows.append(row)
@@ -250,7 +270,9 @@ class Sampler:
             f"[{row['t_s']:7.1f}s {phase:6}] rate {row['rate']:6.1f}/s  rss {row['rss_mb']:6.1f} MB"
             f"  fds {row['open_fds']:4.0f}  tasks {row['asyncio_tasks']:4.0f}"
             f"  streams {row['open_streams']:4.0f}  bookings {row['inflight_bookings']:4.0f}"
-            f"  unexpected {row['unexpected']}  p50 {row['p50_ms']} ms",
+            f"  unexpected {row['unexpected']}  p50 {row['p50_ms']} ms"
+            f"  cpu epp {row['cpu_epp']} engines {row['cpu_engines']} envoy {row['cpu_envoy']}"
+            f" client {row['cpu_client']}",
             flush=True,
         )
         return row
@@ -333,7 +355,10 @@ async def run(args: argparse.Namespace) -> int:
     try:
         counts = Counts()
         started = time.monotonic()
-        sampler = Sampler(running.epp_metrics_urls[0], running.epp_healthz_urls[0], counts, started)
+        pids = {name: running.children[name].process.pid for name in ("epp", "engines", "envoy")}
+        sampler = Sampler(
+            running.epp_metrics_urls[0], running.epp_healthz_urls[0], counts, started, pids
+        )
         await asyncio.to_thread(sampler.sample, "start")
         warm_until = started + args.warmup
         phase = lambda: "warmup" if time.monotonic() < warm_until else "load"  # noqa: E731
@@ -355,7 +380,6 @@ async def run(args: argparse.Namespace) -> int:
     rows = sampler.rows
     write_csv(rows, out / "soak.csv")
     result = verdict(rows, counts)
-    load_s = args.duration - args.warmup
     cpu = [r for r in rows if r["phase"] == "load"]
     summary = {
         "rate_target": args.rate,
@@ -366,9 +390,12 @@ async def run(args: argparse.Namespace) -> int:
         "completed": dict(counts.done),
         "not_sent_client_saturated": counts.not_sent,
         "achieved_rate": round(sum(counts.sent.values()) / args.duration, 1),
-        "epp_cpu_share": round((cpu[-1]["cpu_s"] - cpu[0]["cpu_s"]) / load_s, 2)
-        if len(cpu) > 1 and load_s > 0
-        else None,
+        "cpu_cores_during_load": {
+            name: round(sum(r[f"cpu_{name}"] for r in cpu) / len(cpu), 2)
+            for name in (*pids, "client")
+            if cpu and all(r[f"cpu_{name}"] != "" for r in cpu)
+        },
+        "latency_p50_ms_last": cpu[-1]["p50_ms"] if cpu else None,
         **result,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
