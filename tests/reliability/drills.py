@@ -37,9 +37,11 @@ IDLE = {"open_streams": 0, "buffered_request_bytes": 0, "inflight_bookings": 0,
 
 def body(question: str, *, system: str | None = SYSTEM, stream: bool = False,
          max_tokens: int = 6) -> dict[str, Any]:  # fmt: skip
+    """A chat request; the engine generates exactly ``max_tokens`` (its EOS is ignored)."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": question})
-    out: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": max_tokens}
+    out: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": max_tokens,
+                           "ignore_eos": True}  # fmt: skip
     if stream:
         out.update(stream=True, stream_options={"include_usage": True})
     return out

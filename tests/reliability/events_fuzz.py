@@ -416,17 +416,13 @@ class SocketTarget:
         total = stats.total()
         assert total.sink_errors == 0, "applying a decoded event to the index raised"
         _check_consistent(self.index)
-
-    def results(self) -> dict[str, Any]:
-        total = self.subscriber.stats.total()
-        return {
-            **self.outcomes,
-            "batches": total.batches,
-            "malformed": total.malformed + self.subscriber.stats.malformed,
-            "gaps": total.gaps,
-            "resets": total.resets,
-            "block_size_mismatch": total.block_size_mismatch,
-        }
+        self.outcomes.update(
+            batches=total.batches - self.marks,
+            malformed=total.malformed + stats.malformed,
+            gaps=total.gaps,
+            resets=total.resets,
+            block_size_mismatch=total.block_size_mismatch,
+        )
 
 
 class _MarkingSink:
