@@ -15,6 +15,10 @@ VLLM_STAMP := $(VLLM_WHEEL_DIR)/.vllm-$(VLLM_VERSION)
 ENVOY_VERSION := 1.40.0
 ENVOY_STAMP := .cache/envoy/.envoy-$(ENVOY_VERSION)
 PYTEST_ARGS ?=
+# NVIDIA Dynamo's frontend and mocker workers for `kvgate up --backend dynamo` and tests/dynamo:
+# installed without its dependency list (one entry only installs from NVIDIA's index); the
+# `dynamo` extra of pyproject.toml holds what it needs.
+DYNAMO_VERSION := 1.6.1
 # Replica-sync tests run a real nats-server: Debian's package, installed with apt when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -24,7 +28,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dynamo]'
+	$(BIN)/python -m pip install --quiet --no-deps ai-dynamo==$(DYNAMO_VERSION)
 	touch $(STAMP)
 
 install: $(STAMP) $(ENVOY_STAMP) nats-server
@@ -103,7 +108,7 @@ drills: $(STAMP) $(ENVOY_STAMP) nats-server
 	  tests/reliability/test_event_socket.py
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so microbench.json
+	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so src/kvgate/index/*.so microbench.json
 
 # Container image (Docker or a compatible CLI). IMAGE_TAG defaults to the package version.
 IMAGE_REGISTRY ?= ghcr.io/kvgate

@@ -20,8 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ext_proc service turning Dynamo routing headers into the nvext body field",
     ),
     "sim": ("kvgate.commands.sim", "run simulated vLLM-compatible engines"),
-    "simulate": ("kvgate.bench.simulate", "trace replay in virtual time: compare routing policies"),
-    "bench": ("kvgate.bench.live", "trace replay against an OpenAI endpoint (live load)"),
+    "simulate": (
+        "kvgate.commands.simulate",
+        "trace replay in virtual time: compare routing policies",
+    ),
+    "bench": ("kvgate.commands.bench", "trace replay against an OpenAI endpoint (live load)"),
 }
 
 

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from kvgate.bench.live import BenchSettings, main, run_bench
+from kvgate.bench.live import Api, BenchSettings, PromptFormat, RequestBuilder, run_bench
 from kvgate.bench.report import summarize
-from kvgate.bench.traces import TraceRequest, shared_prefix, write_mooncake
+from kvgate.bench.traces import TraceRequest, shared_prefix
 from kvgate.sim.engine import Engine, EngineConfig
 from kvgate.sim.http import SimWorker, WorkerConfig
 from kvgate.sim.prompts import TokensCodec, output_vocabulary
@@ -66,19 +64,37 @@ async def test_errors_are_counted_by_kind(worker: SimWorker) -> None:
     assert cut.error_kinds == {"cut at --duration": 1}
 
 
-def test_cli_reports_unreachable_endpoints_as_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("api", "prompt_format"),
+    [("completions", "text"), ("completions", "tokens"), ("chat", "text")],
+)
+async def test_every_api_and_prompt_format_reaches_the_engine(
+    worker: SimWorker, api: Api, prompt_format: PromptFormat
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    trace = tmp_path / "t.jsonl"
-    write_mooncake(trace, requests()[:3])
-    out = tmp_path / "out.json"
-    argv = ["--url", f"http://127.0.0.1:{port}", "--trace", str(trace), "--model", MODEL]
-    assert main([*argv, "--label", "down", "--json", str(out), "--quiet"]) == 0
-    assert "3 errors (connection: " in capsys.readouterr().err
-    report = json.loads(out.read_text(encoding="utf-8"))
-    entry = report["policies"]["down"]
-    assert (entry["requests"], entry["errors"]) == (0, 3)
-    assert entry["ttft_ms"]["p50"] is None
+    trace = requests()
+    settings = BenchSettings(url=worker.url, model=MODEL, api=api, prompt_format=prompt_format)
+    record = await run_bench(trace, settings)
+    m = summarize(record)
+    assert (m.requests, m.errors) == (len(trace), 0)
+    assert record.output_tokens == 4 * len(trace)
+    assert m.hit_rate > 0.0
+    isl = sum(r.input_length for r in trace)
+    if api == "completions":
+        # Text blocks tokenize to exactly the trace's lengths, as token ids do.
+        assert record.prompt_tokens == isl
+    else:
+        # The chat template adds the same few tokens to every prompt.
+        assert isl < record.prompt_tokens < isl + 20 * len(trace)
+
+
+def test_request_bodies_are_what_clients_send() -> None:
+    trace = requests()[0]
+    chat = RequestBuilder(BenchSettings(url="u", model=MODEL)).body(trace)
+    assert chat["messages"][0]["role"] == "user"
+    assert chat["messages"][0]["content"].endswith(".\n")
+    assert (chat["max_tokens"], chat["stream"], chat["ignore_eos"]) == (4, True, True)
+    assert chat["stream_options"] == {"include_usage": True}
+    text = RequestBuilder(BenchSettings(url="u", model=MODEL, api="completions")).body(trace)
+    assert text["prompt"] == chat["messages"][0]["content"]
+    with pytest.raises(ValueError, match="token-id prompts need the completions API"):
+        BenchSettings(url="u", model=MODEL, prompt_format="tokens")

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 
+from kvgate.bench.bounds import floor_ttft_s
+from kvgate.bench.fleet import WorkerSpec
 from kvgate.bench.policies import POLICIES
-from kvgate.bench.report import RunRecord, summarize
-from kvgate.bench.simulate import SimSettings, main, simulate
-from kvgate.bench.traces import Workload, shared_prefix, write_mooncake
+from kvgate.bench.report import RunRecord, report_json, summarize
+from kvgate.bench.simulate import SimSettings, simulate
+from kvgate.bench.traces import TraceRequest, Workload, shared_prefix
+from kvgate.bench.workloads import generate
+from tests.bench import predicting_scorer
 
 SETTINGS = SimSettings(workers=4, block_size=16, num_gpu_blocks=4096, seed=7)
 
@@ -83,49 +86,75 @@ def test_delayed_events_still_route_by_cache() -> None:
     assert summarize(records["kv"]).hit_rate > summarize(records["round-robin"]).hit_rate
 
 
-def test_cli_writes_the_json_schema(tmp_path: Path) -> None:
-    trace = tmp_path / "trace.jsonl"
-    write_mooncake(trace, workload().requests)
-    config = tmp_path / "epp.yaml"
-    config.write_text(POLICIES["round-robin"], encoding="utf-8")
-    out = tmp_path / "out.json"
-    code = main(
-        [
-            "--trace",
-            str(trace),
-            "--workers",
-            "4",
-            "--num-gpu-blocks",
-            "4096",
-            "--policy",
-            f"kv,config:{config}",
-            "--json",
-            str(out),
-            "--jobs",
-            "1",
-            "--quiet",
-        ]
+def test_predictions_are_held_to_the_simulated_ttft_and_gaps(tmp_path: Path) -> None:
+    config = tmp_path / "predicting.yaml"
+    config.write_text(predicting_scorer.CONFIG, encoding="utf-8")
+    policy = f"config:{config}"
+    w = workload()
+    records = simulate(
+        w.requests, [policy, "round-robin"], SETTINGS, plugins=predicting_scorer.PLUGINS
     )
-    assert code == 0
-    report = json.loads(out.read_text(encoding="utf-8"))
-    assert report["trace"] == str(trace)
-    assert report["ideal_hit_rate"] == pytest.approx(workload().ideal_hit_rate)
-    assert list(report["policies"]) == ["kv", f"config:{config}"]
-    entry = report["policies"]["kv"]
-    assert set(entry["ttft_ms"]) == {"p50", "p90", "p99", "mean"}
-    assert set(entry["itl_ms"]) == set(entry["e2e_ms"]) == {"p50", "p90"}
-    for key in ("hit_rate", "throughput_tok_s", "load_max_over_mean"):
-        assert isinstance(entry[key], float), key
-    assert entry["requests"] == len(workload().requests)
+    record = records[policy]
+    ttft = predicting_scorer.PREDICTED_TTFT_S
+    assert record.ttft_prediction_error == pytest.approx([abs(ttft - t) / t for t in record.ttft_s])
+    assert len(record.itl_prediction_error) == len(w.requests)  # every request has 16 tokens
+    m = summarize(record)
+    assert m.prediction_error is not None and m.itl_prediction_error is not None
+    assert 0.0 <= m.prediction_error["p50"] <= m.prediction_error["p90"]
+    # A policy that does not predict reports null, not zero.
+    blind = summarize(records["round-robin"])
+    assert blind.prediction_error is None
+    report = report_json("t", None, {"p": m, "rr": blind})
+    assert set(report["policies"]["p"]["prediction_error"]) == {"p50", "p90"}
+    assert report["policies"]["rr"]["prediction_error"] is None
 
 
-@pytest.mark.parametrize(
-    "policy", [pytest.param("nope", id="unknown-name"), pytest.param("config:/none", id="no-file")]
-)
-def test_cli_refuses_bad_policies(
-    tmp_path: Path, policy: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    trace = tmp_path / "trace.jsonl"
-    write_mooncake(trace, workload().requests[:2])
-    assert main(["--trace", str(trace), "--policy", policy, "--quiet"]) == 2
-    assert "kvgate simulate:" in capsys.readouterr().err
+def test_predictions_also_cross_to_worker_processes(tmp_path: Path) -> None:
+    config = tmp_path / "predicting.yaml"
+    config.write_text(predicting_scorer.CONFIG, encoding="utf-8")
+    policies = [f"config:{config}", "round-robin"]
+    w = workload()
+    serial = simulate(w.requests, policies, SETTINGS, plugins=predicting_scorer.PLUGINS)
+    parallel = simulate(w.requests, policies, SETTINGS, jobs=2, plugins=predicting_scorer.PLUGINS)
+    for name in policies:
+        assert comparable(serial[name]) == comparable(parallel[name]), name
+
+
+def test_a_homogeneous_fleet_spelled_out_replays_as_the_default() -> None:
+    w = workload()
+    spelled = dataclasses.replace(SETTINGS, fleet=(WorkerSpec(),) * SETTINGS.workers)
+    default = simulate(w.requests, ["kv"], SETTINGS)["kv"]
+    assert comparable(simulate(w.requests, ["kv"], spelled)["kv"]) == comparable(default)
+
+
+def test_workers_run_at_their_own_speed_and_capacity() -> None:
+    # One request alone on each kind of worker: TTFT is the floor of that worker.
+    request = [TraceRequest(0.0, 3000, 4, (1, 2, 3, 4, 5, 6))]
+    fast = dataclasses.replace(SETTINGS, workers=1)
+    slow = dataclasses.replace(fast, fleet=(WorkerSpec(0.5, 1024),))
+    for settings in (fast, slow):
+        record = simulate(request, ["round-robin"], settings)["round-robin"]
+        (floor,) = floor_ttft_s(request, settings.worker_models())
+        assert record.ttft_s == pytest.approx([floor])
+    assert slow.worker_models()[0].config.num_gpu_blocks == 1024
+    slow_ttft = simulate(request, ["round-robin"], slow)["round-robin"].ttft_s[0]
+    fast_ttft = simulate(request, ["round-robin"], fast)["round-robin"].ttft_s[0]
+    assert slow_ttft == pytest.approx(2 * fast_ttft)
+    with pytest.raises(ValueError, match="the fleet lists 1 workers, not 4"):
+        SimSettings(workers=4, fleet=(WorkerSpec(),))
+
+
+def test_kvgates_policy_beats_the_reference_cost_function_on_agent_sessions() -> None:
+    """Agents re-send a growing context behind a shared tool prefix: the reference cost gives up
+    a session's worker as soon as it holds another in-flight request of similar size; predicted
+    latency keeps the session where its context is cached unless the wait there costs more."""
+    w = generate(
+        "agentic:sessions_per_worker=3", workers=4, load=1.0, seed=3, default_blocks=32_000
+    )
+    settings = SimSettings(workers=4, block_size=16, seed=7)
+    records = simulate(w.requests, ["kv", "dynamo"], settings)
+    kvgate, dynamo = summarize(records["kv"]), summarize(records["dynamo"])
+    assert kvgate.requests == dynamo.requests == len(w.requests)
+    assert kvgate.hit_rate > dynamo.hit_rate
+    assert kvgate.ttft_ms["p90"] < 0.9 * dynamo.ttft_ms["p90"]
+    assert kvgate.ttft_ms["p50"] <= dynamo.ttft_ms["p50"]

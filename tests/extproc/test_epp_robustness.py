@@ -97,14 +97,19 @@ async def test_a_second_end_of_body_neither_routes_again_nor_leaks(stack: Stack)
     assert held(stack) == IDLE
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
 async def test_a_response_body_nested_too_deeply_still_completes_the_request(
-    stack: Stack,
+    stack: Stack, content_type: str
 ) -> None:
     stream = ExtProcStream(stack.channel)
     await stream.route(chat_body("answer me deeply"), {"x-request-id": "req-deep"})
-    await stream.send(response_headers_msg(200))
+    await stream.send(response_headers_msg(200, content_type))
     await stream.recv()
-    await stream.send(response_body_msg(b"[" * NESTED + b"]" * NESTED, True))
+    # The usage reader keeps a streamed body's last 64 KiB: nest within that.
+    depth = NESTED if content_type == "application/json" else 20_000
+    nested = b"[" * depth + b"]" * depth
+    body = nested if content_type == "application/json" else b"data: " + nested + b"\n\n"
+    await stream.send(response_body_msg(body, True))
     echoed = await stream.recv()
     assert echoed.HasField("response_body"), echoed  # passed back, not a 500
     await stream.close()

@@ -12,7 +12,7 @@ import pytest
 
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.fleet.sources import EndpointsFileWatcher, EndpointSpecError
-from tests.fleet.helpers import wait_until
+from tests.fleet.utils import Changes, wait_until
 
 POLL = 0.02
 NEVER = 3600.0  # a poll interval for tests that drive `check` themselves
@@ -21,17 +21,6 @@ LOGGER = "kvgate.fleet.sources"
 
 def addresses(endpoints: EndpointSet) -> list[str]:
     return sorted(e.address for e in endpoints)
-
-
-class Changes:
-    """Records every (joined, left) the endpoint set announces."""
-
-    def __init__(self, endpoints: EndpointSet) -> None:
-        self.calls: list[tuple[list[str], list[str]]] = []
-        endpoints.subscribe(self)
-
-    def __call__(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
-        self.calls.append(([e.address for e in joined], [e.address for e in left]))
 
 
 def errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:

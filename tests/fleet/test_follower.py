@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import zmq.asyncio
@@ -15,17 +15,11 @@ from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.index.prefix_index import PrefixIndex
 from tests.events.publisher import TestPublisher, stored
-from tests.fleet.helpers import wait_until
+from tests.fleet.utils import wait_until
 
 BLOCK = 4
 W1 = "10.0.0.1:8000"
 W2 = "10.0.0.2:8000"
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The metrics scraper against real HTTP servers on 127.0.0.1."""
+"""The metrics scraper against real HTTP servers on 127.0.0.1, and over a mock transport."""
 
 from __future__ import annotations
 
@@ -7,25 +7,21 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from kvgate.fleet import metrics_scraper
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType
-from kvgate.fleet.metrics_scraper import ENGINE_METRICS, MetricsScraper, ScraperConfig
-from tests.fleet.helpers import EngineState, InFlight, MetricsServer, wait_until
+from kvgate.fleet.engine_metrics import ENGINE_METRICS, EngineMetricNames
+from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.scrape_transport import MockTransport, TransportError
+from tests.fleet.utils import EngineState, InFlight, MetricsServer, render, wait_until
 
 LOGGER = "kvgate.fleet.metrics_scraper"
 FAST = ScraperConfig(interval_s=0.02, timeout_s=0.2, stale_after_s=0.3, warn_interval_s=3600)
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield stack
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +280,7 @@ async def test_an_unexpected_error_is_logged_and_the_loop_goes_on(
     read = metrics_scraper.read_metrics
     calls = 0
 
-    def buggy(text: str, names: metrics_scraper.EngineMetricNames) -> Any:
+    def buggy(text: str, names: EngineMetricNames) -> Any:
         nonlocal calls
         calls += 1
         if calls <= 3:
@@ -459,13 +455,13 @@ async def test_lifecycle(stack: contextlib.AsyncExitStack) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"interval_s": 0}, "interval_s must be positive"),
-        ({"timeout_s": -1}, "timeout_s must be positive"),
-        ({"stale_after_s": 0}, "stale_after_s must be positive"),
+        ({"interval_s": 0}, "interval_s: got 0; must be > 0"),
+        ({"timeout_s": -1}, "timeout_s: got -1; must be > 0"),
+        ({"stale_after_s": 0}, "stale_after_s: got 0; must be > 0"),
         ({"timeout_s": 2.0, "stale_after_s": 2.0}, "must be below stale_after_s"),
-        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
-        ({"block_size": 0}, "block_size must be positive"),
-        ({"warn_interval_s": -1}, "warn_interval_s must be >= 0"),
+        ({"max_concurrency": 0}, "max_concurrency: got 0; must be >= 1"),
+        ({"block_size": 0}, "block_size: got 0; must be >= 1"),
+        ({"warn_interval_s": -1}, "warn_interval_s: got -1; must be >= 0"),
     ],
     ids=[
         "interval",
@@ -507,3 +503,69 @@ async def test_scraping_the_simulated_engine(
     assert (m.block_size, m.num_gpu_blocks) == (32, 256)
     assert not m.stale
     assert scr.stats.block_size_mismatch == {endpoint.address}
+
+
+# -- over a mock transport (no sockets) ----------------------------------------------------------
+
+
+class Pages:
+    """Answers per address: a state to render (filtered as asked), or an error to raise."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, EngineState] = {}
+        self.errors: dict[str, Exception] = {}
+
+    def __call__(self, url: URL) -> str:
+        address = f"{url.host}:{url.port}"
+        if address in self.errors:
+            raise self.errors[address]
+        names = url.query.getall("name[]", []) or None
+        return render(self.states[address], names)
+
+
+async def test_mock_transport_scrapes_read_each_endpoint_and_close_the_transport() -> None:
+    pages = Pages()
+    pages.states["10.0.0.1:8000"] = EngineState(waiting=[2, 3], running=[1])
+    pages.states["10.0.0.2:8000"] = EngineState(engine="sglang", usage=[0.25], block_size=32)
+    transport = MockTransport(pages)
+    endpoints = EndpointSet([Endpoint("10.0.0.1:8000"), Endpoint("10.0.0.2:8000", engine="sglang")])
+    scr = MetricsScraper(endpoints, ScraperConfig(block_size=16), transport=transport)
+    await scr.scrape_once()
+    first, second = endpoints.get("10.0.0.1:8000"), endpoints.get("10.0.0.2:8000")
+    assert first is not None and second is not None
+    assert (first.metrics.waiting, first.metrics.running) == (5, 1)
+    assert (second.metrics.kv_usage, second.metrics.block_size) == (0.25, 32)
+    assert scr.stats.block_size_mismatch == {"10.0.0.2:8000"}
+    assert transport.requests[0].query.getall("name[]") == list(ENGINE_METRICS["vllm"].names)
+    await scr.aclose()
+    assert transport.closed
+
+
+async def test_mock_transport_failures_count_and_keep_the_last_metrics() -> None:
+    pages = Pages()
+    pages.states["10.0.0.1:8000"] = EngineState(waiting=[4])
+    endpoint = Endpoint("10.0.0.1:8000")
+    scr = MetricsScraper(EndpointSet([endpoint]), FAST, transport=MockTransport(pages))
+    await scr.scrape_once()
+    pages.errors["10.0.0.1:8000"] = TransportError("connection reset")
+    await scr.scrape_once()
+    stats = scr.stats.endpoints["10.0.0.1:8000"]
+    assert (stats.ok, stats.failed, stats.last_error) == (1, 1, "connection reset")
+    assert endpoint.metrics.waiting == 4 and not endpoint.metrics.stale
+    await scr.aclose()
+
+
+async def test_mock_transport_filtered_answer_without_the_metrics_falls_back_to_full() -> None:
+    state = EngineState(waiting=[6])
+
+    def drops_filtered(url: URL) -> str:
+        return render(state, url.query.getall("name[]", None), "drop-unnamed")
+
+    transport = MockTransport(drops_filtered)
+    endpoint = Endpoint("10.0.0.1:8000")
+    scr = MetricsScraper(EndpointSet([endpoint]), FAST, transport=transport)
+    await scr.scrape_once()
+    await scr.scrape_once()
+    assert endpoint.metrics.waiting == 6
+    assert [bool(url.query) for url in transport.requests] == [True, False, False]
+    await scr.aclose()

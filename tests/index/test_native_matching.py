@@ -7,15 +7,14 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvgate.index import prefix_index
+from kvgate.index import mask_index
+from kvgate.index._leading import leading_runs
 from kvgate.index.prefix_index import PrefixIndex
-
-leading_runs = prefix_index._leading_runs
 
 
 def test_the_native_matcher_is_built() -> None:
     # `pip install -e .` builds it wherever gcc and Python's headers exist (CI included).
-    assert prefix_index.NATIVE_MATCHING
+    assert mask_index.NATIVE_MATCHING
 
 
 def python_runs(blocks: dict[int, int], hashes: list[int]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,81 +21,31 @@ from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.sync import ReplicaSync, ReplicaSyncConfig
 from kvgate.sync.messages import Add, Deltas, Heartbeat, encode
 from tests.nats_harness import NatsServer
-
-SUBJECT = "kvgate.test.active_sequences"
-SCORER = "dyn-kv"
-
-
-def _config(server: NatsServer, router_id: str, **kw: float) -> ReplicaSyncConfig:
-    params = {"heartbeat_s": 0.2, "lease_s": 0.8, "snapshot_min_interval_s": 0.05, **kw}
-    return ReplicaSyncConfig(
-        nats_url=server.url,
-        subject=SUBJECT,
-        router_id=router_id,
-        heartbeat_s=params["heartbeat_s"],
-        lease_s=params["lease_s"],
-        snapshot_min_interval_s=params["snapshot_min_interval_s"],
-    )
+from tests.sync.utils import (
+    SCORER,
+    SUBJECT,
+    Replica,
+    eventually,
+    peers_synced,
+    started,
+    sync_config,
+)
 
 
-class Replica:
-    """A router plus its sync, booking like the kv-aware-scorer does."""
-
-    def __init__(self, server: NatsServer, router_id: str) -> None:
-        self.router = KvRouter(KvRouterConfig(block_size=16))
-        self.sync = ReplicaSync({SCORER: self.router}, _config(server, router_id))
-
-    def add(self, request_id: str, worker: str, hashes: list[int], prefill: int) -> None:
-        self.router.book_key(request_id, worker, hashes, prefill, time.monotonic())
-        self.sync.added(SCORER, request_id, worker, hashes, prefill)
-
-    def prefill_done(self, request_id: str) -> None:
-        assert self.router.mark_prefill_complete(request_id)
-        self.sync.prefill_completed(SCORER, request_id)
-
-    def free(self, request_id: str) -> None:
-        assert self.router.free(request_id)
-        self.sync.freed(SCORER, request_id)
-
-    def load(self) -> dict[str, tuple[int, int, int]]:
-        active = self.router.active
-        workers = set(active.prefill) | set(active.blocks.per_worker)
-        return {
-            w: (active.prefill_tokens(w), active.active_blocks(w), active.in_flight(w))
-            for w in workers
-            if active.in_flight(w)
-        }
+def _config(server: NatsServer, router_id: str) -> ReplicaSyncConfig:
+    return sync_config(router_id, server.url)
 
 
 @asynccontextmanager
-async def replicas(server: NatsServer, *names: str) -> AsyncIterator[list[Replica]]:
-    group = [Replica(server, name) for name in names]
-    for replica in group:
-        await replica.sync.start()
-    try:
-        for replica in group:
-            await replica.sync.wait_connected(10)
+async def replicas(server: NatsServer, *names: str) -> AsyncIterator[tuple[Replica, ...]]:
+    async with started(*(Replica(_config(server, name)) for name in names)) as group:
         yield group
-    finally:
-        for replica in group:
-            await replica.sync.aclose()
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
-def _peers_synced(replica: Replica, count: int) -> bool:
-    peers = replica.sync.status()["peers"]
-    return len(peers) == count and all(p["synced"] for p in peers.values())
 
 
 @pytest.mark.nats
 async def test_each_replica_sees_the_sum_of_both_loads(nats_server: NatsServer) -> None:
     async with replicas(nats_server, "A", "B") as (a, b):
-        await eventually(lambda: _peers_synced(a, 1) and _peers_synced(b, 1))
+        await eventually(lambda: peers_synced(a, 1) and peers_synced(b, 1))
         a.add("r1", "w1", [1, 2, 3], 48)
         b.add("r2", "w1", [1, 2, 4], 32)
         b.add("r3", "w2", [9], 16)
@@ -238,7 +188,7 @@ async def test_nats_outage_routing_goes_on_and_sync_resumes(nats_server: NatsSer
 @pytest.mark.nats
 async def test_starting_without_nats_routes_locally_and_joins_later(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "late-nats.log")
-    a = Replica(server, "A")
+    a = Replica(_config(server, "A"))
     await a.sync.start()
     try:
         await eventually(lambda: a.sync.state == "disconnected" and a.sync.last_error is not None)
@@ -291,14 +241,14 @@ async def test_lost_deltas_are_detected_and_repaired_by_a_snapshot(
     nats_server: NatsServer,
 ) -> None:
     async with replicas(nats_server, "A", "B") as (a, b):
-        await eventually(lambda: _peers_synced(b, 1))
+        await eventually(lambda: peers_synced(b, 1))
         # Book on A without telling NATS, then skip a sequence number: B sees the gap.
         a.router.book_key("hidden", "w5", [5], 16, time.monotonic())
-        a.sync._seq += 1
+        a.sync.peer_state.seq += 1
         a.add("r1", "w1", [1], 16)
         await eventually(lambda: b.load() == {"w1": (16, 1, 1), "w5": (16, 1, 1)})
         assert b.sync.metrics.gaps._value.get() >= 1
-        assert _peers_synced(b, 1)
+        assert peers_synced(b, 1)
 
 
 @pytest.mark.nats
@@ -335,7 +285,7 @@ def test_config_errors_name_the_field(field: str, kwargs: dict[str, object]) -> 
 
 
 def test_credentials_never_reach_logs_or_health_details() -> None:
-    from kvgate.sync.replica import redact_url
+    from kvgate.sync import redact_url
 
     config = ReplicaSyncConfig(nats_url="nats://kvgate:s3cret@nats.svc:4222")
     assert config.safe_url == "nats://***@nats.svc:4222"

@@ -137,7 +137,8 @@ def test_a_lone_surrogate_is_a_request_error(qwen3: ModelTokenizer, kind: str) -
     # tokenizers library's TypeError became the picker's 500.
     text = json.loads('"tell me \\ud800 more"')
     body = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
-    with pytest.raises(RequestError) as caught:
-        qwen3.tokenize_request(body, kind)  # type: ignore[arg-type]
-    assert caught.value.field == ("messages" if kind == "chat" else "prompt")
-    assert "lone surrogate" in caught.value.reason
+    for tokenize in (qwen3.tokenize_request, qwen3.tokenize_for_routing):
+        with pytest.raises(RequestError) as caught:
+            tokenize(body, kind)  # type: ignore[arg-type]
+        assert caught.value.field == ("messages" if kind == "chat" else "prompt")
+        assert "lone surrogate" in caught.value.reason

@@ -2,38 +2,45 @@
 
 Requests go out at the trace's timestamps (scaled by ``--time-scale``), at most
 ``--max-concurrency`` at once (later arrivals wait for a slot, and their wait counts in their
-latency, as a user's would). Each is a streamed ``POST /v1/completions`` whose prompt is the
-request's token ids (`TokenSynth`, so identical hash ids are identical tokens on the wire) with
-``max_tokens`` = the trace's output length, ``ignore_eos`` and usage in the stream. The client
-records the time to the first content chunk, the gaps between chunks (ITL), the latency, the
-serving worker (``x-kvgate-worker`` header, when the endpoint names one) and ``usage`` (prompt,
-completion and ``prompt_tokens_details.cached_tokens`` for the hit rate).
+latency, as a user's would). Each is what a real client sends: by default a streamed
+``POST /v1/chat/completions`` with one user message whose text renders the request's hash ids
+(`kvgate.bench.prompts.TextSynth`: the same paragraph for the same id, so equal hash ids are
+equal text and, through any tokenizer, equal tokens); ``--api completions`` sends the text as a
+completions ``prompt``, and ``--prompt-format tokens`` (completions only) the token ids of
+`TokenSynth` instead, for engines that take them. Every request asks for ``max_tokens`` = the
+trace's output length, ``ignore_eos`` and usage in the stream. The client records the time to the
+first content chunk, the gaps between chunks (ITL), the latency, the serving worker
+(``x-kvgate-worker`` header, when the endpoint names one) and ``usage`` (prompt, completion and
+``prompt_tokens_details.cached_tokens`` for the hit rate).
 
 Bounds: ``--limit`` requests at most; ``--duration`` seconds at most, after which no request is
 started and those in flight are cancelled; each request times out after ``--request-timeout``.
 Failures (HTTP errors, timeouts, cancellations, broken streams) are counted by kind in the
 report, never dropped. Output: the same table and JSON schema as `kvgate simulate`, with one
-policy entry named ``--label``.
+policy entry named ``--label``. The command line is `kvgate.commands.bench`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import aiohttp
 
-from kvgate.bench.report import Progress, RunRecord, plot, report_json, summarize, table, write_json
-from kvgate.bench.traces import TokenSynth, TraceRequest, ideal_hit_rate, load_mooncake
+from kvgate.bench.prompts import TextSynth
+from kvgate.bench.report import Progress, RunRecord
+from kvgate.bench.traces import TokenSynth, TraceRequest
+from kvgate.sse import EventStream, usage_of
 
 WORKER_HEADER = "x-kvgate-worker"
+
+Api = Literal["chat", "completions"]
+PromptFormat = Literal["text", "tokens"]
+PATHS: Final[dict[Api, str]] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
 @dataclass(slots=True)
@@ -55,40 +62,37 @@ async def stream_completion(
     url: str,
     body: dict[str, Any],
     timeout_s: float,
+    api: Api = "completions",
 ) -> Outcome:
-    """POST a streamed completion; never raises for HTTP or stream problems (they become the
-    outcome's ``error``)."""
+    """POST a streamed request to ``api``'s path; never raises for HTTP or stream problems
+    (they become the outcome's ``error``)."""
     started = time.perf_counter()
     out = Outcome()
     last: float | None = None
     try:
         async with session.post(
-            f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            f"{url}{PATHS[api]}", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             out.worker = resp.headers.get(WORKER_HEADER)
             if resp.status != 200:
                 await resp.read()
                 out.error = f"http {resp.status}"
                 return out
-            done = False
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
+            events = EventStream(resp.content)
+            async for event in events:
                 now = time.perf_counter()
-                if any(c.get("text") for c in event.get("choices") or ()):
+                if _has_content(event):
                     if last is None:
                         out.ttft_s = now - started
                     else:
                         out.gaps_s.append(now - last)
                     last = now
-                _read_usage(out, event)
-            if not done:
+                usage = usage_of(event)
+                if usage.counted:
+                    out.prompt_tokens = usage.prompt_tokens
+                    out.completion_tokens = usage.completion_tokens
+                    out.cached_tokens = usage.cached_tokens
+            if not events.done:
                 out.error = "stream ended early"
     except TimeoutError:
         out.error = "timeout"
@@ -100,15 +104,20 @@ async def stream_completion(
     return out
 
 
-def _read_usage(out: Outcome, event: dict[str, Any]) -> None:
-    usage = event.get("usage")
-    if not isinstance(usage, dict):
-        return
-    out.prompt_tokens = usage.get("prompt_tokens")
-    out.completion_tokens = usage.get("completion_tokens")
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict):
-        out.cached_tokens = details.get("cached_tokens")
+def _has_content(event: Any) -> bool:
+    """Whether a chunk carries generated text: completions ``text``, chat ``delta.content``
+    (or ``reasoning_content``, which a reasoning model streams first)."""
+    if not isinstance(event, dict):
+        return False
+    for choice in event.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")):
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,42 @@ class BenchSettings:
     duration_s: float = 600.0
     request_timeout_s: float = 120.0
     seed: int = 0
+    api: Api = "chat"
+    prompt_format: PromptFormat = "text"
+
+    def __post_init__(self) -> None:
+        if self.api not in PATHS:
+            raise ValueError(f"api must be one of {', '.join(PATHS)}, got {self.api!r}")
+        if self.prompt_format not in ("text", "tokens"):
+            raise ValueError(f"prompt format must be text or tokens, got {self.prompt_format!r}")
+        if self.prompt_format == "tokens" and self.api != "completions":
+            raise ValueError("token-id prompts need the completions API (--api completions)")
+
+
+class RequestBuilder:
+    """The body a client sends for a trace request, under `BenchSettings`' api and format."""
+
+    def __init__(self, settings: BenchSettings) -> None:
+        self.settings = settings
+        self._text = TextSynth(settings.seed)
+        self._tokens = TokenSynth(settings.seed)
+
+    def body(self, request: TraceRequest) -> dict[str, Any]:
+        s = self.settings
+        body: dict[str, Any] = {"model": s.model}
+        if s.api == "chat":
+            body["messages"] = [{"role": "user", "content": self._text.prompt(request)}]
+        elif s.prompt_format == "tokens":
+            body["prompt"] = self._tokens.tokens(request)
+        else:
+            body["prompt"] = self._text.prompt(request)
+        body.update(
+            max_tokens=request.output_length,
+            ignore_eos=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        return body
 
 
 def _record(record: RunRecord, out: Outcome, queued_s: float, arrival: float) -> None:
@@ -154,7 +199,7 @@ async def run_bench(
     if settings.max_concurrency < 1 or not settings.duration_s > 0:
         raise ValueError("max_concurrency must be >= 1 and duration > 0")
     record = RunRecord()
-    synth = TokenSynth(settings.seed)
+    builder = RequestBuilder(settings)
     slots = asyncio.Semaphore(settings.max_concurrency)
     start = time.perf_counter()
     done = 0
@@ -163,17 +208,12 @@ async def run_bench(
         nonlocal done
         await asyncio.sleep(max(0.0, start + r.timestamp_ms / 1000.0 - time.perf_counter()))
         arrival = time.perf_counter() - start
-        body = {
-            "model": settings.model,
-            "prompt": synth.tokens(r),
-            "max_tokens": r.output_length,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body = builder.body(r)
         async with slots:
             queued = time.perf_counter() - start - arrival
-            out = await stream_completion(http, settings.url, body, settings.request_timeout_s)
+            out = await stream_completion(
+                http, settings.url, body, settings.request_timeout_s, settings.api
+            )
         _record(record, out, queued, arrival)
         done += 1
         if progress is not None:
@@ -201,75 +241,20 @@ async def run_bench(
     return record
 
 
-async def _first_model(url: str) -> str:
+async def first_model(url: str) -> str:
+    """The first model ``url/v1/models`` lists, whatever content type the answer claims."""
     timeout = aiohttp.ClientTimeout(total=10)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         session.get(f"{url}/v1/models") as resp,
     ):
         resp.raise_for_status()
-        payload = await resp.json()
-    models = payload.get("data") or []
-    if not models:
+        raw = await resp.read()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{url}/v1/models did not answer JSON: pass --model") from None
+    models = payload.get("data") if isinstance(payload, dict) else None
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
         raise ValueError(f"{url}/v1/models lists no model: pass --model")
     return str(models[0]["id"])
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvgate bench",
-        description="Replay a Mooncake trace against an OpenAI-compatible endpoint and measure "
-        "TTFT, ITL, latency and prefix hit rate at the client.",
-    )
-    p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
-    p.add_argument("--model", default=None, help="model name (default: the first /v1/models)")
-    p.add_argument("--label", default="bench", help="name of the run in the table and JSON")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace timestamps")
-    p.add_argument("--max-concurrency", type=int, default=64)
-    p.add_argument("--duration", type=float, default=600.0, help="stop after this many seconds")
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
-    p.add_argument("--max-input-length", type=int, default=None, help="cut longer prompts")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--seed", type=int, default=0, help="token content of the hash ids")
-    p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    url = args.url.rstrip("/")
-    try:
-        requests = load_mooncake(
-            args.trace,
-            time_scale=args.time_scale,
-            max_input_length=args.max_input_length,
-            limit=args.limit,
-        )
-        model = args.model or asyncio.run(_first_model(url))
-        settings = BenchSettings(
-            url=url,
-            model=model,
-            max_concurrency=args.max_concurrency,
-            duration_s=args.duration,
-            request_timeout_s=args.request_timeout,
-            seed=args.seed,
-        )
-        progress = None if args.quiet else Progress(args.label, len(requests), sys.stderr)
-        record = asyncio.run(run_bench(requests, settings, progress=progress))
-    except (OSError, ValueError, aiohttp.ClientError) as err:
-        print(f"kvgate bench: {err}", file=sys.stderr)
-        return 2
-    ideal = ideal_hit_rate(requests)
-    results = {args.label: summarize(record)}
-    print(table(results, ideal))
-    if record.errors:
-        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(record.error_kinds.items()))
-        print(f"{record.errors} errors ({kinds})", file=sys.stderr)
-    if args.json is not None:
-        write_json(args.json, report_json(str(args.trace), ideal, results))
-    if args.plot is not None:
-        plot(args.plot, {args.label: record}, results, ideal, f"{args.trace} — {url}")
-    return 0

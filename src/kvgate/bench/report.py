@@ -3,9 +3,13 @@
 `RunRecord` is what one replay (simulated or live) measured; `summarize` turns it into the
 `PolicyMetrics` that both commands print and write, so the two share one schema:
 
-``{"trace": ..., "ideal_hit_rate": x, "policies": {NAME: {"ttft_ms": {"p50", "p90", "p99",
-"mean"}, "itl_ms": {"p50", "p90"}, "e2e_ms": {"p50", "p90"}, "hit_rate": x,
-"throughput_tok_s": x, "load_max_over_mean": x, "requests": n, ...}}}``
+``{"trace": ..., "ideal_hit_rate": x, "floor_ttft_ms": {"p50", "p90", "p99"},
+"pooled_hit_rate": x, "policies": {NAME: {"ttft_ms": {"p50", "p90", "p99", "mean"},
+"itl_ms": {"p50", "p90"}, "e2e_ms": {"p50", "p90"}, "hit_rate": x, "throughput_tok_s": x,
+"load_max_over_mean": x, "requests": n, "prediction_error": {"p50", "p90"} | null, ...}}}``
+
+The bounds (`kvgate.bench.bounds`) are written only when known (simulation); a policy's
+``prediction_error`` is null when none of its requests carried a predicted TTFT.
 
 Percentiles are numpy's linear interpolation; an empty sample gives NaN, written as null.
 matplotlib is imported only by `plot`, which explains how to install it when missing.
@@ -75,6 +79,10 @@ class RunRecord:
     error_kinds: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     """How long the replay itself took."""
+    ttft_prediction_error: list[float] = field(default_factory=list)
+    """|predicted - measured| / measured TTFT, for the requests the policy predicted."""
+    itl_prediction_error: list[float] = field(default_factory=list)
+    """The same for the mean gap between a request's tokens (requests of 2+ tokens)."""
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -94,6 +102,9 @@ class PolicyMetrics:
     errors: int
     error_kinds: dict[str, int]
     wall_s: float
+    prediction_error: dict[str, float] | None = None
+    """Relative TTFT prediction error (p50, p90) over the requests that had a prediction."""
+    itl_prediction_error: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +119,24 @@ class PolicyMetrics:
             "errors": self.errors,
             "error_kinds": self.error_kinds,
             "wall_s": round(self.wall_s, 3),
+            "prediction_error": _maybe_clean(self.prediction_error),
+            "itl_prediction_error": _maybe_clean(self.itl_prediction_error),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Yardsticks of a simulated replay (`kvgate.bench.bounds`), in the report's units."""
+
+    floor_ttft_ms: dict[str, float]
+    """p50, p90, p99 of each request's TTFT on an idle worker holding an infinite cache."""
+    pooled_hit_rate: float
+    """Hit rate of one LRU cache with the whole fleet's capacity."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "floor_ttft_ms": _clean(self.floor_ttft_ms),
+            "pooled_hit_rate": _finite(self.pooled_hit_rate),
         }
 
 
@@ -117,6 +146,17 @@ def _finite(x: float) -> float | None:
 
 def _clean(values: Mapping[str, float]) -> dict[str, float | None]:
     return {k: _finite(v) for k, v in values.items()}
+
+
+def _maybe_clean(values: Mapping[str, float] | None) -> dict[str, float | None] | None:
+    return None if values is None else _clean(values)
+
+
+def _relative_error(samples: Sequence[float]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    values = np.percentile(np.asarray(samples, dtype=np.float64), (50, 90))
+    return {"p50": float(values[0]), "p90": float(values[1])}
 
 
 def _percentiles_ms(samples: Sequence[float], points: Sequence[int]) -> dict[str, float]:
@@ -145,17 +185,25 @@ def summarize(record: RunRecord) -> PolicyMetrics:
         errors=record.errors,
         error_kinds=dict(record.error_kinds),
         wall_s=record.wall_s,
+        prediction_error=_relative_error(record.ttft_prediction_error),
+        itl_prediction_error=_relative_error(record.itl_prediction_error),
     )
 
 
 def report_json(
-    trace: str, ideal_hit_rate: float | None, results: Mapping[str, PolicyMetrics]
+    trace: str,
+    ideal_hit_rate: float | None,
+    results: Mapping[str, PolicyMetrics],
+    bounds: Bounds | None = None,
 ) -> dict[str, Any]:
-    return {
+    report: dict[str, Any] = {
         "trace": trace,
         "ideal_hit_rate": None if ideal_hit_rate is None else _finite(ideal_hit_rate),
-        "policies": {name: m.to_json() for name, m in results.items()},
     }
+    if bounds is not None:
+        report.update(bounds.to_json())
+    report["policies"] = {name: m.to_json() for name, m in results.items()}
+    return report
 
 
 def write_json(path: str | Path, report: Mapping[str, Any]) -> None:
@@ -180,8 +228,13 @@ _COLUMNS = (
 )
 
 
-def table(results: Mapping[str, PolicyMetrics], ideal_hit_rate: float | None = None) -> str:
-    """A fixed-width text table, times in ms; the ideal hit rate, when known, as a last line."""
+def table(
+    results: Mapping[str, PolicyMetrics],
+    ideal_hit_rate: float | None = None,
+    bounds: Bounds | None = None,
+) -> str:
+    """A fixed-width text table, times in ms; below it the bounds and the ideal hit rate when
+    known, and the prediction error of the policies that predicted TTFT."""
     header = "  ".join(
         f"{name:>{w}}" if i else f"{name:<{w}}" for i, (name, w) in enumerate(_COLUMNS)
     )
@@ -205,8 +258,24 @@ def table(results: Mapping[str, PolicyMetrics], ideal_hit_rate: float | None = N
         row.append(f"{m.requests:>6d}")
         row.append(f"{m.errors:>5d}")
         lines.append("  ".join(row))
+    if bounds is not None:
+        f = bounds.floor_ttft_ms
+        lines.append(
+            f"floor TTFT (idle worker, infinite cache): p50 {f['p50']:.1f}  p90 {f['p90']:.1f}  "
+            f"p99 {f['p99']:.1f}"
+        )
+        pooled = bounds.pooled_hit_rate
+        lines.append(f"pooled hit rate (one LRU cache of the fleet's size): {pooled:.3f}")
     if ideal_hit_rate is not None:
         lines.append(f"ideal hit rate (one infinite cache): {ideal_hit_rate:.3f}")
+    for name, m in results.items():
+        if m.prediction_error is not None:
+            e = m.prediction_error
+            line = f"{name}: TTFT prediction error p50 {e['p50']:.3f}  p90 {e['p90']:.3f}"
+            if m.itl_prediction_error is not None:
+                i = m.itl_prediction_error
+                line += f"; ITL p50 {i['p50']:.3f}  p90 {i['p90']:.3f}"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -17,6 +17,11 @@ Engine state reaches the plugins as it would in a gateway: KV events go to every
 ``--event-delay-ms`` after the step that emitted them; endpoint metrics (queue, running, KV usage)
 are refreshed every ``--scrape-interval-ms`` as a metrics scraper would.
 
+A policy that predicts (a plugin setting ``LLMRequest.predicted_ttft_s`` / ``predicted_itl_s``
+while scheduling) is held to its word: each prediction is compared with the request's simulated
+TTFT and mean inter-token gap. Workers may differ (`SimSettings.fleet`: speed, KV capacity).
+The command line is `kvgate.commands.simulate`.
+
 Determinism: one seed drives the token content, the plugins' random streams and the engines
 (which use no randomness); the event heap orders ties by insertion. The same command prints the
 same table.
@@ -24,11 +29,8 @@ same table.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import multiprocessing
-import os
-import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,25 +40,19 @@ from pathlib import Path
 from queue import Empty
 from typing import Any, TextIO
 
+from kvgate.bench.bounds import WorkerModel
+from kvgate.bench.fleet import WorkerSpec
 from kvgate.bench.policies import POLICIES, bench_registry
-from kvgate.bench.report import (
-    PolicyMetrics,
-    Progress,
-    RunRecord,
-    plot,
-    report_json,
-    summarize,
-    table,
-    write_json,
-)
-from kvgate.bench.traces import TokenSynth, TraceRequest, ideal_hit_rate, load_mooncake
+from kvgate.bench.report import Progress, RunRecord
+from kvgate.bench.traces import TokenSynth, TraceRequest
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import PluginContext
-from kvgate.scheduling.picker_config import EppConfigError, load_epp_config
+from kvgate.scheduling.picker_config import load_epp_config
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
 from kvgate.scheduling.scheduler import Scheduler
 from kvgate.sim.clock import VirtualClock
 from kvgate.sim.engine import ContextLengthError, Engine, EngineConfig, SimRequest, StepResult
+from kvgate.sim.timing import PolynomialTiming
 from kvgate.sim.virtual import VirtualDriver
 from kvgate.tokens.hashing import sequence_hashes_of
 
@@ -74,16 +70,35 @@ class SimSettings:
     event_delay_s: float = 0.0
     scrape_interval_s: float = 0.05
     seed: int = 0
+    fleet: tuple[WorkerSpec, ...] | None = None
+    """Per worker speed and KV blocks (``workers`` of them); None: all alike, at speed 1."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.event_delay_s < 0 or self.scrape_interval_s <= 0:
             raise ValueError("event delay must be >= 0 and scrape interval > 0")
+        if self.fleet is not None and len(self.fleet) != self.workers:
+            raise ValueError(f"the fleet lists {len(self.fleet)} workers, not {self.workers}")
 
     @property
     def gpu_blocks(self) -> int:
+        """A worker's KV blocks unless its spec says otherwise."""
         return self.num_gpu_blocks or MOONCAKE_WORKER_TOKENS // self.block_size
+
+    def worker_models(self) -> list[WorkerModel]:
+        """Each worker's engine sizing and timing, in fleet order."""
+        specs = self.fleet or (WorkerSpec(),) * self.workers
+        models = []
+        for spec in specs:
+            blocks = spec.num_gpu_blocks or self.gpu_blocks
+            config = EngineConfig(
+                block_size=self.block_size,
+                num_gpu_blocks=blocks,
+                max_model_len=blocks * self.block_size,
+            )
+            models.append(WorkerModel(config, PolynomialTiming(speedup=spec.speed)))
+        return models
 
 
 def _run_sync(coro: Coroutine[Any, Any, None]) -> None:
@@ -103,10 +118,16 @@ class _Flight:
     result: SchedulingResult
     arrival: float
     last_token: float = 0.0
+    first_token: float = 0.0
 
 
 ProgressSink = Callable[[int], None]
 """Told how many requests of the replay are done (served or refused)."""
+
+ExtraPlugins = Sequence[tuple[str, str]]
+"""Plugin types to add to the benchmark registry, as (type name, ``"module:Class"``): a policy
+under development (or a test's plugin) can be replayed before it is registered. Names, not
+classes, so they cross to worker processes."""
 
 
 class Replay:
@@ -119,33 +140,33 @@ class Replay:
         settings: SimSettings,
         synth: TokenSynth,
         progress: ProgressSink | None = None,
+        *,
+        plugins: ExtraPlugins = (),
     ) -> None:
         self.requests = requests
         self.settings = settings
         self.synth = synth
         self.progress = progress
         bs = settings.block_size
-        capacity = settings.gpu_blocks * bs
-        engine_config = EngineConfig(
-            block_size=bs, num_gpu_blocks=settings.gpu_blocks, max_model_len=capacity
-        )
-        self.engines = [Engine(engine_config) for _ in range(settings.workers)]
+        models = settings.worker_models()
+        self.engines = [Engine(m.config, m.timing) for m in models]
         self.clock = VirtualClock()
         self.driver = VirtualDriver(self.engines, self.clock, on_step=self._on_step)
         self.endpoints = [
             Endpoint(f"10.0.{i // 250}.{i % 250 + 1}:8000") for i in range(settings.workers)
         ]
-        for ep in self.endpoints:
+        for ep, model in zip(self.endpoints, models, strict=True):
             ep.metrics.block_size = bs
-            ep.metrics.num_gpu_blocks = settings.gpu_blocks
+            ep.metrics.num_gpu_blocks = model.config.num_gpu_blocks
         context = PluginContext(
             env={"DYNAMO_KV_BLOCK_SIZE": str(bs)},
             now=self.clock.now,
             rng_seed=settings.seed,
             requests_carry_tokens=True,
         )
-        plugins = load_epp_config(config_text, registry=bench_registry(), context=context)
-        self.scheduler: Scheduler = plugins.scheduler()
+        registry = bench_registry().extended(plugins)
+        loaded = load_epp_config(config_text, registry=registry, context=context)
+        self.scheduler: Scheduler = loaded.scheduler()
         self._event_targets = context.kv_events
         self.record = RunRecord(per_worker={ep.address: 0 for ep in self.endpoints})
         self._flights: dict[str, _Flight] = {}
@@ -223,7 +244,12 @@ class Replay:
         for sim in step.outputs:
             flight = flights[sim.request_id]
             if sim.num_output_tokens == 1:
-                record.ttft_s.append(end - flight.arrival)
+                ttft = end - flight.arrival
+                record.ttft_s.append(ttft)
+                flight.first_token = end
+                predicted = flight.llm.predicted_ttft_s
+                if predicted is not None:
+                    record.ttft_prediction_error.append(abs(predicted - ttft) / ttft)
                 self.scheduler.response_streaming(flight.llm, flight.result, True)
             else:
                 record.itl_s.append(end - flight.last_token)
@@ -252,6 +278,11 @@ class Replay:
         record.cached_tokens += sim.num_cached_tokens
         record.output_tokens += sim.num_output_tokens
         record.last_finish_s = max(record.last_finish_s, end)
+        predicted = flight.llm.predicted_itl_s
+        gaps = sim.num_output_tokens - 1
+        if predicted is not None and gaps > 0:
+            itl = (end - flight.first_token) / gaps
+            record.itl_prediction_error.append(abs(predicted - itl) / itl)
         info = ResponseInfo(
             status=200,
             streaming=True,
@@ -285,6 +316,8 @@ def replay_policy(
     settings: SimSettings,
     synth: TokenSynth | None = None,
     progress: ProgressSink | None = None,
+    *,
+    plugins: ExtraPlugins = (),
 ) -> RunRecord:
     """One policy's replay, with the cyclic garbage collector out of the way."""
     # Replay allocates millions of long-lived small objects (token lists, index entries, event
@@ -295,7 +328,7 @@ def replay_policy(
     gc.disable()
     try:
         synth = synth or TokenSynth(settings.seed)
-        return Replay(requests, config_text, settings, synth, progress).run()
+        return Replay(requests, config_text, settings, synth, progress, plugins=plugins).run()
     finally:
         gc.enable()
         gc.unfreeze()
@@ -310,7 +343,11 @@ def _init_child(queue: Any) -> None:
 
 
 def _child_replay(
-    name: str, requests: Sequence[TraceRequest], config_text: str, settings: SimSettings
+    name: str,
+    requests: Sequence[TraceRequest],
+    config_text: str,
+    settings: SimSettings,
+    plugins: ExtraPlugins,
 ) -> RunRecord:
     queue = _CHILD_STATE["queue"]
     step = max(1, len(requests) // 100)
@@ -323,7 +360,7 @@ def _child_replay(
         if done % step == 0 or done == len(requests):
             queue.put((name, done))
 
-    return replay_policy(requests, config_text, settings, synth, progress=report)
+    return replay_policy(requests, config_text, settings, synth, report, plugins=plugins)
 
 
 def simulate(
@@ -333,6 +370,7 @@ def simulate(
     *,
     jobs: int = 1,
     progress: TextIO | None = None,
+    plugins: ExtraPlugins = (),
 ) -> dict[str, RunRecord]:
     """Replay ``requests`` once per policy; records by policy name, in the order given.
 
@@ -350,7 +388,12 @@ def simulate(
         for name, text in configs.items():
             bar = bars[name]
             records[name] = replay_policy(
-                requests, text, settings, synth, None if bar is None else bar.update
+                requests,
+                text,
+                settings,
+                synth,
+                None if bar is None else bar.update,
+                plugins=plugins,
             )
         return records
     context = multiprocessing.get_context("spawn")
@@ -359,7 +402,7 @@ def simulate(
         max_workers=jobs, mp_context=context, initializer=_init_child, initargs=(queue,)
     ) as pool:
         futures = {
-            name: pool.submit(_child_replay, name, requests, text, settings)
+            name: pool.submit(_child_replay, name, requests, text, settings, tuple(plugins))
             for name, text in configs.items()
         }
         pending = set(futures.values())
@@ -379,90 +422,3 @@ def _drain(queue: Any, bars: dict[str, Progress | None]) -> None:
         bar = bars.get(name)
         if bar is not None:
             bar.update(done)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvgate simulate",
-        description="Replay a Mooncake trace in virtual time against simulated engines and "
-        "compare routing policies (the EPP's own scheduler and plugins).",
-    )
-    p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument(
-        "--policy",
-        default="kv",
-        help=f"comma-separated: {', '.join(POLICIES)}, all, or config:FILE (default: kv)",
-    )
-    p.add_argument("--block-size", type=int, default=16, help="engine KV block size (tokens)")
-    p.add_argument(
-        "--num-gpu-blocks",
-        type=int,
-        default=None,
-        help=f"KV blocks per worker (default: {MOONCAKE_WORKER_TOKENS} tokens / block size)",
-    )
-    p.add_argument("--event-delay-ms", type=float, default=0.0, help="KV event propagation delay")
-    p.add_argument("--scrape-interval-ms", type=float, default=50.0, help="metrics refresh")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace timestamps")
-    p.add_argument("--max-input-length", type=int, default=None, help="cut longer prompts")
-    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
-    p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="policies replayed in parallel processes (default: min(2, CPUs))",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    if names == ["all"]:
-        names = list(POLICIES)
-    try:
-        settings = SimSettings(
-            workers=args.workers,
-            block_size=args.block_size,
-            num_gpu_blocks=args.num_gpu_blocks,
-            event_delay_s=args.event_delay_ms / 1000.0,
-            scrape_interval_s=args.scrape_interval_ms / 1000.0,
-            seed=args.seed,
-        )
-        for name in names:
-            resolve_policy(name)
-        requests = load_mooncake(
-            args.trace,
-            time_scale=args.time_scale,
-            max_input_length=args.max_input_length,
-            limit=args.limit,
-        )
-        started = time.perf_counter()
-        records = simulate(
-            requests,
-            names,
-            settings,
-            jobs=args.jobs,
-            progress=None if args.quiet else sys.stderr,
-        )
-    except (OSError, ValueError, EppConfigError) as err:
-        print(f"kvgate simulate: {err}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - started
-    ideal = ideal_hit_rate(requests)
-    results: dict[str, PolicyMetrics] = {n: summarize(r) for n, r in records.items()}
-    print(table(results, ideal))
-    print(
-        f"{len(requests)} requests, {settings.workers} workers, {len(names)} policies "
-        f"in {elapsed:.1f} s",
-        file=sys.stderr,
-    )
-    if args.json is not None:
-        write_json(args.json, report_json(str(args.trace), ideal, results))
-    if args.plot is not None:
-        plot(args.plot, records, results, ideal, f"{args.trace} — {settings.workers} workers")
-    return 0

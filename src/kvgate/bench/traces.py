@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from kvgate.errors import InvalidInput
+
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_VOCAB = 32_000
 """Token ids drawn from [0, vocab); a Llama-like vocabulary size (any works)."""
@@ -42,7 +44,7 @@ class TraceRequest:
     hash_ids: tuple[int, ...]
 
 
-class TraceError(ValueError):
+class TraceError(InvalidInput):
     """A trace line is malformed; the message names the file and line."""
 
 
@@ -107,7 +109,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+def mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     # splitmix64's finaliser: a bijection whose every output bit depends on every input bit, so
     # neighbouring (block, position) pairs give unrelated tokens.
     x = (x ^ (x >> np.uint64(30))) * _M1
@@ -135,7 +137,7 @@ class TokenSynth:
         self.seed = seed
         self.vocab = vocab
         self.block_tokens = block_tokens
-        self._salt = _mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]
+        self._salt = mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]
         self._dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
         self._table = np.zeros((0, block_tokens), dtype=self._dtype)
 
@@ -146,7 +148,7 @@ class TokenSynth:
         positions = np.arange(self.block_tokens, dtype=np.uint64)
         with np.errstate(over="ignore"):
             keys = (ids[:, None] * np.uint64(self.block_tokens) + positions) ^ self._salt
-            fresh = (_mix64(keys) % np.uint64(self.vocab)).astype(self._dtype)
+            fresh = (mix64(keys) % np.uint64(self.vocab)).astype(self._dtype)
         self._table = np.concatenate([self._table, fresh])
 
     def tokens(self, request: TraceRequest) -> list[int]:

@@ -7,12 +7,12 @@ import argparse
 from pathlib import Path
 
 from kvgate.commands.support import add_log_level, run_server, setup_logging
+from kvgate.dynamo.epp import add_dynamo_arguments, dynamo_settings_from_args
 from kvgate.errors import ConfigError
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
-from kvgate.fleet.kubernetes import INSTANCE_ID_ANNOTATION, KubeConfigError
-from kvgate.fleet.sources import EndpointSpecError
-from kvgate.sync.replica import DEFAULT_NATS_URL
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION
+from kvgate.sync import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
 
@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--endpoints-file", type=Path, help="YAML/JSON endpoint list, watched")
     p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
     p.add_argument("--events-port", type=int, help="engines' KV-event port (tcp://<ip>:<port>)")
+    p.add_argument(
+        "--replay-port",
+        type=int,
+        help="engines' KV-event replay port (vLLM's replay_endpoint, tcp://<ip>:<port>), for "
+        "endpoints whose events come by --events-port: gaps refilled, history read on start",
+    )
     p.add_argument(
         "--events-bind", help="bind one SUB socket that engines connect to (e.g. tcp://*:5557)"
     )
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat (sent every lease/3) before a replica's load is "
         "dropped (default 3)",
     )
+    add_dynamo_arguments(p)
     add_log_level(p)
     return p
 
@@ -161,6 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         endpoints_file=args.endpoints_file,
         engine=args.engine,
         events_port=args.events_port,
+        replay_port=args.replay_port,
         events_bind=args.events_bind,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,
@@ -177,6 +185,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         router_id=args.replica_id,
         sync_heartbeat_s=args.replica_lease / 3,
         sync_lease_s=args.replica_lease,
+        dynamo=dynamo_settings_from_args(args),
     )
 
 
@@ -187,6 +196,5 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: settings_from_args(args),
         serve,
-        usage_errors=(ConfigError, EndpointSpecError, KubeConfigError),
         runtime_errors=(OSError,),
     )

@@ -8,10 +8,10 @@ import threading
 from pathlib import Path
 
 from kvgate.commands.support import RUNTIME_ERROR, USAGE_ERROR, fail
+from kvgate.errors import StartupError
 from kvgate.gateway.envoy_binary import EnvoyNotFound
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway
 from kvgate.gateway.status import status_line
-from kvgate.gateway.supervisor import StartupError
 
 PROG = "kvgate up"
 
@@ -40,9 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address")
     p.add_argument("--mode", choices=["kv", "standard"], default="kv")
+    p.add_argument(
+        "--routing",
+        choices=["kvgate", "dynamo"],
+        default="kvgate",
+        help="KV routing policy in kv mode: kvgate's predicted latency (default), or the "
+        "reference router's cost function (DYNAMO_* settings)",
+    )
     p.add_argument("--config", type=Path, help="EndpointPickerConfig for the EPP")
     p.add_argument(
-        "--body-transformer", choices=["ext-proc", "inline", "lua", "off"], default="off"
+        "--body-transformer",
+        choices=["ext-proc", "inline", "lua", "off"],
+        help="how nvext reaches the backend (default: inline with --backend dynamo, else off)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["sim", "dynamo"],
+        default="sim",
+        help="simulated engines, or a Dynamo frontend + mocker workers (needs kvgate[dynamo])",
+    )
+    p.add_argument(
+        "--dynamo-router-mode",
+        choices=["direct", "kv", "round-robin"],
+        help="the Dynamo frontend's router mode (default: kv with FailOpen, else direct)",
     )
     p.add_argument(
         "--prefill-workers",
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.endpoint and not 1 <= args.workers <= 64:
         return fail(PROG, "--workers must be in 1..64", USAGE_ERROR)
+    if args.backend == "dynamo" and args.endpoint:
+        return fail(PROG, "--backend dynamo starts its workers; drop --endpoint", USAGE_ERROR)
     if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
         return fail(PROG, "--prefill-workers must leave at least one decode worker", USAGE_ERROR)
     config = LocalGatewayConfig(
@@ -106,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         host=args.host,
         mode=args.mode,
+        routing=args.routing,
         config_file=args.config,
-        body_transformer=args.body_transformer,
+        body_transformer=args.body_transformer or ("inline" if args.backend == "dynamo" else "off"),
+        backend=args.backend,
+        dynamo_router_mode=args.dynamo_router_mode,
         failure_mode=args.failure_mode,
         tokenizer=args.tokenizer,
         block_size=args.block_size,

@@ -1,27 +1,7 @@
-"""KV-cache events: the write side of the prefix index (decode, subscribe, track sequences)."""
+"""KV-cache events: the write side of the prefix index (decode, subscribe, track sequences).
 
-from kvgate.events.decode import MalformedEvent, decode_batch, parse_seq
-from kvgate.events.subscriber import (
-    EventSink,
-    KvEventSubscriber,
-    SubscriberConfig,
-    SubscriberStats,
-    WorkerStats,
-)
-from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KvEvent
-
-__all__ = [
-    "AllBlocksCleared",
-    "BlockRemoved",
-    "BlockStored",
-    "EventBatch",
-    "EventSink",
-    "KvEvent",
-    "KvEventSubscriber",
-    "MalformedEvent",
-    "SubscriberConfig",
-    "SubscriberStats",
-    "WorkerStats",
-    "decode_batch",
-    "parse_seq",
-]
+`kvgate.events.types` is the vocabulary shared with the read side (the index) and the engines
+that publish (the simulator): it imports nothing beyond the standard library. This package
+re-exports nothing, so that importing the types never loads the transport (ZMQ, msgpack) of
+`decode`, `subscriber` and `replay`.
+"""

@@ -15,7 +15,7 @@ Sources
 Ordering and sequence numbers
     One reader task per socket, and every worker's messages come through exactly one socket, so
     each worker's events reach the sink in arrival order. Per (worker, data-parallel rank) the
-    subscriber tracks the publisher's ``seq``:
+    subscriber tracks the publisher's ``seq`` (`kvgate.events.sequence` tells the cases apart):
 
     - a source with a replay endpoint is asked for its buffered history as soon as it is added
       (kvgate restarted next to engines that served before); live batches the replay already
@@ -54,15 +54,17 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 import zmq
 import zmq.asyncio
 
 from kvgate.events.decode import MalformedEvent, decode_batch, parse_seq
 from kvgate.events.replay import ReplayError, fetch_replay, offset_endpoint_port
+from kvgate.events.sequence import SequenceTracker, SeqVerdict, is_unbroken, replay_shortfall
 from kvgate.events.types import BlockRemoved, BlockStored, EventBatch, KvEvent
 from kvgate.service import Service
+from kvgate.settings import Range, check_ranges
 
 __all__ = [
     "EventSink",
@@ -91,32 +93,23 @@ class EventSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SubscriberConfig:
-    block_size: int
+    block_size: Annotated[int, Range(ge=1)]
     """Tokens per KV block kvgate hashes with; BlockStored events of any other size are refused."""
     block_size_setting: str = "DYNAMO_KV_BLOCK_SIZE"
     """Name of the kvgate setting quoted in the block-size mismatch error."""
-    rcvhwm: int = 100_000
+    rcvhwm: Annotated[int, Range(ge=0)] = 100_000
     """SUB receive high-water mark, in messages. ZMQ's default (1,000) drops bursts; vLLM's
     publisher uses 100,000. Worst case memory ~ rcvhwm x batch size (a few hundred bytes each)."""
-    replay_timeout_s: float = 2.0
+    replay_timeout_s: Annotated[float, Range(gt=0)] = 2.0
     """Total time allowed for one gap replay before the worker is cleared instead."""
-    max_drain: int = 1_000
+    max_drain: Annotated[int, Range(ge=1)] = 1_000
     """Messages handled per wakeup of a socket's reader before it yields to the event loop: large
     enough that a burst costs few loop round trips, small enough not to starve other tasks."""
-    warn_interval_s: float = 10.0
+    warn_interval_s: Annotated[float, Range(ge=0)] = 10.0
     """Minimum interval between two warnings of the same kind (malformed, unknown topic, ...)."""
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.rcvhwm < 0:
-            raise ValueError(f"rcvhwm must be >= 0 (0 = unlimited), got {self.rcvhwm}")
-        if self.replay_timeout_s <= 0:
-            raise ValueError(f"replay_timeout_s must be positive, got {self.replay_timeout_s}")
-        if self.max_drain < 1:
-            raise ValueError(f"max_drain must be >= 1, got {self.max_drain}")
-        if self.warn_interval_s < 0:
-            raise ValueError(f"warn_interval_s must be >= 0, got {self.warn_interval_s}")
+        check_ranges(self)
 
 
 @dataclass(slots=True)
@@ -172,25 +165,14 @@ class SubscriberStats:
         return total
 
 
-@dataclass(slots=True)
-class _Stream:
-    """Sequence state of one publisher (one worker's data-parallel rank)."""
-
-    last: int
-    """Seq of the last batch applied, or accounted for by a reset."""
-    overlap: bool = False
-    """Set after a start-up replay: live batches up to ``last`` were buffered by the socket
-    meanwhile and are already applied, so they are skipped rather than taken for a restart."""
-
-
 class _Worker:
     __slots__ = (
         "active",
         "mismatch_reported",
         "name",
         "replay_endpoint",
+        "seqs",
         "stats",
-        "streams",
         "unknown_reported",
     )
 
@@ -198,7 +180,7 @@ class _Worker:
         self.name = name
         self.replay_endpoint = replay_endpoint
         self.stats = WorkerStats()
-        self.streams: dict[int | None, _Stream] = {}
+        self.seqs = SequenceTracker()
         # Cleared when the source is removed; checked after every await so a removed worker gets
         # no further sink calls.
         self.active = True
@@ -461,10 +443,10 @@ class KvEventSubscriber(Service):
             logger.info("worker %s: no start-up replay (%s); backfilling at its first batch",
                         worker.name, exc)  # fmt: skip
             return
-        if not worker.active or worker.streams or not batches:
+        if not worker.active or worker.seqs.started or not batches:
             return  # live batches came first (their backfill covers this), or nothing to know
         seqs = [b.seq for b in batches]
-        if seqs != list(range(seqs[0], seqs[0] + len(seqs))) or any(
+        if not is_unbroken(seqs) or any(
             b.data_parallel_rank != batches[0].data_parallel_rank for b in batches
         ):
             logger.info("worker %s: start-up replay is not one unbroken stream; backfilling at "
@@ -472,7 +454,7 @@ class KvEventSubscriber(Service):
             return
         for batch in batches:
             self._apply(worker, batch)
-        worker.streams[batches[0].data_parallel_rank] = _Stream(seqs[-1], overlap=True)
+        worker.seqs.replayed(batches[0].data_parallel_rank, seqs[-1])
         worker.stats.backfills += 1
         logger.info(
             "worker %s: index rebuilt from its replay buffer at start-up (batches %d..%d)%s",
@@ -577,42 +559,30 @@ class KvEventSubscriber(Service):
         except MalformedEvent as exc:
             self._malformed(worker, str(exc))
             return None
-        seq = batch.seq
-        stream = worker.streams.get(batch.data_parallel_rank)
-        if stream is None:
-            stream = worker.streams[batch.data_parallel_rank] = _Stream(seq)
-            if seq > 0:
-                # Joining a stream already under way (kvgate restarted, or the worker is older
-                # than this subscriber): what the worker cached before is in its replay buffer.
-                return self._backfill(worker, stream, batch)
+        verdict, previous = worker.seqs.observe(batch.data_parallel_rank, batch.seq)
+        if verdict is SeqVerdict.NEXT or verdict is SeqVerdict.FIRST:
             self._apply(worker, batch)
-            return None
-        if seq == stream.last + 1:
-            stream.last = seq
-            stream.overlap = False
-            self._apply(worker, batch)
-            return None
-        if seq <= stream.last and stream.overlap:
-            return None
-        stream.overlap = False
-        if seq <= stream.last:
+        elif verdict is SeqVerdict.JOINED:
+            # Joining a stream already under way (kvgate restarted, or the worker is older than
+            # this subscriber): what the worker cached before is in its replay buffer.
+            return self._backfill(worker, batch)
+        elif verdict is SeqVerdict.RESTARTED:
             logger.warning(
                 "worker %s restarted its KV event stream (seq %d after %d, dp rank %s): "
                 "dropping its blocks and following the new stream",
                 worker.name,
-                seq,
-                stream.last,
+                batch.seq,
+                previous,
                 batch.data_parallel_rank,
             )
             self._reset(worker)
-            stream.last = seq
             self._apply(worker, batch)
-            return None
-        worker.stats.gaps += 1
-        return self._fill_gap(worker, stream, batch)
+        elif verdict is SeqVerdict.GAP:
+            worker.stats.gaps += 1
+            return self._fill_gap(worker, previous + 1, batch)
+        return None
 
-    async def _fill_gap(self, worker: _Worker, stream: _Stream, batch: EventBatch) -> None:
-        first_missing = stream.last + 1
+    async def _fill_gap(self, worker: _Worker, first_missing: int, batch: EventBatch) -> None:
         replayed: list[EventBatch] | None = None
         reason = "no replay endpoint is configured for it"
         if worker.replay_endpoint is not None:
@@ -636,10 +606,9 @@ class KvEventSubscriber(Service):
                 batch.seq,
             )
             self._reset(worker)
-        stream.last = batch.seq
         self._apply(worker, batch)
 
-    async def _backfill(self, worker: _Worker, stream: _Stream, batch: EventBatch) -> None:
+    async def _backfill(self, worker: _Worker, batch: EventBatch) -> None:
         reason = "no replay endpoint is configured for it"
         replayed: list[EventBatch] | None = None
         if worker.replay_endpoint is not None:
@@ -669,7 +638,6 @@ class KvEventSubscriber(Service):
                 batch.seq,
                 reason,
             )
-        stream.last = batch.seq
         self._apply(worker, batch)
 
     async def _replay(
@@ -682,10 +650,9 @@ class KvEventSubscriber(Service):
     ) -> tuple[list[EventBatch] | None, str]:
         """The missing batches, in order, or None and why they could not all be had.
 
-        ``allow_late_start``: the replay may begin after ``first_missing`` (a bounded buffer no
-        longer holds the oldest batches); it must still run unbroken up to ``batch``. Missing
-        the oldest batches only loses blocks, never leaves stale ones: a removal is always
-        later than the store it undoes."""
+        ``allow_late_start`` (see `replay_shortfall`) is safe for a backfill: missing the oldest
+        batches only loses blocks, never leaves stale ones, as a removal is always later than
+        the store it undoes."""
         assert worker.replay_endpoint is not None
         try:
             endpoint = offset_endpoint_port(worker.replay_endpoint, batch.data_parallel_rank)
@@ -698,13 +665,16 @@ class KvEventSubscriber(Service):
             )
         except (ReplayError, ValueError) as exc:
             return None, f"the replay failed ({exc})"
+        shortfall = replay_shortfall(
+            [seq for seq, _ in payloads],
+            first_missing,
+            batch.seq,
+            allow_late_start=allow_late_start,
+        )
+        if shortfall is not None:
+            return None, shortfall
         replayed: list[EventBatch] = []
-        start = first_missing
-        if allow_late_start and payloads and payloads[0][0] > first_missing:
-            start = payloads[0][0]
-        for expected, (seq, payload) in enumerate(payloads, start=start):
-            if seq != expected:
-                return None, f"the replay skipped from {expected} to {seq} (buffer too short?)"
+        for seq, payload in payloads:
             try:
                 missing = decode_batch(seq, payload, worker.on_unknown_event)
             except MalformedEvent as exc:
@@ -712,8 +682,6 @@ class KvEventSubscriber(Service):
             if missing.data_parallel_rank != batch.data_parallel_rank:
                 return None, f"replayed batch {seq} belongs to another data-parallel rank"
             replayed.append(missing)
-        if start + len(replayed) != batch.seq:
-            return None, f"the replay stopped at {start + len(replayed) - 1}"
         return replayed, ""
 
     def _apply(self, worker: _Worker, batch: EventBatch) -> None:

@@ -21,29 +21,29 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from kvgate.dynamo.epp import DynamoEppSettings, start_dynamo_discovery
 from kvgate.events.subscriber import KvEventSubscriber, SubscriberConfig
 from kvgate.extproc.epp import Director, EppOptions, process_stream
 from kvgate.extproc.listeners import EXT_PROC_SERVICE, serve_ext_proc, serve_health, serve_http
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
-from kvgate.fleet.kubernetes import (
-    INSTANCE_ID_ANNOTATION,
-    KubeConfig,
-    PoolDiscovery,
-)
+from kvgate.fleet.kube_api import KubeConfig
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.objectives import ObjectiveWatch
+from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
     parse_endpoints_flag,
 )
+from kvgate.scheduling.active import LoadColumns
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
 from kvgate.scheduling.scheduler import PluginTimings, Scheduler
 from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.service import StackedService
-from kvgate.sync.replica import (
+from kvgate.sync import (
     DEFAULT_NATS_URL,
     ReplicaSync,
     ReplicaSyncConfig,
@@ -68,6 +68,8 @@ class EppSettings:
     endpoints_file: Path | None = None
     engine: str = "vllm"
     events_port: int | None = None
+    replay_port: int | None = None
+    """With ``events_port``: every engine's replay socket (``tcp://<endpoint ip>:<port>``)."""
     events_bind: str | None = None
     """Bind one central SUB socket here that engines connect to (topic ``kv@<ip:port>@...``)."""
     pool_name: str | None = None
@@ -90,6 +92,8 @@ class EppSettings:
     router_id: str | None = None
     sync_heartbeat_s: float = 1.0
     sync_lease_s: float = 3.0
+    dynamo: DynamoEppSettings | None = None
+    """Endpoints are Dynamo workers learned from Dynamo; requests go to its frontends."""
 
 
 class EppRuntime(StackedService):
@@ -113,7 +117,11 @@ class EppRuntime(StackedService):
 
     async def _start(self) -> None:
         s = self.settings
-        defaults = EndpointDefaults(engine=s.engine, events_port=s.events_port)  # type: ignore[arg-type]
+        defaults = EndpointDefaults(
+            engine=s.engine,  # type: ignore[arg-type]
+            events_port=s.events_port,
+            replay_port=s.replay_port,
+        )
         tokenizer = None
         if s.tokenizer:
             from kvgate.tokens import ModelTokenizer
@@ -157,7 +165,14 @@ class EppRuntime(StackedService):
         await scraper.start()
         self._stack.push_async_callback(scraper.aclose)
 
-        if s.pool_name:
+        if s.dynamo is not None:
+            await start_dynamo_discovery(
+                self._stack,
+                self.endpoints,
+                s.dynamo,
+                frontend_pool=self._pool_discovery if s.pool_name else None,
+            )
+        elif s.pool_name:
             discovery = PoolDiscovery(
                 self.endpoints,
                 KubeConfig.load(s.kubeconfig),
@@ -174,6 +189,13 @@ class EppRuntime(StackedService):
             self._stack.push_async_callback(watcher.aclose)
         else:
             self.endpoints.replace(parse_endpoints_flag(s.endpoints, defaults))
+        if s.pool_name:
+            # The pool's InferenceObjectives, live, over the --objectives flag's priorities.
+            objectives = ObjectiveWatch(
+                s.options.priorities, KubeConfig.load(s.kubeconfig), s.pool_name, s.pool_namespace
+            )
+            await objectives.start()
+            self._stack.push_async_callback(objectives.aclose)
 
         director = self.director = Director(
             self.endpoints,
@@ -182,7 +204,9 @@ class EppRuntime(StackedService):
             self.metrics,
             saturation=self.plugins.saturation_detector.is_saturated,
         )
-        self.metrics.watch(self.endpoints, s.pool_name or "kvgate", self._gauges())
+        self.metrics.watch(
+            self.endpoints, s.pool_name or "kvgate", self._gauges(), self._booked_load
+        )
         self.metrics.watch_process()
         await self._serve_grpc(director)
         await self._serve_health()
@@ -191,6 +215,19 @@ class EppRuntime(StackedService):
         self._update_readiness()
         liveness = asyncio.get_running_loop().create_task(self._watch_liveness())
         self._stack.push_async_callback(_cancel, liveness)
+
+    def _pool_discovery(self, endpoints: EndpointSet) -> PoolDiscovery:
+        """The InferencePool's pods; with a Dynamo backend, its frontends."""
+        s = self.settings
+        assert s.pool_name is not None
+        return PoolDiscovery(
+            endpoints,
+            KubeConfig.load(s.kubeconfig),
+            s.pool_name,
+            s.pool_namespace,
+            EndpointDefaults(engine=s.engine),  # type: ignore[arg-type]
+            instance_id_annotation=s.instance_id_annotation,
+        )
 
     async def _start_replica_sync(self) -> None:
         s = self.settings
@@ -293,6 +330,16 @@ class EppRuntime(StackedService):
                     log.info("worker %s answers again", endpoint.address)
                     scheduler.endpoints_changed([endpoint], [])
             down &= {ep.address for ep in self.endpoints}
+
+    def _booked_load(self, workers: list[str]) -> LoadColumns:
+        """The load the KV scorers booked per worker, summed over them (usually one)."""
+        n = len(workers)
+        columns: LoadColumns = ([0] * n, [0] * n, [0] * n, [0] * n)
+        for owner in self.shared_load.owners.values():
+            for total, part in zip(columns, owner.router.active.loads(workers), strict=True):
+                for i, value in enumerate(part):
+                    total[i] += value
+        return columns
 
     def _gauges(self) -> dict[str, tuple[str, Any]]:
         def index_blocks() -> float:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from kvgate.fleet.endpoint import EndpointSet
+    from kvgate.scheduling.active import LoadColumns
     from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
     from kvgate.scheduling.services import Stage
 
@@ -53,6 +54,61 @@ class _PoolCollector(Collector):
         )
         queue.add_metric([self._pool], sum(e.metrics.waiting for e in eps) / len(eps) if eps else 0)
         return [ready, kv, queue]
+
+
+class _EndpointCollector(Collector):
+    """Per-endpoint gauges computed at scrape time: what the engine's metrics said (queue,
+    running batch, KV usage) and what this picker has booked there (in flight, prompt tokens
+    waiting for prefill) — the two views the routing decision weighs."""
+
+    def __init__(self, endpoints: EndpointSet, load: Callable[[list[str]], LoadColumns]) -> None:
+        self._endpoints = endpoints
+        self._load = load
+
+    def collect(self) -> Iterable[Metric]:
+        eps = self._endpoints.snapshot()
+        addresses = [ep.address for ep in eps]
+        pending, _, in_flight, _ = self._load(addresses)
+        families = {
+            "waiting": GaugeMetricFamily(
+                "kvgate_endpoint_waiting_requests",
+                "Requests waiting in the engine's queue (its metrics)",
+                labels=["endpoint"],
+            ),
+            "running": GaugeMetricFamily(
+                "kvgate_endpoint_running_requests",
+                "Requests in the engine's running batch (its metrics)",
+                labels=["endpoint"],
+            ),
+            "kv": GaugeMetricFamily(
+                "kvgate_endpoint_kv_cache_usage",
+                "Fraction of the engine's KV cache in use (its metrics)",
+                labels=["endpoint"],
+            ),
+            "in_flight": GaugeMetricFamily(
+                "kvgate_endpoint_booked_requests",
+                "Requests this picker (and its synced replicas) booked there and not yet complete",
+                labels=["endpoint"],
+            ),
+            "pending": GaugeMetricFamily(
+                "kvgate_endpoint_pending_prefill_tokens",
+                "Prompt tokens booked there whose prefill has not finished",
+                labels=["endpoint"],
+            ),
+        }
+        for ep, p, f in zip(eps, pending, in_flight, strict=True):
+            m = ep.metrics
+            families["waiting"].add_metric([ep.address], m.waiting)
+            families["running"].add_metric([ep.address], m.running)
+            families["kv"].add_metric([ep.address], m.kv_usage)
+            families["in_flight"].add_metric([ep.address], f)
+            families["pending"].add_metric([ep.address], p)
+        return list(families.values())
+
+
+def _no_load(workers: list[str]) -> LoadColumns:
+    zeros = [0] * len(workers)
+    return zeros, zeros, zeros, zeros
 
 
 class EppMetrics:
@@ -118,8 +174,15 @@ class EppMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._stage_children: dict[str, Histogram] = {}
         self.decisions = Counter(
             "kvgate_decisions", "Routing decisions per endpoint", ["endpoint"], registry=r
+        )
+        self.profile_decisions = Counter(
+            "kvgate_profile_decisions",
+            "Endpoint picked per scheduling profile (disaggregated serving: prefill and decode)",
+            ["profile", "endpoint"],
+            registry=r,
         )
         self.rejections = Counter(
             "kvgate_rejections", "Requests refused by the picker", ["code", "reason"], registry=r
@@ -176,7 +239,12 @@ class EppMetrics:
     # -- what plugins report (kvgate.scheduling.services.SchedulingMetrics) -----------------
 
     def stage(self, stage: Stage, seconds: float) -> None:
-        self.stage_duration.labels(stage).observe(seconds)
+        # Several stages per request: the child looked up once per stage name (a handful, fixed)
+        # instead of through labels(), which validates and locks on every call.
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_duration.labels(stage)
+        child.observe(seconds)
 
     def picked(self, overlap_blocks: int, best_overlap_blocks: int, block_size: int) -> None:
         self.predicted_overlap.observe(overlap_blocks)
@@ -199,10 +267,12 @@ class EppMetrics:
         endpoints: EndpointSet,
         pool: str,
         gauges: dict[str, tuple[str, Callable[[], float]]],
+        load: Callable[[list[str]], LoadColumns] = _no_load,
     ) -> None:
-        """Register pool gauges and named gauges read at scrape time (index size, event
-        counters)."""
+        """Register pool and per-endpoint gauges and named gauges read at scrape time (index
+        size, event counters); ``load`` gives the booked load per endpoint."""
         self.registry.register(_PoolCollector(endpoints, pool))
+        self.registry.register(_EndpointCollector(endpoints, load))
         for name, (help_, read) in gauges.items():
             gauge = Gauge(name, help_, registry=self.registry)
             gauge.set_function(read)
@@ -220,6 +290,9 @@ class EppMetrics:
         self.scheduler_duration.observe(seconds)
         self.stage_duration.labels("total").observe(seconds)
         self.decisions.labels(result.endpoint.address).inc()
+        for profile, chosen in result.profiles.items():
+            if chosen.endpoints:
+                self.profile_decisions.labels(profile, chosen.endpoints[0].address).inc()
         if request.tokens is not None:
             self.input_tokens.labels(request.model, request.model).observe(len(request.tokens))
 

@@ -1,9 +1,10 @@
 """Endpoints (workers) as the scheduler sees them, and the live set of them.
 
-An endpoint is identified by its ``address`` (``ip:port``): the value Envoy routes to, the key of
-the prefix index and of every per-worker table. Discovery (a static list, a watched file,
-Kubernetes) replaces the set; listeners hear who joined and who left so that per-worker state (KV
-events subscription, index entries, in-flight load) follows.
+An endpoint is identified by its ``address`` (``ip:port``): the key of the prefix index and of
+every per-worker table, and the value Envoy routes to unless the endpoint names another
+``destination`` (a Dynamo worker is reached through its frontend). Discovery (a static list, a
+watched file, Kubernetes, Dynamo) replaces the set; listeners hear who joined and who left so that
+per-worker state (KV events subscription, index entries, in-flight load) follows.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class EndpointMetrics:
 @dataclass(slots=True, eq=False)
 class Endpoint:
     address: str
-    """``ip:port`` that Envoy routes to; the worker's identity everywhere in kvgate."""
+    """``ip:port``: the worker's identity everywhere in kvgate (index, load, events, metrics);
+    also where Envoy routes unless ``destination`` is set."""
     instance_id: int | None = None
     """Dynamo-style integer worker id for ``x-worker-instance-id``; None: derived from address."""
     engine: EngineType = "vllm"
@@ -50,6 +52,15 @@ class Endpoint:
     """ZMQ endpoint of the engine's KV-event publisher (``tcp://ip:port``), if subscribed to."""
     replay_endpoint: str | None = None
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    destination: str | None = None
+    """``ip:port`` Envoy sends this worker's requests to when that is not the worker itself: a
+    Dynamo frontend, which forwards to the worker named by ``x-worker-instance-id``. None: the
+    address. Not part of the identity: a new destination keeps the worker's state."""
+
+    @property
+    def route_address(self) -> str:
+        """Where requests picked for this worker go (``x-gateway-destination-endpoint``)."""
+        return self.destination or self.address
 
     @property
     def ip(self) -> str:
@@ -132,6 +143,7 @@ class EndpointSet:
         for address, ep in incoming.items():
             current = self._by_address.get(address)
             if current is not None and current.same_spec(ep):
+                current.destination = ep.destination
                 merged[address] = current
                 continue
             if current is not None:

@@ -1,29 +1,18 @@
 """Poll every endpoint's Prometheus metrics into `Endpoint.metrics` (the EPP's data layer).
 
-What is read, per engine (`ENGINE_METRICS`)
-    queue length, running requests, KV-cache usage (0..1), the cache configuration (block size
-    and number of blocks) and, for vLLM, the LoRA adapters. Several series of one metric (vLLM
-    labels by ``model_name`` and ``engine``, the data-parallel engine index; SGLang by rank) are
-    one endpoint behind one address, so counts are **summed** and the KV usage is **averaged**
-    (the ranks of one endpoint have equal caches, and its internal balancer spreads over all of
-    them). Info metrics whose value is a timestamp (``vllm:lora_requests_info``) take the sample
-    with the greatest value; other info metrics take the first sample.
-
-    A scrape that shows none of the engine's queue, running and usage metrics fails (wrong engine
-    type or path). One that misses only some of them reads the missing ones as 0 and warns once per
-    endpoint and metric: an engine may register a gauge only when it first has a value.
+What is read
+    See `kvgate.fleet.engine_metrics` (names per engine, how series add up) and
+    `kvgate.fleet.prometheus_text` (the parser). A partial exposition warns once per endpoint and
+    missing metric.
 
 Cost
-    Engines render every family they have (vLLM: tens of KB of histograms) unless asked for a
-    few, so requests carry ``name[]=`` parameters, which prometheus_client's exposition apps
-    (mounted by vLLM and SGLang) honour; servers that ignore them answer in full, which is only
-    slower. An answer that lacks the wanted families altogether (prometheus_client 0.2x leaves
-    collectors that describe nothing, such as vLLM's multiprocess one, out of filtered answers)
-    switches that endpoint to unfiltered scrapes. The body is asked uncompressed: gzip would make
-    the engine compress every answer to save bandwidth that does not matter inside a cluster. One
-    `aiohttp.ClientSession` with keep-alive serves all endpoints. The parser looks only at the
-    lines of the wanted names (``str.find``, C speed) and caches the parse of info labels, which
-    repeat scrape after scrape. Measured (``python -m tests.fleet.bench_scraper``): about 0.5 ms
+    Engines render every family they have unless asked for a few, so requests carry ``name[]=``
+    parameters, which prometheus_client's exposition apps (mounted by vLLM and SGLang) honour;
+    servers that ignore them answer in full, which is only slower. An answer that lacks the
+    wanted families altogether (prometheus_client 0.2x leaves collectors that describe nothing,
+    such as vLLM's multiprocess one, out of filtered answers) switches that endpoint to unfiltered
+    scrapes. Pages are fetched through a `MetricsTransport` (production: one keep-alive aiohttp
+    session for all endpoints). Measured (``python benchmarks/bench_scraper.py``): about 0.5 ms
     of CPU per scrape, nearly all of it in aiohttp and the event loop.
 
 Timing and staleness
@@ -45,287 +34,58 @@ Everything runs on the caller's event loop; the endpoint set must be changed fro
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import math
-import re
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Annotated
 
-import aiohttp
 from yarl import URL
 
-from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, EndpointSet, EngineType
+from kvgate.errors import ConfigError
+from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, EndpointSet
+from kvgate.fleet.engine_metrics import ENGINE_METRICS, NoEngineMetricsError, read_metrics
+from kvgate.fleet.scrape_transport import AiohttpTransport, MetricsTransport
 from kvgate.service import Service
+from kvgate.settings import Range, check_ranges
 
 __all__ = [
-    "ENGINE_METRICS",
     "EndpointScrapeStats",
-    "EngineMetricNames",
-    "MetricsParseError",
     "MetricsScraper",
-    "NoEngineMetricsError",
     "ScraperConfig",
     "ScraperStats",
-    "parse_labels",
-    "read_metrics",
-    "scan_samples",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-# -- Prometheus text --------------------------------------------------------------------------
-
-
-class MetricsParseError(ValueError):
-    """A scrape that cannot be read: a malformed line of a wanted metric, a bad value."""
-
-
-class NoEngineMetricsError(MetricsParseError):
-    """The scrape has none of the engine's core metrics (wrong engine type, path, or filter)."""
-
-
-RawSample = tuple[str, float]
-"""(the text between a sample's braces, unparsed; its value)."""
-
-# Possessive quantifiers (Python 3.11+): the alternatives cannot overlap, so giving back
-# characters never helps, and without them sre backtracks per character (8x slower).
-_LABEL: Final = re.compile(
-    r'[ \t]*+([a-zA-Z_][a-zA-Z0-9_]*+)[ \t]*+=[ \t]*+"((?:[^"\\\n]++|\\.)*+)"'
-)
-_LABEL_SEP: Final = re.compile(r"[ \t]*+(?:,|\Z)")
-_ESCAPE: Final = re.compile(r'\\[\\n"]')
-_UNESCAPED: Final = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
-
-
-def _line_starts(text: str, name: str) -> Iterator[int]:
-    if text.startswith(name):
-        yield 0
-    needle = "\n" + name
-    at = text.find(needle)
-    while at != -1:
-        yield at + 1
-        at = text.find(needle, at + 1)
-
-
-def scan_samples(text: str, names: Iterable[str]) -> dict[str, list[RawSample]]:
-    """The samples of each of `names` in a Prometheus text exposition, in order.
-
-    Only lines starting with a wanted name are looked at, and only with ``str`` methods (C speed):
-    the closing brace of a sample's labels is the last ``}`` of its line, since neither the value
-    nor the timestamp can hold one. Label text is returned unparsed, and so unchecked, because most
-    readers need only values (see `parse_labels`). Quoted metric names (``{"name", ...}``, the
-    UTF-8 extension) and indented lines are not recognised. Raises `MetricsParseError` for a
-    wanted line whose value cannot be read.
-    """
-    found: dict[str, list[RawSample]] = {}
-    for name in names:
-        samples: list[RawSample] = []
-        for start in _line_starts(text, name):
-            after = start + len(name)
-            end = text.find("\n", after)
-            line = text[after:] if end == -1 else text[after:end]
-            # The name must end here: vllm:num_requests_waiting is not ..._waiting_by_reason.
-            if line[:1] not in ("{", " ", "\t"):
-                continue
-            labels = ""
-            rest = line
-            if line.lstrip(" \t").startswith("{"):
-                close = line.rfind("}")
-                if close == -1:
-                    raise MetricsParseError(f"{name}: unclosed labels in {line[:200]!r}")
-                labels = line[line.index("{") + 1 : close]
-                rest = line[close + 1 :]
-            fields = rest.split()
-            if not 1 <= len(fields) <= 2 or "_" in fields[0]:
-                # ("_": float() takes "1_0", the exposition format does not.)
-                raise MetricsParseError(f"{name}: cannot read the sample {line[:200]!r}")
-            try:
-                value = float(fields[0])
-            except ValueError:
-                raise MetricsParseError(f"{name}: bad sample value {fields[0]!r}") from None
-            samples.append((labels, value))
-        if samples:
-            found[name] = samples
-    return found
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    """Labels of a sample from the text between its braces (escapes resolved)."""
-    labels: dict[str, str] = {}
-    at = 0
-    end = len(text.rstrip(" \t"))
-    while at < end:
-        match = _LABEL.match(text, at)
-        sep = None if match is None else _LABEL_SEP.match(text, match.end())
-        if match is None or sep is None:
-            raise MetricsParseError(f"bad labels {{{text[:200]}}}")
-        value = match[2]
-        labels[match[1]] = (
-            _ESCAPE.sub(lambda m: _UNESCAPED[m[0]], value) if "\\" in value else value
-        )
-        at = sep.end()
-    return labels
-
-
-# -- per-engine names -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EngineMetricNames:
-    path: str
-    waiting: str
-    running: str
-    kv_usage: tuple[str, ...]
-    """Candidates in order of preference (newer name first)."""
-    cache_info: str | None = None
-    block_size_label: str = ""
-    num_blocks_label: str = ""
-    block_size_flag: str = ""
-    """The engine's command-line flag for its block size, quoted in the mismatch error."""
-    lora_info: str | None = None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        extra = (self.cache_info, self.lora_info)
-        return (self.waiting, self.running, *self.kv_usage, *(n for n in extra if n is not None))
-
-
-ENGINE_METRICS: Final[dict[EngineType, EngineMetricNames]] = {
-    "vllm": EngineMetricNames(
-        path="/metrics",
-        waiting="vllm:num_requests_waiting",
-        running="vllm:num_requests_running",
-        kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        cache_info="vllm:cache_config_info",
-        block_size_label="block_size",
-        num_blocks_label="num_gpu_blocks",
-        block_size_flag="--block-size",
-        lora_info="vllm:lora_requests_info",
-    ),
-    "sglang": EngineMetricNames(
-        path="/metrics",
-        waiting="sglang:num_queue_reqs",
-        running="sglang:num_running_reqs",
-        kv_usage=("sglang:token_usage",),
-        cache_info="sglang:cache_config_info",
-        block_size_label="page_size",
-        num_blocks_label="num_pages",
-        block_size_flag="--page-size",
-    ),
-    "trtllm": EngineMetricNames(
-        path="/prometheus/metrics",
-        waiting="trtllm_num_requests_waiting",
-        running="trtllm_num_requests_running",
-        kv_usage=("trtllm_kv_cache_utilization",),
-    ),
-}
-
-
-def _int_label(labels: dict[str, str], key: str) -> int | None:
-    value = labels.get(key, "")
-    # vLLM renders unset config fields as "None".
-    return int(value) if value.isascii() and value.isdigit() else None
-
-
-def _adapters(labels: dict[str, str], key: str) -> frozenset[str]:
-    return frozenset(name for name in labels.get(key, "").split(",") if name)
-
-
-# The label text of info metrics is the same scrape after scrape, and parsing it would be most of
-# a scrape's parsing cost. An entry is a few hundred bytes: the caches stay well under 1 MB.
-@functools.lru_cache(maxsize=1024)
-def _cache_config(text: str, names: EngineMetricNames) -> tuple[int | None, int | None]:
-    labels = parse_labels(text)
-    return _int_label(labels, names.block_size_label), _int_label(labels, names.num_blocks_label)
-
-
-@functools.lru_cache(maxsize=1024)
-def _lora_config(text: str) -> tuple[int | None, frozenset[str], frozenset[str]]:
-    labels = parse_labels(text)
-    return (
-        _int_label(labels, "max_lora"),
-        _adapters(labels, "running_lora_adapters"),
-        _adapters(labels, "waiting_lora_adapters"),
-    )
-
-
-def _total(found: dict[str, list[RawSample]], name: str) -> float:
-    total = sum(value for _, value in found.get(name, ()))
-    if not math.isfinite(total):
-        raise MetricsParseError(f"{name} is {total}")
-    return total
-
-
-def read_metrics(text: str, names: EngineMetricNames) -> tuple[EndpointMetrics, list[str]]:
-    """The endpoint metrics in a scrape, and the core metrics it lacked (read as 0).
-
-    Raises `MetricsParseError` when a wanted line is malformed or none of the core metrics
-    (waiting, running, usage) is there. ``updated_at`` and ``stale`` are left for the caller.
-    """
-    found = scan_samples(text, names.names)
-    usage_name = next((n for n in names.kv_usage if n in found), None)
-    missing = [n for n in (names.waiting, names.running) if n not in found]
-    if usage_name is None:
-        missing.append(" or ".join(names.kv_usage))
-    if len(missing) == 3:
-        raise NoEngineMetricsError(f"none of {', '.join(missing)} is exposed")
-    metrics = EndpointMetrics(
-        waiting=round(_total(found, names.waiting)), running=round(_total(found, names.running))
-    )
-    if usage_name is not None:
-        metrics.kv_usage = _total(found, usage_name) / len(found[usage_name])
-    cache = found.get(names.cache_info or "")
-    if cache:
-        metrics.block_size, metrics.num_gpu_blocks = _cache_config(cache[0][0], names)
-    lora = found.get(names.lora_info or "")
-    if lora:
-        latest = max(lora, key=lambda sample: sample[1])[0]
-        metrics.max_loras, metrics.active_loras, metrics.waiting_loras = _lora_config(latest)
-    return metrics, missing
-
-
-# -- the scraper ------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class ScraperConfig:
-    interval_s: float = 0.05
+    interval_s: Annotated[float, Range(gt=0)] = 0.05
     """Time between two scrapes of one endpoint (the reference EPP polls every 50 ms)."""
-    timeout_s: float = 0.5
+    timeout_s: Annotated[float, Range(gt=0)] = 0.5
     """Budget of one scrape (connect, request, body). Ten intervals: a slower answer is useless
     for 50 ms-fresh data, yet one slow answer stays well clear of `stale_after_s`."""
-    stale_after_s: float = 2.0
+    stale_after_s: Annotated[float, Range(gt=0)] = 2.0
     """An endpoint whose last successful scrape is older than this is marked stale."""
-    max_concurrency: int = 64
+    max_concurrency: Annotated[int, Range(ge=1)] = 64
     """Scrapes in flight at once, across all endpoints (one per endpoint at most anyway)."""
-    block_size: int | None = None
+    block_size: Annotated[int | None, Range(ge=1)] = None
     """kvgate's KV block size, checked against what engines report; None: no check."""
     block_size_setting: str = "DYNAMO_KV_BLOCK_SIZE"
     """Name of kvgate's block-size setting, quoted in the mismatch error."""
     name_filter: bool = True
     """Ask engines for only the wanted families (``name[]=``); off for servers that reject it."""
-    warn_interval_s: float = 10.0
+    warn_interval_s: Annotated[float, Range(ge=0)] = 10.0
     """Minimum time between two failure warnings about one endpoint."""
 
     def __post_init__(self) -> None:
-        for name in ("interval_s", "timeout_s", "stale_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self)
         if self.timeout_s >= self.stale_after_s:
-            raise ValueError(
-                f"timeout_s ({self.timeout_s}) must be below stale_after_s "
-                f"({self.stale_after_s}): one slow scrape would make the endpoint stale"
+            raise ConfigError(
+                "timeout_s",
+                f"got {self.timeout_s}; must be below stale_after_s ({self.stale_after_s}): "
+                "one slow scrape would make the endpoint stale",
             )
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.warn_interval_s < 0:
-            raise ValueError(f"warn_interval_s must be >= 0, got {self.warn_interval_s}")
 
 
 @dataclass(slots=True)
@@ -382,21 +142,27 @@ class _Target:
         self.missing_reported: set[str] = set()
 
 
-_HEADERS: Final = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
-
-
 class MetricsScraper(Service):
     """Scrape the metrics of every endpoint of an `EndpointSet` (see the module docstring).
 
     Use as ``async with MetricsScraper(endpoints, config):`` or `start` / `aclose`.
-    `scrape_once` scrapes every endpoint once, with or without the loops running.
+    `scrape_once` scrapes every endpoint once, with or without the loops running. The scraper
+    closes its ``transport`` (default: aiohttp, with the config's timeout) when it closes.
     """
 
-    def __init__(self, endpoints: EndpointSet, config: ScraperConfig = ScraperConfig()) -> None:
+    def __init__(
+        self,
+        endpoints: EndpointSet,
+        config: ScraperConfig = ScraperConfig(),
+        *,
+        transport: MetricsTransport | None = None,
+    ) -> None:
         self._config = config
         self.stats = ScraperStats()
         self._targets: dict[str, _Target] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._transport = transport or AiohttpTransport(
+            timeout_s=config.timeout_s, max_connections=config.max_concurrency
+        )
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._running = False
         self._closed = False
@@ -409,7 +175,6 @@ class MetricsScraper(Service):
         self._check_open()
         if self._running:
             return
-        self._open_session()
         self._running = True
         for target in self._targets.values():
             self._spawn(target)
@@ -423,13 +188,11 @@ class MetricsScraper(Service):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        await self._transport.aclose()
 
     async def scrape_once(self) -> None:
         """Scrape every current endpoint once, concurrently (within ``max_concurrency``)."""
         self._check_open()
-        self._open_session()
         await asyncio.gather(*(self._scrape(t) for t in list(self._targets.values())))
 
     # -- endpoints coming and going ------------------------------------------------------------
@@ -467,18 +230,6 @@ class MetricsScraper(Service):
         if self._closed:
             raise RuntimeError("the metrics scraper is closed")
 
-    def _open_session(self) -> None:
-        if self._session is not None:
-            return
-        config = self._config
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.max_concurrency),
-            timeout=aiohttp.ClientTimeout(total=config.timeout_s),
-            headers=_HEADERS,
-            # Engines set no cookies worth keeping; the dummy jar skips cookie handling per call.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-
     def _spawn(self, target: _Target) -> None:
         target.task = asyncio.get_running_loop().create_task(
             self._loop(target), name=f"metrics {target.endpoint.address}"
@@ -497,12 +248,8 @@ class MetricsScraper(Service):
             await asyncio.sleep(due - now)
 
     async def _fetch(self, target: _Target) -> str:
-        assert self._session is not None
-        async with self._semaphore, self._session.get(target.url) as response:
-            if response.status != 200:
-                raise MetricsParseError(f"HTTP {response.status} from {target.url.path}")
-            body = await response.read()
-        return body.decode("utf-8")
+        async with self._semaphore:
+            return await self._transport.get(target.url)
 
     async def _scrape(self, target: _Target) -> None:
         started = time.perf_counter()
@@ -522,11 +269,12 @@ class MetricsScraper(Service):
                 )
                 target.url = target.full_url
                 metrics, missing = read_metrics(await self._fetch(target), target.names)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            # TimeoutError is an OSError; UnicodeDecodeError and MetricsParseError ValueErrors.
+        except (OSError, ValueError) as exc:
+            # The transport's failures: TimeoutError and TransportError are OSErrors,
+            # UnicodeDecodeError and MetricsParseError ValueErrors.
             self._failed(target, exc, time.perf_counter() - started)
         except Exception as exc:
-            # A bug here or in aiohttp: say so, but keep the endpoint's loop alive.
+            # A bug here or in the transport: say so, but keep the endpoint's loop alive.
             if not target.stats.consecutive_failures:
                 logger.exception("unexpected error scraping %s", target.endpoint.address)
             self._failed(target, exc, time.perf_counter() - started)

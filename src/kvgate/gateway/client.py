@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from kvgate.sse import EventStream, usage_of
+
 WORKER_HEADER = "x-kvgate-worker"
 INSTANCE_HEADER = "x-worker-instance-id-served"
 NVEXT_HEADER = "x-kvgate-received-nvext"
@@ -67,14 +69,7 @@ async def chat(
         parts: list[str] = []
         result = ChatResult(200, worker, None, 0.0, "")
         _identity(result, resp.headers)
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
+        async for event in EventStream(resp.content):
             result.chunks += 1
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
@@ -103,11 +98,10 @@ def _message_text(payload: dict[str, Any]) -> str:
     return str((choices[0].get("message") or {}).get("content") or "")
 
 
-def _usage(result: ChatResult, payload: dict[str, Any]) -> None:
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
+def _usage(result: ChatResult, payload: Any) -> None:
+    usage = usage_of(payload)
+    if not usage.counted:
         return
-    result.prompt_tokens = usage.get("prompt_tokens")
-    result.completion_tokens = usage.get("completion_tokens")
-    details = usage.get("prompt_tokens_details") or {}
-    result.cached_tokens = details.get("cached_tokens")
+    result.prompt_tokens = usage.prompt_tokens
+    result.completion_tokens = usage.completion_tokens
+    result.cached_tokens = usage.cached_tokens

@@ -99,6 +99,8 @@ def print_report(report: LoadReport, workers: list[str]) -> None:
     print(f"\n[{report.mode}] {len(ok)} requests ok, {errors} errors; prefix hit rate "
           f"{report.hit_rate():.0%}; TTFT p50 {report.ttft_ms(0.5):.0f} ms, "
           f"p90 {report.ttft_ms(0.9):.0f} ms")  # fmt: skip
+    if not any(r.worker for r in ok):
+        return  # the backend does not name the serving worker (Dynamo: see its counters)
     print(f"  {'worker':<22}{'requests':>9}{'cached/prompt':>16}{'TTFT p50':>11}")
     per_worker = Counter(r.worker for r in ok)
     for worker in workers:

@@ -17,15 +17,23 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kvgate import epp_configs
+from kvgate.errors import StartupError
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.supervisor import Child, StartupError, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor
+
+if TYPE_CHECKING:
+    from kvgate.dynamo.gateway import DynamoBackend
+    from kvgate.dynamo.processes import DynamoFleet, RouterMode
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 Mode = Literal["kv", "standard"]
+Routing = Literal["kvgate", "dynamo"]
+"""KV routing policy in ``kv`` mode: kvgate's predicted latency, or the reference cost function."""
+Backend = Literal["sim", "dynamo"]
 
 
 def free_port() -> int:
@@ -56,6 +64,7 @@ class LocalGatewayConfig:
     port: int = 8000
     host: str = "127.0.0.1"
     mode: Mode = "kv"
+    routing: Routing = "kvgate"
     config_file: Path | None = None
     body_transformer: BodyTransformer = "off"
     failure_mode: FailureMode = "FailClose"
@@ -74,11 +83,32 @@ class LocalGatewayConfig:
     (and ``mode`` is "kv": standard mode has no KV scorer, so nothing to share)."""
     sync_timeout_s: float = 30.0
     """With replica sync: how long to wait for every replica to connect and see all its peers."""
+    backend: Backend = "sim"
+    """``dynamo``: a Dynamo frontend and mocker workers (`kvgate.dynamo`) instead of simulated
+    engines; the EPP learns the workers from Dynamo and routes through the frontend."""
+    dynamo_router_mode: RouterMode | None = None
+    """The frontend's router mode; None: ``kv`` with FailOpen, else ``direct``."""
+    dynamo_fleet: DynamoFleet | None = None
+    """A running Dynamo fleet to use instead of starting one (it is not stopped with the
+    gateway)."""
 
     def sync_enabled(self) -> bool:
         if self.replica_sync is None:
             return self.epp_replicas > 1 and self.mode == "kv"
         return self.replica_sync
+
+    def epp_config_name(self) -> str:
+        """The shipped EndpointPickerConfig for this mode, routing and fleet shape."""
+        if self.mode == "standard":
+            return epp_configs.ROUND_ROBIN
+        if self.prefill_workers:
+            if self.routing == "dynamo":
+                return epp_configs.DISAGGREGATED
+            # Dynamo's decode workers never prefill alone: every request gets a prefill worker.
+            if self.backend == "dynamo":
+                return epp_configs.DISAGGREGATED_KVGATE_PAIRED
+            return epp_configs.DISAGGREGATED_KVGATE
+        return epp_configs.KVGATE if self.routing == "kvgate" else epp_configs.DYNAMO
 
 
 @dataclass
@@ -98,6 +128,8 @@ class RunningGateway:
     """``--replica-id`` of each replica (with replica sync on), else empty."""
     nats_url: str | None = None
     """The local nats-server the replicas sync through; None with replica sync off."""
+    dynamo: DynamoBackend | None = None
+    """The Dynamo fleet and frontend behind the gateway (``backend="dynamo"``)."""
 
     @property
     def epp(self) -> Child:
@@ -172,21 +204,26 @@ class LocalGateway:
         if cfg.mode == "kv" and tokenizer is None:
             raise StartupError("KV routing needs the model's tokenizer: pass --tokenizer DIR_OR_ID")
         children: dict[str, Child] = {}
-        entries, workers = self._start_workers(tokenizer, children)
-        endpoints_file = self.run_dir / "endpoints.json"
-        endpoints_file.write_text(json.dumps(entries, indent=2) + "\n")
+        dynamo = self._start_dynamo(tokenizer, children) if cfg.backend == "dynamo" else None
+        if dynamo is not None:
+            workers = dynamo.workers()
+            source_args = dynamo.epp_args()
+            fail_open_hosts = dynamo.fail_open_hosts()
+        else:
+            entries, workers = self._start_workers(tokenizer, children)
+            endpoints_file = self.run_dir / "endpoints.json"
+            endpoints_file.write_text(json.dumps(entries, indent=2) + "\n")
+            source_args = ["--endpoints-file", str(endpoints_file)]
+            fail_open_hosts = [_host_port(w) for w in workers]
 
         epp_config = self.run_dir / "epp-config.yaml"
         if cfg.config_file is not None:
             epp_config.write_text(cfg.config_file.read_text())
-        elif cfg.prefill_workers and cfg.mode == "kv":
-            epp_config.write_text(epp_configs.shipped_config(epp_configs.DISAGGREGATED))
         else:
-            name = epp_configs.KV if cfg.mode == "kv" else epp_configs.ROUND_ROBIN
-            epp_config.write_text(epp_configs.shipped_config(name))
+            epp_config.write_text(epp_configs.shipped_config(cfg.epp_config_name()))
         if cfg.sync_enabled():
             self._start_nats(children)
-        self._start_epps(epp_config, endpoints_file, tokenizer, children)
+        self._start_epps(epp_config, source_args, tokenizer, children)
 
         bt_address: tuple[str, int] | None = None
         lua_code: str | None = None
@@ -224,7 +261,7 @@ class LocalGateway:
             # One replica keeps the plain cluster: Envoy then reconnects to a restarted EPP
             # without waiting for a health check to pass.
             epp_health_ports=self.epp_health_ports if len(self.epp_ports) > 1 else [],
-            workers=[_host_port(w) for w in workers],
+            workers=fail_open_hosts,
             failure_mode=cfg.failure_mode,
             body_transformer=cfg.body_transformer,
             body_transformer_address=bt_address,
@@ -259,8 +296,30 @@ class LocalGateway:
             epp_healthz_urls=[f"http://127.0.0.1:{p}/healthz" for p in self.epp_metrics_ports],
             replica_ids=list(self.replica_ids),
             nats_url=self.nats_url,
+            dynamo=dynamo,
         )
         return self.running
+
+    def _start_dynamo(self, tokenizer: str | None, children: dict[str, Child]) -> DynamoBackend:
+        from kvgate.dynamo.gateway import default_router_mode, start_dynamo_backend
+
+        cfg = self.config
+        backend = start_dynamo_backend(
+            self.supervisor,
+            self.run_dir,
+            workers=cfg.workers,
+            prefill_workers=cfg.prefill_workers,
+            router_mode=cfg.dynamo_router_mode or default_router_mode(cfg.failure_mode),
+            block_size=cfg.block_size,
+            num_gpu_blocks=cfg.num_gpu_blocks,
+            speedup=cfg.speedup,
+            model=cfg.model,
+            tokenizer=tokenizer,
+            fleet=cfg.dynamo_fleet,
+        )
+        if cfg.dynamo_fleet is None:
+            children.update({c.name: c for c in self.supervisor.children})
+        return backend
 
     def _start_nats(self, children: dict[str, Child]) -> None:
         from kvgate.sync.nats_server import NatsServerNotFound, nats_server_argv
@@ -279,7 +338,7 @@ class LocalGateway:
     def _start_epps(
         self,
         epp_config: Path,
-        endpoints_file: Path,
+        source_args: list[str],
         tokenizer: str | None,
         children: dict[str, Child],
     ) -> None:
@@ -298,7 +357,7 @@ class LocalGateway:
                 "epp", "--bind", "127.0.0.1", "--no-secure-serving",
                 "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                 "--metrics-port", str(metrics_port), "--config-file", str(epp_config),
-                "--endpoints-file", str(endpoints_file), "--model", cfg.model,
+                *source_args, "--model", cfg.model,
             ]  # fmt: skip
             if tokenizer is not None and cfg.mode == "kv":
                 epp_args += ["--tokenizer", tokenizer]

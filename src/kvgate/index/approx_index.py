@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import islice
 
-from kvgate.index.prefix_index import MaskIndex, WorkerId
+from kvgate.index.mask_index import MaskIndex, WorkerId
 
 DEFAULT_TTL_S = 120.0
 DEFAULT_MAX_BLOCKS = 1 << 20
@@ -47,7 +47,7 @@ class ApproxPrefixIndex(MaskIndex):
         self._per_slot: list[int] = []
         self._next_sweep = 0.0
 
-    def _on_new_slot(self, slot: int) -> None:
+    def on_new_slot(self, slot: int) -> None:
         if slot >= 1 << _SLOT_BITS:
             raise ValueError(f"approximate index supports at most {1 << _SLOT_BITS} workers")
         if slot == len(self._per_slot):
@@ -58,25 +58,25 @@ class ApproxPrefixIndex(MaskIndex):
         return len(self._expiry)
 
     def size(self, worker: WorkerId) -> int:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         return 0 if slot is None else self._per_slot[slot]
 
     def sizes(self) -> dict[WorkerId, int]:
-        return {w: self._per_slot[s] for w, s in self._slot_of.items()}
+        return {w: self._per_slot[s] for w, s in self.slots()}
 
     def record(self, worker: WorkerId, hashes: Sequence[int], now: float) -> None:
         """The request with these block hashes was routed to ``worker`` at ``now``."""
         self.expire(now)
-        slot = self._slot(worker)
+        slot = self.slot(worker)
         bit = 1 << slot
         expires = now + self.ttl_s
         expiry = self._expiry
-        blocks = self._blocks
+        masks = self.masks
         fresh = 0
         for h in hashes:
             key = (h << _SLOT_BITS) | slot
             if expiry.pop(key, None) is None:
-                blocks[h] = blocks.get(h, 0) | bit
+                masks[h] = masks.get(h, 0) | bit
                 fresh += 1
             expiry[key] = expires
         self._per_slot[slot] += fresh
@@ -102,7 +102,7 @@ class ApproxPrefixIndex(MaskIndex):
             del expiry[key]
             slot = key & mask_low
             self._per_slot[slot] -= 1
-            self._drop_bit(key >> _SLOT_BITS, 1 << slot)
+            self.drop_bit(key >> _SLOT_BITS, 1 << slot)
 
     def find_matches_at(self, hashes: Sequence[int], now: float) -> dict[WorkerId, int]:
         self.expire(now)
@@ -110,10 +110,10 @@ class ApproxPrefixIndex(MaskIndex):
 
     def remove_worker(self, worker: WorkerId) -> None:
         self.clear_worker(worker)
-        self._release_slot(worker)
+        self.release_slot(worker)
 
     def clear_worker(self, worker: WorkerId) -> None:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         mask_low = (1 << _SLOT_BITS) - 1
@@ -122,5 +122,5 @@ class ApproxPrefixIndex(MaskIndex):
         # Rare (a worker leaves): one pass over the entries is acceptable here.
         for key in [k for k in expiry if k & mask_low == slot]:
             del expiry[key]
-            self._drop_bit(key >> _SLOT_BITS, bit)
+            self.drop_bit(key >> _SLOT_BITS, bit)
         self._per_slot[slot] = 0

@@ -3,23 +3,28 @@
 Layout
 ------
 A prefix is identified by its *sequence hash* (see `kvgate.tokens.hashing`), so the index needs no
-tree: one flat ``dict`` maps a sequence hash to a **bitmask of worker slots** that hold that block.
+tree: one flat ``dict`` maps a sequence hash to a **bitmask of worker slots** that hold that block
+(`kvgate.index.mask_index`, shared with the approximate index and the router's active blocks).
 Matching a request walks its sequence hashes in order and ANDs the masks; the moment a worker's bit
 drops out, its overlap is the number of blocks walked so far. One dict lookup and two integer
 operations per block, whatever the number of workers — and no per-node objects, so no per-node
 locks and no allocation per lookup.
 
-Per worker slot, a second dict maps the engine's opaque block id to our sequence hash: removal
-events name blocks only by engine id. The rare case of two engine ids naming the same prefix on one
-worker (possible with LoRA or salted prefixes) is kept in a sparse per-slot refcount dict, so a
-removal of one of them does not hide the other.
+Per worker slot, a second map takes the engine's opaque block id to our sequence hash: removal
+events name blocks only by engine id. It is a `BlockMap` (``_blockmap.c``: an insertion-ordered
+u64 → u64 table) where the extension is built, a dict otherwise or for a worker whose ids do not
+fit in 64 bits; both behave alike (property tests hold them equal). The rare case of two engine
+ids naming the same prefix on one worker (possible with LoRA or salted prefixes) is kept in a
+sparse per-slot refcount dict, so a removal of one of them does not hide the other.
 
-Memory: each (block, worker) entry costs one per-slot dict entry (key: the engine id, value: a
-reference to the sequence-hash int shared with the block dict), plus a share of the block dict
-entry. ``bytes_per_entry`` in ``kvgate microbench`` measures it (about 100 bytes). A cap on the
-number of entries bounds the whole index: when exceeded, the largest worker forgets its newest
-blocks in one batch (dict order is insertion order; the newest are leaves, so the prefixes that
-remain still match), which only costs routing quality — a missed hit — never correctness.
+Memory: each (block, worker) entry costs one per-slot map entry (~30 bytes in a BlockMap; a dict
+entry plus the engine id's int, ~80, without it), plus a share of the block dict entry (its slot
+and the sequence hash's int; the mask int is shared by every block held by the same workers, see
+`MaskIndex.share`). ``bytes_per_entry`` in ``kvgate microbench`` and ``benchmarks/bench_scale.py``
+measure it (~63 and ~73 bytes). A cap on the number of entries bounds the whole index: when
+exceeded, the largest worker forgets its newest blocks in one batch (both maps keep insertion
+order; the newest are leaves, so the prefixes that remain still match), which only costs routing
+quality — a missed hit — never correctness.
 
 Thread-safety: none. The index is owned by one asyncio loop (events and lookups both run there).
 """
@@ -27,27 +32,32 @@ Thread-safety: none. The index is owned by one asyncio loop (events and lookups 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from typing import Any
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
-from kvgate.tokens.hashing import SequenceHash, lora_seed, sequence_hashes_of
+from kvgate.index.mask_index import MaskIndex, WorkerId
+from kvgate.tokens.hashing import (
+    BlockExtras,
+    SequenceHash,
+    event_extra_keys,
+    lora_seed,
+    sequence_hashes_of,
+)
 
-_leading_runs: Callable[[dict[int, int], Sequence[int]], list[tuple[int, int]]] | None
-try:  # the native matcher (`_leading.c`); optional, the Python loop gives the same answer
-    from kvgate.index._leading import leading_runs as _leading_runs
+_BlockMap: Any
+try:  # the compact per-worker map (`_blockmap.c`); optional, a dict behaves the same
+    from kvgate.index._blockmap import BlockMap as _BlockMap
 except ImportError:  # pragma: no cover - depends on the build
-    _leading_runs = None
+    _BlockMap = None
 
-NATIVE_MATCHING = _leading_runs is not None
+NATIVE_BLOCK_MAP = _BlockMap is not None
+
+__all__ = ["DEFAULT_MAX_ENTRIES", "NATIVE_BLOCK_MAP", "IndexStats", "PrefixIndex", "WorkerId"]
 
 log = logging.getLogger(__name__)
 
-WorkerId = str
-
-# 64 workers fit in one machine word, but Python ints grow as needed: slots beyond 63 just make
-# the masks two words long.
 DEFAULT_MAX_ENTRIES = 16 * 1024 * 1024
 # When the cap is hit, trim to this fraction of it so eviction runs rarely and in batches.
 _TRIM_TO = 0.9
@@ -65,103 +75,26 @@ class IndexStats:
     other_tier_events: int = 0
 
 
+def _block_extras(event: BlockStored) -> BlockExtras | None:
+    """The event's extra keys by block (empty: none), or None when they do not name its blocks."""
+    keys = event.extra_keys
+    if keys is None:
+        return {}
+    if not isinstance(keys, list) or len(keys) != len(event.block_hashes):
+        return None
+    extras: dict[int, tuple[int, ...]] = {}
+    for index, block_keys in enumerate(keys):
+        if block_keys is not None:
+            converted = event_extra_keys(block_keys, event.lora_name)
+            if converted:
+                extras[index] = converted
+    return extras
+
+
 def _routable_tier(medium: str | None) -> bool:
     """Only blocks in the engine's GPU cache are prefix hits at prefill time; blocks offloaded to
     CPU or disk tiers (vLLM's ``medium``) must first be loaded back, so they are not indexed."""
     return medium is None or medium.upper() == "GPU"
-
-
-class MaskIndex:
-    """Sequence hash → worker bitmask, with slot bookkeeping; the shared core of both indexes."""
-
-    def __init__(self) -> None:
-        self._blocks: dict[int, int] = {}
-        self._slot_of: dict[WorkerId, int] = {}
-        self._worker_at: list[WorkerId | None] = []
-        self._free_slots: list[int] = []
-
-    def _slot(self, worker: WorkerId) -> int:
-        slot = self._slot_of.get(worker)
-        if slot is None:
-            if self._free_slots:
-                slot = self._free_slots.pop()
-                self._worker_at[slot] = worker
-            else:
-                slot = len(self._worker_at)
-                self._worker_at.append(worker)
-            self._slot_of[worker] = slot
-            self._on_new_slot(slot)
-        return slot
-
-    def _on_new_slot(self, slot: int) -> None:
-        """Hook for subclasses to size their per-slot state."""
-
-    def _release_slot(self, worker: WorkerId) -> int | None:
-        slot = self._slot_of.pop(worker, None)
-        if slot is not None:
-            self._worker_at[slot] = None
-            self._free_slots.append(slot)
-        return slot
-
-    def _drop_bit(self, seq: int, bit: int) -> None:
-        mask = self._blocks.get(seq)
-        if mask is None:
-            return
-        mask &= ~bit
-        if mask:
-            self._blocks[seq] = mask
-        else:
-            del self._blocks[seq]
-
-    def workers(self) -> list[WorkerId]:
-        return list(self._slot_of)
-
-    def __contains__(self, worker: object) -> bool:
-        return worker in self._slot_of
-
-    @property
-    def num_blocks(self) -> int:
-        """Distinct prefixes held by at least one worker."""
-        return len(self._blocks)
-
-    def find_matches(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
-        """Overlap per worker: how many *leading* blocks of ``hashes`` it holds (absent = 0)."""
-        if _leading_runs is not None:
-            overlaps: dict[WorkerId, int] = {}
-            for bits, depth in _leading_runs(self._blocks, hashes):
-                self._assign(overlaps, bits, depth)
-            return overlaps
-        return self.find_matches_python(hashes)
-
-    def find_matches_python(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
-        """The specification of `find_matches` (used when the native matcher is not built)."""
-        if not hashes:
-            return {}
-        get = self._blocks.get
-        mask = get(hashes[0], 0)
-        if not mask:
-            return {}
-        overlaps: dict[WorkerId, int] = {}
-        depth = 1
-        for h in islice(hashes, 1, None):
-            still = mask & get(h, 0)
-            if still != mask:
-                self._assign(overlaps, mask ^ still, depth)
-                if not still:
-                    return overlaps
-                mask = still
-            depth += 1
-        self._assign(overlaps, mask, depth)
-        return overlaps
-
-    def _assign(self, overlaps: dict[WorkerId, int], bits: int, depth: int) -> None:
-        worker_at = self._worker_at
-        while bits:
-            low = bits & -bits
-            worker = worker_at[low.bit_length() - 1]
-            if worker is not None:
-                overlaps[worker] = depth
-            bits ^= low
 
 
 class PrefixIndex(MaskIndex):
@@ -176,14 +109,28 @@ class PrefixIndex(MaskIndex):
         self.block_size = block_size
         self.max_entries = max_entries
         self.stats = IndexStats()
-        self._by_engine: list[dict[int, int]] = []
+        # Per slot, engine block id → sequence hash: a `BlockMap` (u64 → u64, ~30 bytes an
+        # entry), or a dict once the worker used an id or hash outside [0, 2**64).
+        self._by_engine: list[Any] = []
+        self._native_maps = NATIVE_BLOCK_MAP
         self._dups: list[dict[int, int]] = []
         self._entries = 0
 
-    def _on_new_slot(self, slot: int) -> None:
+    def on_new_slot(self, slot: int) -> None:
         if slot == len(self._by_engine):
-            self._by_engine.append({})
+            self._by_engine.append(self._new_map())
             self._dups.append({})
+
+    def _new_map(self) -> Any:
+        return _BlockMap() if self._native_maps else {}
+
+    def _widen(self, slot: int) -> dict[int, int]:
+        """The worker's map as a dict (same entries, same order): it must hold a key or value
+        outside [0, 2**64), which only a dict can."""
+        by_engine = self._by_engine[slot]
+        if not isinstance(by_engine, dict):
+            by_engine = self._by_engine[slot] = dict(by_engine.items())
+        return by_engine
 
     @property
     def entries(self) -> int:
@@ -191,11 +138,11 @@ class PrefixIndex(MaskIndex):
         return self._entries
 
     def size(self, worker: WorkerId) -> int:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         return 0 if slot is None else len(self._by_engine[slot])
 
     def sizes(self) -> dict[WorkerId, int]:
-        return {w: len(self._by_engine[s]) for w, s in self._slot_of.items()}
+        return {w: len(self._by_engine[s]) for w, s in self.slots()}
 
     def apply_event(self, worker: WorkerId, event: KvEvent) -> None:
         if isinstance(event, BlockStored):
@@ -227,7 +174,14 @@ class PrefixIndex(MaskIndex):
                 block_size,
             )
             return 0
-        slot = self._slot(worker)
+        extras = _block_extras(event)
+        if extras is None:
+            # Which block carries a salt or an image is unknown: any guess could predict a hit
+            # the engine would not have.
+            self.stats.malformed_stores += 1
+            log.warning("worker %s: BlockStored whose extra_keys do not match its blocks", worker)
+            return 0
+        slot = self.slot(worker)
         by_engine = self._by_engine[slot]
         parent: SequenceHash | None = None
         if event.parent_block_hash is not None:
@@ -240,7 +194,7 @@ class PrefixIndex(MaskIndex):
             parent = SequenceHash(known)
         try:
             seqs = sequence_hashes_of(
-                event.token_ids, block_size, lora_seed(event.lora_name), parent
+                event.token_ids, block_size, lora_seed(event.lora_name), parent, extras
             )
         except (ValueError, TypeError) as err:
             self.stats.malformed_stores += 1
@@ -252,13 +206,14 @@ class PrefixIndex(MaskIndex):
         self, worker: WorkerId, engine_hashes: Sequence[int], hashes: Sequence[int]
     ) -> int:
         """Index blocks whose sequence hashes are already known (snapshots, benchmarks)."""
-        return self._insert(self._slot(worker), engine_hashes, hashes)
+        return self._insert(self.slot(worker), engine_hashes, hashes)
 
     def _insert(self, slot: int, engine_hashes: Sequence[int], hashes: Sequence[int]) -> int:
         by_engine = self._by_engine[slot]
-        blocks = self._blocks
+        masks = self.masks
         dups = self._dups[slot]
-        bit = 1 << slot
+        shared = self.shared_masks
+        bit = self.share(1 << slot)
         added = 0
         for engine_hash, seq in zip(engine_hashes, hashes, strict=True):
             previous = by_engine.get(engine_hash)
@@ -268,12 +223,19 @@ class PrefixIndex(MaskIndex):
                 # The engine reused an id for other content: forget the old meaning first.
                 self._unlink(slot, previous)
                 self._entries -= 1
-            by_engine[engine_hash] = seq
-            mask = blocks.get(seq, 0)
+            try:
+                by_engine[engine_hash] = seq
+            except (OverflowError, TypeError):
+                by_engine = self._widen(slot)
+                by_engine[engine_hash] = seq
+            mask = masks.get(seq, 0)
             if mask & bit:
                 dups[seq] = dups.get(seq, 1) + 1
+            elif mask:
+                mask |= bit
+                masks[seq] = shared.get(mask) or self.share(mask)
             else:
-                blocks[seq] = mask | bit
+                masks[seq] = bit  # the common case, a new block: one shared int per slot
             added += 1
         self._entries += added
         self.stats.stored_blocks += added
@@ -282,19 +244,34 @@ class PrefixIndex(MaskIndex):
         return added
 
     def apply_removed(self, worker: WorkerId, engine_hashes: Sequence[EngineHash]) -> int:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             self.stats.unknown_removals += len(engine_hashes)
             return 0
         by_engine = self._by_engine[slot]
+        dups = self._dups[slot]
+        masks = self.masks
+        shared = self.shared_masks
+        keep = ~(1 << slot)
         removed = 0
         for engine_hash in engine_hashes:
             seq = by_engine.pop(engine_hash, None)
             if seq is None:
                 self.stats.unknown_removals += 1
                 continue
-            self._unlink(slot, seq)
             removed += 1
+            if dups and seq in dups:
+                self._unlink(slot, seq)
+                continue
+            # `_unlink` inline (its common case: the block held once): this runs for every
+            # block every engine evicts.
+            mask = masks.get(seq)
+            if mask is not None:
+                mask &= keep
+                if mask:
+                    masks[seq] = shared.get(mask) or self.share(mask)
+                else:
+                    del masks[seq]
         self._entries -= removed
         self.stats.removed_blocks += removed
         return removed
@@ -308,11 +285,11 @@ class PrefixIndex(MaskIndex):
             else:
                 del dups[seq]
             return
-        self._drop_bit(seq, 1 << slot)
+        self.drop_bit(seq, 1 << slot)
 
     def clear_worker(self, worker: WorkerId) -> None:
         """Forget every block of ``worker`` but keep it known (AllBlocksCleared, a seq gap)."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         self._clear_slot(slot)
@@ -320,26 +297,26 @@ class PrefixIndex(MaskIndex):
 
     def remove_worker(self, worker: WorkerId) -> None:
         """The worker left the pool: drop its blocks and free its slot."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         self._clear_slot(slot)
-        self._release_slot(worker)
+        self.release_slot(worker)
 
     def _clear_slot(self, slot: int) -> None:
         by_engine = self._by_engine[slot]
         bit = 1 << slot
-        drop = self._drop_bit
+        drop = self.drop_bit
         for seq in set(by_engine.values()):
             drop(seq, bit)
         self._entries -= len(by_engine)
-        self._by_engine[slot] = {}
+        self._by_engine[slot] = self._new_map()
         self._dups[slot] = {}
 
     def _trim(self) -> None:
         target = int(self.max_entries * _TRIM_TO)
         while self._entries > target:
-            slot = max(self._slot_of.values(), key=lambda s: len(self._by_engine[s]))
+            slot = max((s for _, s in self.slots()), key=lambda s: len(self._by_engine[s]))
             by_engine = self._by_engine[slot]
             # Newest first: they are the leaves of the newest prefixes, so what stays is still
             # whole prefixes that match. popitem() is O(1) from the end of a dict.
@@ -357,6 +334,6 @@ class PrefixIndex(MaskIndex):
 
     def blocks_of(self, worker: WorkerId) -> Iterator[int]:
         """Sequence hashes a worker holds (for tests and debugging)."""
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is not None:
             yield from self._by_engine[slot].values()

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TypeAlias
 
-from kvgate.index.prefix_index import MaskIndex, WorkerId
+from kvgate.index.mask_index import MaskIndex, WorkerId
 
+LoadColumns: TypeAlias = tuple[list[int], list[int], list[int], list[int]]
+"""Per worker, in order: pending prefill tokens, requests in prefill, requests in flight, active
+blocks."""
 RequestKey: TypeAlias = str | tuple[str, str]
 """A request id (routed here) or ``(router_id, request_id)`` (routed by another replica)."""
 
@@ -49,7 +52,7 @@ class ActiveBlocks(MaskIndex):
         self.per_worker: dict[WorkerId, int] = {}
         """Distinct active blocks per worker, kept current so scoring reads one dict."""
 
-    def _on_new_slot(self, slot: int) -> None:
+    def on_new_slot(self, slot: int) -> None:
         if slot == len(self._counts):
             self._counts.append({})
 
@@ -57,21 +60,21 @@ class ActiveBlocks(MaskIndex):
         return self.per_worker.get(worker, 0)
 
     def add(self, worker: WorkerId, hashes: Sequence[int]) -> None:
-        slot = self._slot(worker)
+        slot = self.slot(worker)
         counts = self._counts[slot]
-        blocks = self._blocks
+        masks = self.masks
         bit = 1 << slot
         for h in hashes:
             n = counts.get(h)
             if n is None:
                 counts[h] = 1
-                blocks[h] = blocks.get(h, 0) | bit
+                masks[h] = masks.get(h, 0) | bit
             else:
                 counts[h] = n + 1
         self.per_worker[worker] = len(counts)
 
     def release(self, worker: WorkerId, hashes: Sequence[int]) -> None:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         counts = self._counts[slot]
@@ -84,19 +87,19 @@ class ActiveBlocks(MaskIndex):
                 counts[h] = n - 1
             else:
                 del counts[h]
-                self._drop_bit(h, bit)
+                self.drop_bit(h, bit)
         self.per_worker[worker] = len(counts)
 
     def drop_worker(self, worker: WorkerId) -> None:
-        slot = self._slot_of.get(worker)
+        slot = self.slot_of(worker)
         if slot is None:
             return
         bit = 1 << slot
         for h in self._counts[slot]:
-            self._drop_bit(h, bit)
+            self.drop_bit(h, bit)
         self._counts[slot] = {}
         self.per_worker.pop(worker, None)
-        self._release_slot(worker)
+        self.release_slot(worker)
 
 
 class ActiveSequences:
@@ -108,6 +111,7 @@ class ActiveSequences:
         self.prefill: dict[WorkerId, int] = {}
         """Prompt tokens routed but not yet prefilled, per worker."""
         self._in_flight: dict[WorkerId, int] = {}
+        self._prefilling: dict[WorkerId, int] = {}
         self._next_sweep = 0.0
         self.expired = 0
 
@@ -135,6 +139,23 @@ class ActiveSequences:
     def in_flight(self, worker: WorkerId) -> int:
         return self._in_flight.get(worker, 0)
 
+    def prefilling(self, worker: WorkerId) -> int:
+        """Requests booked on ``worker`` whose first token has not come yet."""
+        return self._prefilling.get(worker, 0)
+
+    def loads(self, workers: Sequence[WorkerId]) -> LoadColumns:
+        """For each of ``workers``: pending prefill tokens, requests in prefill, requests in
+        flight, active blocks (one pass per column: the routing hot path reads these for every
+        candidate)."""
+        prefill, prefilling, in_flight = self.prefill.get, self._prefilling.get, self._in_flight.get
+        blocks = self.blocks.per_worker.get
+        return (
+            [prefill(w, 0) for w in workers],
+            [prefilling(w, 0) for w in workers],
+            [in_flight(w, 0) for w in workers],
+            [blocks(w, 0) for w in workers],
+        )
+
     def add(
         self,
         request_id: RequestKey,
@@ -150,6 +171,7 @@ class ActiveSequences:
         self._requests[request_id] = ActiveRequest(worker, hashes, prefill_tokens, now)
         self.prefill[worker] = self.prefill.get(worker, 0) + prefill_tokens
         self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
+        self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
         self.blocks.add(worker, hashes)
 
     def mark_prefill_complete(self, request_id: RequestKey) -> bool:
@@ -158,6 +180,7 @@ class ActiveSequences:
             return False
         req.prefill_done = True
         self.prefill[req.worker] -= req.prefill_tokens
+        self._prefilling[req.worker] -= 1
         return True
 
     def free(self, request_id: RequestKey) -> bool:
@@ -166,6 +189,7 @@ class ActiveSequences:
             return False
         if not req.prefill_done:
             self.prefill[req.worker] -= req.prefill_tokens
+            self._prefilling[req.worker] -= 1
         self._in_flight[req.worker] -= 1
         self.blocks.release(req.worker, req.hashes)
         return True
@@ -175,6 +199,7 @@ class ActiveSequences:
             del self._requests[request_id]
         self.prefill.pop(worker, None)
         self._in_flight.pop(worker, None)
+        self._prefilling.pop(worker, None)
         self.blocks.drop_worker(worker)
 
     def expire(self, now: float) -> int:

@@ -72,8 +72,13 @@ BUILTIN_PLUGINS: Final[tuple[tuple[str, str], ...]] = (
         "kvgate.scheduling.plugins.weighted_random_picker:WeightedRandomPicker",
     ),
     ("round-robin-picker", "kvgate.scheduling.plugins.round_robin_picker:RoundRobinPicker"),
+    ("slo-aware-picker", "kvgate.scheduling.plugins.slo_aware_picker:SloAwarePicker"),
     ("utilization-detector", "kvgate.scheduling.plugins.saturation:UtilizationDetector"),
     ("kv-aware-scorer", "kvgate.scheduling.plugins.kv_aware_scorer:KvAwareScorer"),
+    (
+        "predicted-latency-scorer",
+        "kvgate.scheduling.plugins.predicted_latency_scorer:PredictedLatencyScorer",
+    ),
     (
         "dynamo-response-complete",
         "kvgate.scheduling.plugins.dynamo_response_complete:DynamoResponseComplete",

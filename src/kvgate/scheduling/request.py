@@ -40,6 +40,15 @@ class LoadView(Protocol):
         """Requests booked on ``worker`` and not yet complete."""
         ...
 
+    def prefilling(self, worker: str) -> int:
+        """Requests booked on ``worker`` whose first token has not come yet."""
+        ...
+
+    def loads(self, workers: Sequence[str]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """All four of the above for each of ``workers``, as columns: pending prefill tokens,
+        requests in prefill, requests in flight, active blocks."""
+        ...
+
 
 @dataclass(slots=True)
 class LatencyPrediction:
@@ -49,6 +58,10 @@ class LatencyPrediction:
     """Time to first token: queued prefill work ahead of it plus its own uncached prefill."""
     itl_s: float
     """Inter-token latency once it decodes, from the running batch and KV usage."""
+    fixed_ms: float = 0.0
+    """The per-step part of the uncalibrated TTFT (what the model calibrates with)."""
+    token_ms: float = 0.0
+    """The per-token part of the uncalibrated TTFT."""
 
 
 @dataclass(slots=True)
@@ -56,7 +69,8 @@ class LLMRequest:
     request_id: str
     """Unique per scheduled request, made by the gateway: the key of all bookkeeping."""
     model: str
-    """Model name the client asked for (after any rewrite)."""
+    """Model name the client asked for in the body (``x-gateway-model-name-rewrite`` is not
+    trusted: see :mod:`kvgate.extproc.headers`)."""
     kind: RequestKind | None
     """chat / completions, or None for an endpoint kvgate does not tokenize."""
     body: dict[str, Any]
@@ -99,6 +113,12 @@ class LLMRequest:
     predicted_ttft_s: float | None = None
     """The chosen endpoint's predicted TTFT (for the prediction-error metric)."""
     predicted_itl_s: float | None = None
+
+    def note_decision(self, text: str) -> None:
+        """Add a plugin's part to the one-line explanation of the pick."""
+        self.decision_summary = (
+            text if not self.decision_summary else f"{self.decision_summary} {text}"
+        )
 
     def has(self, product: Product) -> bool:
         """Whether the prepare phase made ``product`` for this request."""

@@ -1,12 +1,14 @@
 """Replica sync: several EPP replicas share their in-flight load over NATS (see `replica`)."""
 
-from kvgate.sync.replica import (
+from kvgate.sync.config import (
     DEFAULT_NATS_URL,
-    ReplicaSync,
     ReplicaSyncConfig,
-    SyncMetrics,
     default_subject,
+    new_router_id,
+    redact_url,
 )
+from kvgate.sync.metrics import SyncMetrics
+from kvgate.sync.replica import ReplicaSync
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -14,4 +16,6 @@ __all__ = [
     "ReplicaSyncConfig",
     "SyncMetrics",
     "default_subject",
+    "new_router_id",
+    "redact_url",
 ]

@@ -24,6 +24,17 @@ renders is one whose picker can route. Messages name the value to set.
 {{- fail (printf "dynamo.kvBlockSize must be a power of two in [16, 8192], got %v" $bs) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.dynamoBackend.enabled -}}
+{{- if not .Values.epp.useDynamo -}}
+{{- fail "dynamoBackend.enabled needs epp.useDynamo: only kvgate discovers Dynamo workers behind the frontend pods" -}}
+{{- end -}}
+{{- if and (eq .Values.inferencePool.failureMode "FailOpen") (eq .Values.dynamoBackend.frontendRouterMode "direct") -}}
+{{- fail "inferencePool.failureMode FailOpen with dynamoBackend.frontendRouterMode direct: requests passing without the picker carry no worker id and a direct-mode frontend refuses them (400); run the frontends with --router-mode kv (or round-robin), or set FailClose" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.epp.useDynamo (eq .Values.extension.flavor "gaie") -}}
+{{- fail "extension.flavor gaie with epp.useDynamo: KV-aware routing is kvgate's; set epp.useDynamo=false to run the upstream endpoint picker" -}}
+{{- end -}}
 {{- if and .Values.dynamo.replicaSync.enabled (not .Values.dynamo.replicaSync.natsUrl) -}}
 {{- fail "dynamo.replicaSync.natsUrl is required when dynamo.replicaSync.enabled (e.g. nats://nats:4222)" -}}
 {{- end -}}

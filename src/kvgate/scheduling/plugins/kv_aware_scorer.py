@@ -4,9 +4,10 @@ It owns the gateway's view of the workers' KV caches and of the work it sent the
 available to every other plugin as products of the prepare phase:
 
 prepare     tokenize the request exactly as the engine will (chat template, tokenizer; long
-            prompts in the plugin's tokenizer thread), hash the tokens into KV blocks
-            (``TOKENS``), look up every candidate's cached prefix in the index
-            (``PREFIX_OVERLAPS``), and expose the in-flight bookkeeping (``IN_FLIGHT_LOAD``);
+            prompts in the plugin's tokenizer thread), hash the tokens into KV blocks as the
+            engine keys them (a ``cache_salt`` in the first block) (``TOKENS``), look up every
+            candidate's cached prefix in the index (``PREFIX_OVERLAPS``), and expose the
+            in-flight bookkeeping (``IN_FLIGHT_LOAD``);
 score       (when a profile references it) the reference router's cost function over the
             candidates: the router's choice scores 1, every other candidate less, ordered by
             cost (so fallbacks are the next-cheapest);
@@ -60,14 +61,18 @@ from kvgate.scheduling.request import (
 from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.scheduling.services import NO_METRICS, ActiveJournal, LoadOwner, SchedulingMetrics
 from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
-from kvgate.tokens.hashing import lora_seed, sequence_hashes_of
+from kvgate.tokens.hashing import lora_seed, salt_extras, sequence_hashes_of
+from kvgate.tokens.request import cache_salt
+from kvgate.tokens.tokenizer import RoutingTokens
 
 log = logging.getLogger(__name__)
 
 ROUTING_MODE_HEADER = "x-dynamo-routing-mode"
 INSTANCE_HEADER = "x-worker-instance-id"
-# Below this much prompt text, tokenizing inline is cheaper than a hop to the tokenizer thread.
+# Below this much text to encode, tokenizing inline is cheaper than a hop to the tokenizer thread.
 _INLINE_TOKENIZE_CHARS = 2048
+# Above this much prompt text even rendering the template is left to the thread.
+_PLAN_ON_LOOP_CHARS = 64 * 1024
 PREFILL_KEY_SUFFIX = "#prefill"
 """A disaggregated request's prefill booking is keyed ``<request id>#prefill``."""
 
@@ -211,8 +216,13 @@ class KvAwareScorer(Scorer):
         assert tokens is not None
         if request.block_hashes is None or request.block_size != block_size:
             started = time.perf_counter()
+            try:
+                # The engine salts the first block: salted prompts only match the same salt.
+                extras = salt_extras(cache_salt(request.body))
+            except RequestError as err:
+                raise SchedulingError(400, f"invalid request: {err}") from None
             request.block_hashes = sequence_hashes_of(
-                tokens, block_size, lora_seed(request.lora_name)
+                tokens, block_size, lora_seed(request.lora_name), extras=extras
             )
             request.block_size = block_size
             self.metrics.stage("hash", time.perf_counter() - started)
@@ -228,22 +238,31 @@ class KvAwareScorer(Scorer):
         body = request.body
         started = time.perf_counter()
         try:
-            if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
-                tokens = tokenizer.tokenize_request(body, kind)
+            chars = prompt_chars(body)
+            if chars <= _INLINE_TOKENIZE_CHARS:
+                routed = tokenizer.tokenize_for_routing(body, kind)
+            elif chars > _PLAN_ON_LOOP_CHARS:
+                routed = await self._in_thread(tokenizer.tokenize_for_routing, body, kind)
             else:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="kvgate-tokenize"
-                    )
-                loop = asyncio.get_running_loop()
-                tokens = await loop.run_in_executor(
-                    self._executor, tokenizer.tokenize_request, body, kind
-                )
+                # Rendering and the segment-cache lookup are cheap; only encoding what the cache
+                # missed is worth the hop to the thread (a warm prompt has little left).
+                plan = tokenizer.plan_for_routing(body, kind)
+                if plan.missing_chars <= _INLINE_TOKENIZE_CHARS:
+                    routed = plan.finish()
+                else:
+                    routed = await self._in_thread(plan.finish)
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
         self.metrics.stage("tokenize", time.perf_counter() - started)
-        request.tokens = tokens
+        # With media the engine's prompt is only partly known: its known prefix earns prefix
+        # credit and load, the rest is not predicted (never a refusal the engine would not give).
+        request.tokens = routed.tokens
         return True
+
+    async def _in_thread(self, fn: Callable[..., RoutingTokens], *args: Any) -> RoutingTokens:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _routing(self, request: LLMRequest) -> RoutingRequest:
         assert request.tokens is not None
@@ -307,12 +326,12 @@ class KvAwareScorer(Scorer):
             self._book(request.request_id, chosen.address, routing, None, now)
         best = max((overlaps.get(a, 0) for a in result.primary.scores), default=overlap)
         request.predicted_overlap_blocks = overlap
-        request.decision_summary = (
+        request.note_decision(
             f"endpoint={chosen.address} overlap_blocks={overlap} "
             f"best_overlap_blocks={best} block_size={block_size}"
         )
         if prefill_worker is not None:
-            request.decision_summary += f" prefill_endpoint={prefill_worker.address}"
+            request.note_decision(f"prefill_endpoint={prefill_worker.address}")
         self.metrics.picked(overlap, best, block_size)
 
     def _book(

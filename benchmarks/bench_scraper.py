@@ -1,6 +1,6 @@
 """CPU cost of the metrics scraper: 8 fake vLLM engines scraped every 50 ms.
 
-    /work/venv/bin/python -m tests.fleet.bench_scraper [--seconds 10] [--endpoints 8] [--uvloop]
+    python benchmarks/bench_scraper.py [--seconds 10] [--endpoints 8] [--uvloop]
 
 The engines run in a child process so that only the scraper's own CPU time is counted (the
 process's user+system time over the run, divided by the number of scrapes). Each configuration
@@ -19,10 +19,15 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
-from tests.fleet.helpers import EngineState, MetricsServer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.fleet.utils import EngineState, MetricsServer  # noqa: E402
 
 LIFETIME_S = 600  # the engine process exits after this even if the parent vanished
 
@@ -80,7 +85,7 @@ def main() -> None:
         asyncio.run(serve(args.serve))
         return
     engines = subprocess.Popen(
-        [sys.executable, "-m", "tests.fleet.bench_scraper", "--serve", str(args.endpoints)],
+        [sys.executable, __file__, "--serve", str(args.endpoints)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,8 +1,10 @@
-"""Fake engines' /metrics for the fleet tests: real-looking expositions and a loopback server.
+"""Builders for the fleet tests.
 
-The texts are rendered by prometheus_client, as vLLM, SGLang and trtllm-serve render theirs, with
-their families, label sets and histogram layouts (values made up). `MetricsServer` answers
-``name[]=`` filters the way prometheus_client's exposition app does.
+Fake engines' /metrics: texts rendered by prometheus_client, as vLLM, SGLang and trtllm-serve
+render theirs, with their families, label sets and histogram layouts (values made up), and
+`MetricsServer`, a loopback server that answers ``name[]=`` filters the way prometheus_client's
+exposition app does. Then what the endpoint-source tests share: `Changes`, `wait_until`, and
+`discovery` (the Kubernetes API server itself is faked in `fake_apiserver`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -23,7 +27,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kvgate.fleet.endpoint import EngineType
+from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType
+from kvgate.fleet.kube_api import KubeConfig
+from kvgate.fleet.pool_discovery import PoolDiscovery
+from tests.fleet.fake_apiserver import FakeApiServer
 
 LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -316,3 +323,48 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+class Changes:
+    """Records every (joined, left) an endpoint set announces, as addresses."""
+
+    def __init__(self, endpoints: EndpointSet) -> None:
+        self.calls: list[tuple[list[str], list[str]]] = []
+        endpoints.subscribe(self)
+
+    def __call__(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
+        self.calls.append(([e.address for e in joined], [e.address for e in left]))
+
+    @property
+    def left(self) -> set[str]:
+        """Every address that ever left."""
+        return {address for _, gone in self.calls for address in gone}
+
+
+POOL = "qwen-pool"
+LABELS = {"app": "qwen3-vllm"}
+
+
+def discovery(api: FakeApiServer, endpoints: EndpointSet, **kwargs: Any) -> PoolDiscovery:
+    """Discovery of `POOL` from the fake API server, with short backoffs."""
+    kwargs.setdefault("backoff_initial_s", 0.01)
+    kwargs.setdefault("backoff_max_s", 0.05)
+    return PoolDiscovery(endpoints, KubeConfig(server=api.url), POOL, api.namespace, **kwargs)
+
+
+def write_kubeconfig(
+    path: Path, cluster: dict[str, Any], user: dict[str, Any] | None = None, context: str = "test"
+) -> Path:
+    """A kubeconfig at `path` whose current context names `cluster` and, when given, `user`."""
+    names = {"cluster": "c"} if user is None else {"cluster": "c", "user": "u"}
+    doc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": context,
+        "contexts": [{"name": context, "context": names}],
+        "clusters": [{"name": "c", "cluster": cluster}],
+    }
+    if user is not None:
+        doc["users"] = [{"name": "u", "user": user}]
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -1,0 +1,261 @@
+"""`predicted-latency-scorer`: kvgate's own routing — score endpoints by the latency the request is
+predicted to see there.
+
+prepare     for every candidate, predict the request's TTFT and ITL with the calibrated engine
+            model of `kvgate.scheduling.latency_model` (product ``LATENCY_PREDICTIONS``), from
+            the KV scorer's products: the tokens, the endpoint's cached prefix (``overlaps``) and
+            the work already booked there (``load``); the endpoint's scraped metrics add work the
+            gateway did not book (requests waiting beyond its own) and the KV capacity;
+score       rank by routing cost = predicted TTFT + ``prefillWorkWeight`` × the request's own
+            uncached prefill time. The second term (off by default) counts the work this
+            request adds to the worker once more, for the requests that will queue behind it:
+            it favours cache hits beyond what this request's own latency gains. Measured over
+            the benchmark families it traded tail latency for little hit rate, hence 0;
+pre_request remember the chosen endpoint's prediction (``predicted_ttft_s`` / ``_itl_s``);
+first chunk the observed TTFT calibrates that worker's model (streamed responses only: a buffered
+            response's first chunk is its last);
+complete    the observed inter-token latency calibrates the worker's ITL.
+
+Without KV events the overlaps come from the approximate index (what kvgate itself routed); with
+stale metrics the model runs on the gateway's own bookkeeping alone and a default capacity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Self
+
+from kvgate.fleet.endpoint import Endpoint
+from kvgate.scheduling.framework import PluginContext, Product, Range, Scorer
+from kvgate.scheduling.latency_model import (
+    CalibrationSettings,
+    EngineCost,
+    LatencyModel,
+    Predictions,
+)
+from kvgate.scheduling.request import (
+    LatencyPrediction,
+    LLMRequest,
+    ResponseInfo,
+    SchedulingResult,
+)
+from kvgate.scheduling.services import NO_METRICS, SchedulingMetrics
+
+_DEFAULT_OUTPUT_TOKENS = 256
+_PRIOR = EngineCost()
+
+
+@dataclass(frozen=True, slots=True)
+class PredictedLatencyParams:
+    prefill_work_weight: Annotated[float, Range(ge=0)] = 0.0
+    """Weight of the request's own uncached prefill time on top of its TTFT (0: TTFT alone)."""
+    default_output_tokens: Annotated[int, Range(ge=1)] = _DEFAULT_OUTPUT_TOKENS
+    """Output length assumed when the request sets no max_tokens."""
+    default_kv_blocks: Annotated[int, Range(ge=1)] = 37_500
+    """KV capacity of an endpoint whose metrics have not said (blocks)."""
+    # The engine's step cost (milliseconds); defaults: the Dynamo mocker's fit.
+    prefill_fixed_ms: Annotated[float, Range(ge=0)] = _PRIOR.prefill_fixed_ms
+    prefill_per_token_ms: Annotated[float, Range(ge=0)] = _PRIOR.prefill_per_token_ms
+    prefill_per_token_sq_ms: Annotated[float, Range(ge=0)] = _PRIOR.prefill_per_token_sq_ms
+    decode_fixed_ms: float = _PRIOR.decode_fixed_ms
+    decode_linear_ms: float = _PRIOR.decode_linear_ms
+    decode_square_ms: float = _PRIOR.decode_square_ms
+    max_num_batched_tokens: Annotated[int, Range(ge=1)] = _PRIOR.max_num_batched_tokens
+    # Online calibration.
+    calibration_forgetting: Annotated[float, Range(gt=0.5, le=1)] = 0.99
+    calibration_prior_strength: Annotated[float, Range(gt=0)] = 2.0
+    calibration_clip: Annotated[float, Range(gt=1)] = 4.0
+
+
+@dataclass(slots=True)
+class _Sent:
+    worker: str
+    prediction: LatencyPrediction
+    sent_at: float
+    first_token_at: float | None = None
+
+
+class PredictedLatencyScorer(Scorer):
+    type_name: ClassVar[str] = "predicted-latency-scorer"
+    params_type: ClassVar[type[PredictedLatencyParams]] = PredictedLatencyParams
+    produces: ClassVar[frozenset[Product]] = frozenset({Product.LATENCY_PREDICTIONS})
+    consumes: ClassVar[frozenset[Product]] = frozenset(
+        {Product.TOKENS, Product.PREFIX_OVERLAPS, Product.IN_FLIGHT_LOAD}
+    )
+
+    def __init__(
+        self,
+        name: str,
+        params: PredictedLatencyParams | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: SchedulingMetrics = NO_METRICS,
+    ) -> None:
+        super().__init__(name)
+        p = self.params = params or PredictedLatencyParams()
+        self.model = LatencyModel(
+            EngineCost(
+                prefill_fixed_ms=p.prefill_fixed_ms,
+                prefill_per_token_ms=p.prefill_per_token_ms,
+                prefill_per_token_sq_ms=p.prefill_per_token_sq_ms,
+                decode_fixed_ms=p.decode_fixed_ms,
+                decode_linear_ms=p.decode_linear_ms,
+                decode_square_ms=p.decode_square_ms,
+                max_num_batched_tokens=p.max_num_batched_tokens,
+            ),
+            CalibrationSettings(
+                forgetting=p.calibration_forgetting,
+                prior_strength=p.calibration_prior_strength,
+                clip=p.calibration_clip,
+            ),
+        )
+        self.clock = clock
+        self.metrics = metrics
+        self._sent: dict[str, _Sent] = {}
+
+    @classmethod
+    def from_config(cls, name: str, params: PredictedLatencyParams, context: PluginContext) -> Self:
+        return cls(name, params, clock=context.now, metrics=context.metrics)
+
+    # -- prepare: predictions -----------------------------------------------------------
+
+    async def prepare(self, request: LLMRequest, endpoints: Sequence[Endpoint]) -> None:
+        tokens, overlaps, load, block_size = (
+            request.tokens,
+            request.overlaps,
+            request.load,
+            request.block_size,
+        )
+        if tokens is None or overlaps is None or load is None or block_size is None:
+            return
+        started = time.perf_counter()
+        isl = len(tokens)
+        request_tokens = -(-isl // block_size) * block_size
+        default_blocks = self.params.default_kv_blocks
+        workers = [ep.address for ep in endpoints]
+        cached = overlaps.get
+        uncached = [isl - cached(w, 0) * block_size for w in workers]
+        pending, prefilling, in_flight, active = load.loads(workers)
+        capacity = [(ep.metrics.num_gpu_blocks or default_blocks) * block_size for ep in endpoints]
+        usage = [b * block_size / c for b, c in zip(active, capacity, strict=True)]
+        usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
+        for i, endpoint in enumerate(endpoints):
+            metrics = endpoint.metrics
+            if metrics.waiting > prefilling[i] and not metrics.stale:
+                # Requests the engine holds that this gateway did not book (another gateway,
+                # direct clients): assume each brings a prompt of this request's size.
+                pending[i] += (metrics.waiting - prefilling[i]) * isl
+        request.predictions = self.model.predict_many(
+            workers,
+            uncached=uncached,
+            pending=pending,
+            decoding=[f - p for f, p in zip(in_flight, prefilling, strict=True)],
+            usage=usage,
+            usage_after=usage_after,
+            expected_output_tokens=_output_tokens(request.body, self.params.default_output_tokens),
+        )
+        self.metrics.stage("predict", time.perf_counter() - started)
+
+    # -- score ----------------------------------------------------------------------------
+
+    def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
+        predictions = request.predictions
+        if not isinstance(predictions, Predictions) or request.tokens is None:
+            return {}
+        ttft = predictions.ttft_ms
+        position = predictions.position
+        costs: dict[str, float] = {}
+        weight = self.params.prefill_work_weight
+        if weight:
+            own_ms = self.model.cost.prefill_ms
+            isl, bs = len(request.tokens), request.block_size or 1
+            cached = (request.overlaps or {}).get
+        for endpoint in endpoints:
+            address = endpoint.address
+            i = position(address)
+            if i is None:
+                continue
+            cost = ttft[i]
+            if weight:
+                cost += weight * own_ms(max(1, isl - cached(address, 0) * bs))
+            costs[address] = cost
+        if not costs:
+            return {}
+        low = min(costs.values())
+        span = max(costs.values()) - low
+        if span <= 0:
+            return dict.fromkeys(costs, 1.0)
+        return {address: (span - (c - low)) / span for address, c in costs.items()}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+        worker = result.endpoint.address
+        chosen = request.predictions.get(worker) if request.predictions else None
+        if chosen is None:
+            return
+        request.predicted_ttft_s = chosen.ttft_s
+        request.predicted_itl_s = chosen.itl_s
+        request.note_decision(_explain(worker, request.predictions or {}, result))
+        if request.stream:
+            self._sent[request.request_id] = _Sent(worker, chosen, self.clock())
+
+    def response_streaming(
+        self, request: LLMRequest, result: SchedulingResult, first_chunk: bool
+    ) -> None:
+        if not first_chunk:
+            return
+        sent = self._sent.get(request.request_id)
+        if sent is None or sent.first_token_at is not None:
+            return
+        now = sent.first_token_at = self.clock()
+        observed = now - sent.sent_at
+        self.model.observe_ttft(sent.worker, sent.prediction, observed)
+        self.metrics.ttft_observed(sent.prediction.ttft_s, observed)
+
+    def response_complete(
+        self, request: LLMRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        sent = self._sent.pop(request.request_id, None)
+        if (
+            sent is None
+            or sent.first_token_at is None
+            or response.aborted
+            or not response.completion_tokens
+            or response.completion_tokens < 2
+        ):
+            return
+        itl = (self.clock() - sent.first_token_at) / (response.completion_tokens - 1)
+        self.model.observe_itl(sent.worker, sent.prediction, itl)
+
+    def on_endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
+        for endpoint in left:
+            self.model.forget(endpoint.address)
+
+
+_EXPLAINED_CANDIDATES = 8
+
+
+def _explain(
+    worker: str, predictions: Mapping[str, LatencyPrediction], result: SchedulingResult
+) -> str:
+    """The pick's predictions and those of the best-scored other candidates (a few, so that the
+    decision header stays small with many endpoints)."""
+    scores = result.primary.scores
+    others = sorted((a for a in scores if a != worker), key=lambda a: -scores[a])
+    parts = []
+    for address in (worker, *others[: _EXPLAINED_CANDIDATES - 1]):
+        p = predictions.get(address)
+        if p is not None:
+            parts.append(f"{address}:{p.ttft_s * 1000:.1f}/{p.itl_s * 1000:.1f}")
+    return "predicted_ttft/itl_ms=" + ",".join(parts)
+
+
+def _output_tokens(body: Mapping[str, Any], default: int) -> int:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
