@@ -282,6 +282,7 @@ class EppRuntime(StackedService):
                 "replays_ok": events.replays_ok,
                 "replays_failed": events.replays_failed,
                 "resets": events.resets,
+                "reconnects": events.reconnects,
                 "block_size_mismatches": events.block_size_mismatch,
                 "sink_errors": events.sink_errors,
                 "internal_errors": subscriber.stats.internal_errors if subscriber else 0,
@@ -389,6 +390,10 @@ class EppRuntime(StackedService):
             "kvgate_kv_event_block_size_mismatches": (
                 "KV events refused for a block size different from kvgate's",
                 events("block_size_mismatch"),
+            ),
+            "kvgate_kv_event_reconnects": (
+                "KV event endpoints connected again after their session ended without a retry",
+                events("reconnects"),
             ),
         }
 
