@@ -25,7 +25,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo microbench test test-fast lint typecheck unit unit-fast install clean nats-server \
 	fuzz soak drills
 
-$(STAMP): pyproject.toml setup.py src/kvgate/tokens/_blockhash.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/kvgate/*/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dynamo]'
@@ -108,7 +108,7 @@ drills: $(STAMP) $(ENVOY_STAMP) nats-server
 	  tests/reliability/test_event_socket.py
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so src/kvgate/index/*.so microbench.json
+	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/*/*.so microbench.json
 
 # Container image (Docker or a compatible CLI). IMAGE_TAG defaults to the package version.
 IMAGE_REGISTRY ?= ghcr.io/kvgate

@@ -3,16 +3,28 @@
 For each prompt length × block size × worker count it fills a prefix index with ~1M blocks spread
 over the workers (the request's own prefix cached to different depths on a few of them, plus a
 random background), books some in-flight load, and times one full routing decision with tokens
-given: block hashing, prefix match, active-load match, cost, pick. When `ai-dynamo-runtime` is
-importable, the reference router's `compute_block_hash_for_seq` + `RadixTree.find_matches` run on
-the same tokens against a tree holding the same blocks, and the ratio is printed.
+given, two ways, alternately:
+
+- the reference router's cost function (``cost-fn``, `KvRouter.select`, the ``dynamo`` policy):
+  block hashing, prefix match, active-load match, cost, pick;
+- kvgate's policy (``kvgate``, the default ``kv`` policy): block hashing and prefix match (what
+  ``kv-aware-scorer`` prepares), then ``predicted-latency-scorer``'s prepare (every candidate's
+  predicted TTFT) and score, and ``slo-aware-picker``'s pick. The scheduler's own work between
+  scorer and picker (the list of scored endpoints it hands over, the same for every policy) is
+  counted on neither side.
+
+When `ai-dynamo-runtime` is importable, the reference router's `compute_block_hash_for_seq` +
+`RadixTree.find_matches` run on the same tokens against a tree holding the same blocks, and the
+ratio to ``cost-fn`` is printed.
 
 It also measures event ingest (BlockStored events of 64 blocks through `PrefixIndex.apply_event`,
 token hashing included), memory per (block, worker) entry, and cold vs warm tokenization of a
 conversation that extends one seen before.
 
-Timings are the median of several repeats of many iterations: these machines are shared and noisy,
-and a ratio measured in the same process is the number to trust.
+Timings are the process's CPU time (`time.process_time`; on a shared machine the wall clock also
+counts the time other processes hold the CPU), the median of several repeats of many iterations:
+these machines are shared and noisy, and a ratio or difference measured in the same process is
+the number to trust.
 """
 
 from __future__ import annotations
@@ -23,16 +35,22 @@ import random
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvgate.events.types import BlockStored, EngineHash
+from kvgate.fleet.endpoint import Endpoint, EndpointMetrics
 from kvgate.index.prefix_index import PrefixIndex
 from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
+from kvgate.scheduling.plugins.predicted_latency_scorer import PredictedLatencyScorer
+from kvgate.scheduling.plugins.slo_aware_picker import SloAwarePicker
+from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
 from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks, sequence_hashes_of
+
+_clock = time.process_time
 
 PROMPT_TOKENS = (1024, 4096, 32768)
 BLOCK_SIZES = (16, 64)
@@ -44,24 +62,48 @@ VOCAB = 151_000
 class Fixture:
     router: KvRouter
     candidates: list[Candidate]
+    endpoints: list[Endpoint]
+    """The candidates as the scheduler sees them (freshly scraped, same KV capacity)."""
     reference_tree: Any | None
     # (worker index, engine hashes, local hashes) for feeding the reference tree the same blocks
     stored: list[tuple[int, list[int], list[int]]]
 
 
+def _time_alternately(
+    first: Callable[[], object], second: Callable[[], object], min_seconds: float
+) -> tuple[float, float, float]:
+    """Median seconds per call of each and median of their paired differences (second − first),
+    over 7 repeats that time one then the other: a neighbour's load hits both alike."""
+    loops = [_loops(fn, min_seconds) for fn in (first, second)]
+    firsts: list[float] = []
+    seconds: list[float] = []
+    for _ in range(7):
+        for fn, n, samples in ((first, loops[0], firsts), (second, loops[1], seconds)):
+            start = _clock()
+            for _ in range(n):
+                fn()
+            samples.append((_clock() - start) / n)
+    differences = [y - x for x, y in zip(firsts, seconds, strict=True)]
+    return statistics.median(firsts), statistics.median(seconds), statistics.median(differences)
+
+
+def _loops(fn: Callable[[], object], min_seconds: float) -> int:
+    fn()
+    start = _clock()
+    fn()
+    once = max(_clock() - start, 1e-7)
+    return max(1, int(min_seconds / once))
+
+
 def _time_per_call(fn: Callable[[], object], min_seconds: float) -> float:
     """Median seconds per call over 5 repeats, each running at least ``min_seconds``."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    loops = max(1, int(min_seconds / once))
+    loops = _loops(fn, min_seconds)
     samples = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(loops):
             fn()
-        samples.append((time.perf_counter() - start) / loops)
+        samples.append((_clock() - start) / loops)
     return statistics.median(samples)
 
 
@@ -109,7 +151,11 @@ def _build(
         router.route(request, [Candidate(names[i % workers], 100_000)], now)
     reference = _reference_tree(stored) if with_reference else None
     candidates = [Candidate(n, 100_000) for n in names]
-    return Fixture(router, candidates, reference, stored)
+    endpoints = [
+        Endpoint(c.worker, metrics=EndpointMetrics(num_gpu_blocks=c.total_kv_blocks, stale=False))
+        for c in candidates
+    ]
+    return Fixture(router, candidates, endpoints, reference, stored)
 
 
 def _reference_tree(stored: list[tuple[int, list[int], list[int]]]) -> Any:
@@ -137,12 +183,22 @@ def _reference_available() -> bool:
     return True
 
 
+@dataclass
+class Decisions:
+    """Microseconds per decision, nested by prompt tokens, block size, workers."""
+
+    cost_fn: dict[str, Any] = field(default_factory=dict)
+    kvgate: dict[str, Any] = field(default_factory=dict)
+    kvgate_extra: dict[str, Any] = field(default_factory=dict)
+    """Median of the paired differences kvgate − cost_fn (timed alternately)."""
+    reference: dict[str, Any] | None = None
+
+
 def bench_decisions(
     total_blocks: int, min_seconds: float, with_reference: bool, log: Callable[[str], None]
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+) -> Decisions:
     rng = random.Random(1)
-    decision: dict[str, Any] = {}
-    reference: dict[str, Any] | None = {} if with_reference else None
+    timed = Decisions(reference={} if with_reference else None)
     for block_size in BLOCK_SIZES:
         for workers in WORKER_COUNTS:
             longest = [rng.randrange(VOCAB) for _ in range(max(PROMPT_TOKENS))]
@@ -156,20 +212,27 @@ def bench_decisions(
             )
             for prompt_tokens in PROMPT_TOKENS:
                 tokens = longest[:prompt_tokens]
-                decide = _decision(fixture.router, fixture.candidates, tokens, block_size)
-                ours = _time_per_call(decide, min_seconds) * 1e6
-                _nested(decision, prompt_tokens, block_size, workers, round(ours, 2))
+                cost_fn = _decision(fixture.router, fixture.candidates, tokens, block_size)
+                policy = _policy_decision(fixture.router, fixture.endpoints, tokens, block_size)
+                ours, kvgate, extra = (
+                    t * 1e6 for t in _time_alternately(cost_fn, policy, min_seconds)
+                )
+                at = (prompt_tokens, block_size, workers)
+                _nested(timed.cost_fn, *at, round(ours, 2))
+                _nested(timed.kvgate, *at, round(kvgate, 2))
+                _nested(timed.kvgate_extra, *at, round(extra, 2))
                 line = f"decision  tokens={prompt_tokens:>6} block={block_size:>3} "
-                line += f"workers={workers:>3}  kvgate {ours:9.1f} us"
-                if reference is not None and fixture.reference_tree is not None:
+                line += f"workers={workers:>3}  cost-fn {ours:9.1f} us  "
+                line += f"kvgate {kvgate:9.1f} us ({extra:+6.1f})"
+                if timed.reference is not None and fixture.reference_tree is not None:
                     ref = _reference_decision(fixture.reference_tree, tokens, block_size)
                     theirs = _time_per_call(ref, min_seconds) * 1e6
-                    _nested(reference, prompt_tokens, block_size, workers, round(theirs, 2))
+                    _nested(timed.reference, *at, round(theirs, 2))
                     line += f"  reference {theirs:9.1f} us  ratio {theirs / ours:5.2f}x"
                 log(line)
             del fixture
             gc.collect()
-    return decision, reference
+    return timed
 
 
 def _decision(
@@ -183,6 +246,55 @@ def _decision(
         return router.select(request, candidates, 0.0)
 
     return decide
+
+
+def _policy_decision(
+    router: KvRouter, endpoints: list[Endpoint], tokens: list[int], block_size: int
+) -> Callable[[], list[Endpoint]]:
+    """kvgate's policy, plugin by plugin as the scheduler runs it, on the router's index and
+    load (what ``kv-aware-scorer`` shares with ``predicted-latency-scorer``)."""
+    scorer = PredictedLatencyScorer("predicted-latency-scorer")
+    picker = SloAwarePicker("slo-aware-picker", rng=random.Random(0))
+    counter = iter(range(1 << 62))
+
+    def prepare_and_score() -> tuple[LLMRequest, dict[str, float]]:
+        hashes = sequence_hashes_of(tokens, block_size)
+        request_id = f"r{next(counter)}"
+        request = LLMRequest(
+            request_id,
+            "model",
+            None,
+            {},
+            {},
+            tokens=tokens,
+            block_size=block_size,
+            block_hashes=hashes,
+        )
+        request.overlaps = router.overlaps(RoutingRequest(request_id, len(tokens), hashes), 0.0)
+        request.load = router.active
+        _run_to_completion(scorer.prepare(request, endpoints))
+        return request, scorer.score(request, endpoints)
+
+    # The scheduler's hand-over to the picker, the same for every policy, is not timed (nothing
+    # is booked here, so it is the same list every time).
+    _, scores = prepare_and_score()
+    scored = [ScoredEndpoint(ep, scores.get(ep.address, 0.0)) for ep in endpoints]
+
+    def decide() -> list[Endpoint]:
+        request, _ = prepare_and_score()
+        return picker.pick(request, scored)
+
+    return decide
+
+
+def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Drive a prepare hook that does not await (tokens are given, nothing to tokenize)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("a prepare hook awaited")
 
 
 def _reference_decision(tree: Any, tokens: list[int], block_size: int) -> Callable[[], object]:
@@ -305,7 +417,7 @@ def measure(
         f"{'on' if NATIVE_HASHING else 'OFF (pure Python)'}, reference "
         f"{'ai-dynamo-runtime' if with_reference else 'not available'}"
     )
-    decision, reference_us = bench_decisions(blocks, seconds, with_reference, log)
+    decisions = bench_decisions(blocks, seconds, with_reference, log)
     ingest = bench_ingest(max(seconds, 0.2))
     log(f"ingest    {ingest:,.0f} blocks/s (BlockStored, 64 blocks of 16 tokens per event)")
     per_entry = bench_memory(blocks)
@@ -317,8 +429,10 @@ def measure(
     except (ImportError, RuntimeError) as err:
         log(f"tokenize  skipped: {err}")
     return {
-        "decision_us": decision,
-        "reference_us": reference_us,
+        "decision_us": decisions.cost_fn,
+        "kvgate_policy_us": decisions.kvgate,
+        "kvgate_policy_extra_us": decisions.kvgate_extra,
+        "reference_us": decisions.reference,
         "ingest_blocks_per_s": round(ingest),
         "bytes_per_entry": round(per_entry, 1),
         "tokenize_cold_ms": None if cold_ms is None else round(cold_ms, 3),

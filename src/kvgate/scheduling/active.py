@@ -145,16 +145,22 @@ class ActiveSequences:
 
     def loads(self, workers: Sequence[WorkerId]) -> LoadColumns:
         """For each of ``workers``: pending prefill tokens, requests in prefill, requests in
-        flight, active blocks (one pass per column: the routing hot path reads these for every
-        candidate)."""
-        prefill, prefilling, in_flight = self.prefill.get, self._prefilling.get, self._in_flight.get
-        blocks = self.blocks.per_worker.get
+        flight, active blocks (one pass per column)."""
+        prefill, prefilling, in_flight, blocks = (table.get for table in self.tables())
         return (
             [prefill(w, 0) for w in workers],
             [prefilling(w, 0) for w in workers],
             [in_flight(w, 0) for w in workers],
             [blocks(w, 0) for w in workers],
         )
+
+    def tables(
+        self,
+    ) -> tuple[dict[WorkerId, int], dict[WorkerId, int], dict[WorkerId, int], dict[WorkerId, int]]:
+        """Per worker: pending prefill tokens, requests in prefill, requests in flight, active
+        blocks (the dicts themselves, read-only: the routing hot path reads them for every
+        candidate, natively when it can)."""
+        return self.prefill, self._prefilling, self._in_flight, self.blocks.per_worker
 
     def add(
         self,

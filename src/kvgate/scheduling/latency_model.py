@@ -40,12 +40,23 @@ arithmetic operations.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from kvgate.scheduling.request import LatencyPrediction
+from kvgate.fleet.endpoint import Endpoint
+from kvgate.scheduling.request import LatencyPrediction, LoadTables
 from kvgate.settings import Range, check_ranges
+
+_native_predict: Callable[..., tuple[list[str], list[float], bytes] | None] | None
+_native_scores: Callable[[list[str], list[float]], dict[str, float] | None] | None
+try:  # the native candidate loops (`_latency.c`); optional, the Python gives the same answers
+    from kvgate.scheduling._latency import min_max_scores as _native_scores
+    from kvgate.scheduling._latency import predict as _native_predict
+except ImportError:  # pragma: no cover - depends on the build
+    _native_predict = _native_scores = None
+
+NATIVE_PREDICTION = _native_predict is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,65 +162,90 @@ class WorkerFit:
 
 
 class Predictions(Mapping[str, LatencyPrediction]):
-    """The predictions of one request for many workers: kept as parallel lists, a
-    `LatencyPrediction` is made when a worker's is asked for (most never are)."""
+    """The predictions of one request for many workers, kept as columns: a `LatencyPrediction`
+    is made when a worker's is asked for (most never are)."""
 
-    __slots__ = (
-        "_decoding", "_fixed", "_index", "_model", "_out", "_pending", "_token", "_usage_after",
-        "_workers", "ttft_ms",
-    )  # fmt: skip
+    __slots__ = ("_columns", "_index", "_model", "_out", "candidates", "ttft_ms", "workers")
 
     def __init__(
         self,
         model: LatencyModel,
         workers: Sequence[str],
-        *,
         ttft_ms: list[float],
-        fixed_ms: list[float],
-        token_ms: list[float],
-        pending: Sequence[int],
-        decoding: Sequence[int],
-        usage_after: Sequence[float],
+        columns: Sequence[float],
+        *,
         expected_output_tokens: int,
+        candidates: Sequence[Endpoint] | None = None,
     ) -> None:
         self._model = model
-        self._workers = workers
+        self.workers = workers
         self.ttft_ms = ttft_ms
-        """Predicted TTFT per worker, in the order of the workers given (milliseconds)."""
-        self._fixed = fixed_ms
-        self._token = token_ms
-        self._pending = pending
-        self._decoding = decoding
-        self._usage_after = usage_after
+        """Predicted TTFT per worker, in the order of `workers` (milliseconds)."""
+        # Five columns of len(workers) values, one after the other: fixed_ms, token_ms, pending
+        # prefill tokens, decoding requests, KV usage with this request.
+        self._columns = columns
         self._out = expected_output_tokens
+        self.candidates = candidates
+        """The endpoints predicted for, in the order of `workers`, when made from endpoints."""
         self._index: dict[str, int] | None = None
 
     def position(self, worker: str) -> int | None:
         """Where ``worker`` is in `ttft_ms`; None if it was not predicted."""
         index = self._index
         if index is None:
-            index = self._index = {w: i for i, w in enumerate(self._workers)}
+            index = self._index = {w: i for i, w in enumerate(self.workers)}
         return index.get(worker)
+
+    def ttft_s(self, worker: str, at: int = -1) -> float | None:
+        """``self[worker].ttft_s`` without making the prediction object. ``at``: where the
+        worker probably is (its place among the candidates predicted): checked, and then found
+        without building the index of every worker."""
+        workers = self.workers
+        i = at if 0 <= at < len(workers) and workers[at] == worker else self.position(worker)
+        return None if i is None else self.ttft_ms[i] / 1000.0
 
     def __getitem__(self, worker: str) -> LatencyPrediction:
         i = self.position(worker)
         if i is None:
             raise KeyError(worker)
+        n = len(self.workers)
+        columns = self._columns
         itl = self._model.itl_ms(
-            worker, self._pending[i], self._decoding[i], self._usage_after[i], self._out
+            worker,
+            int(columns[2 * n + i]),
+            int(columns[3 * n + i]),
+            columns[4 * n + i],
+            self._out,
         )
-        return LatencyPrediction(
-            self.ttft_ms[i] / 1000.0, itl / 1000.0, self._fixed[i], self._token[i]
-        )
+        return LatencyPrediction(self.ttft_ms[i] / 1000.0, itl / 1000.0, columns[i], columns[n + i])
 
     def __contains__(self, worker: object) -> bool:
         return isinstance(worker, str) and self.position(worker) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._workers)
+        return iter(self.workers)
 
     def __len__(self) -> int:
-        return len(self._workers)
+        return len(self.workers)
+
+
+def min_max_scores(addresses: Sequence[str], costs: Sequence[float]) -> dict[str, float]:
+    """Scores from costs (parallel sequences), min-max: the cheapest 1, the dearest 0."""
+    if _native_scores is not None and type(addresses) is list and type(costs) is list:
+        scores = _native_scores(addresses, costs)
+        if scores is not None:
+            return scores
+    return min_max_scores_python(addresses, costs)
+
+
+def min_max_scores_python(addresses: Sequence[str], costs: Sequence[float]) -> dict[str, float]:
+    if not costs:
+        return {}
+    low = min(costs)
+    span = max(costs) - low
+    if span <= 0:
+        return dict.fromkeys(addresses, 1.0)
+    return {address: (span - (c - low)) / span for address, c in zip(addresses, costs, strict=True)}
 
 
 class LatencyModel:
@@ -218,9 +254,23 @@ class LatencyModel:
     def __init__(
         self, cost: EngineCost | None = None, calibration: CalibrationSettings | None = None
     ) -> None:
-        self.cost = cost or EngineCost()
+        cost = self._cost = cost or EngineCost()
+        self._cost_terms = (
+            cost.prefill_fixed_ms,
+            cost.prefill_per_token_ms,
+            cost.prefill_per_token_sq_ms,
+            cost.decode_fixed_ms,
+            cost.decode_linear_ms,
+            cost.decode_square_ms,
+            cost.decode_floor_ms,
+            cost.max_num_batched_tokens,
+        )
         self.settings = calibration or CalibrationSettings()
         self.fits: dict[str, WorkerFit] = {}
+
+    @property
+    def cost(self) -> EngineCost:
+        return self._cost
 
     def fit(self, worker: str) -> WorkerFit:
         fit = self.fits.get(worker)
@@ -286,9 +336,117 @@ class LatencyModel:
         usage_after: Sequence[float],
         expected_output_tokens: int,
     ) -> Predictions:
-        """`predict` for many workers at once (parallel sequences): the routing hot path, so
-        one loop of arithmetic on locals, and the ITL and prediction objects made only when
-        asked for."""
+        """`predict` for many workers at once (parallel sequences)."""
+        ttft, fixed_ms, token_ms = self._ttft_columns(workers, uncached, pending, decoding, usage)
+        return Predictions(
+            self,
+            workers,
+            ttft,
+            [*fixed_ms, *token_ms, *pending, *decoding, *usage_after],
+            expected_output_tokens=expected_output_tokens,
+        )
+
+    def predict_endpoints(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        isl: int,
+        block_size: int,
+        overlaps: Mapping[str, int],
+        load: LoadTables,
+        default_kv_blocks: int,
+        expected_output_tokens: int,
+    ) -> Predictions:
+        """Predict a request of ``isl`` prompt tokens on each of ``endpoints``: the routing hot
+        path, one native call when `_latency.c` is built (`predict_endpoints_python` otherwise,
+        and whenever a value is outside what the native code computes exactly).
+
+        Each endpoint's inputs: the blocks of the request it caches (``overlaps``), the work the
+        gateway booked there (``load``), and its scraped metrics: its KV capacity
+        (``num_gpu_blocks``, else ``default_kv_blocks``) and, unless stale, the requests it holds
+        beyond those booked here (another gateway's, direct clients'), each assumed to bring a
+        prompt of this request's size."""
+        if _native_predict is not None:
+            made = _native_predict(
+                endpoints,
+                overlaps,
+                *load,
+                self.fits,
+                self.fit,
+                isl,
+                block_size,
+                default_kv_blocks,
+                self._cost_terms,
+            )
+            if made is not None:
+                workers, ttft, columns = made
+                return Predictions(
+                    self,
+                    workers,
+                    ttft,
+                    memoryview(columns).cast("d"),
+                    expected_output_tokens=expected_output_tokens,
+                    candidates=endpoints,
+                )
+        return self.predict_endpoints_python(
+            endpoints,
+            isl=isl,
+            block_size=block_size,
+            overlaps=overlaps,
+            load=load,
+            default_kv_blocks=default_kv_blocks,
+            expected_output_tokens=expected_output_tokens,
+        )
+
+    def predict_endpoints_python(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        isl: int,
+        block_size: int,
+        overlaps: Mapping[str, int],
+        load: LoadTables,
+        default_kv_blocks: int,
+        expected_output_tokens: int,
+    ) -> Predictions:
+        """`predict_endpoints` in Python (what the native code must equal)."""
+        request_tokens = -(-isl // block_size) * block_size
+        workers = [ep.address for ep in endpoints]
+        cached = overlaps.get
+        uncached = [isl - cached(w, 0) * block_size for w in workers]
+        booked, prefilling_on, in_flight_on, active_on = (t.get for t in load)
+        pending = [booked(w, 0) for w in workers]
+        prefilling = [prefilling_on(w, 0) for w in workers]
+        decoding = [in_flight_on(w, 0) - p for w, p in zip(workers, prefilling, strict=True)]
+        capacity = [
+            (ep.metrics.num_gpu_blocks or default_kv_blocks) * block_size for ep in endpoints
+        ]
+        usage = [active_on(w, 0) * block_size / c for w, c in zip(workers, capacity, strict=True)]
+        usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
+        for i, endpoint in enumerate(endpoints):
+            metrics = endpoint.metrics
+            if metrics.waiting > prefilling[i] and not metrics.stale:
+                pending[i] += (metrics.waiting - prefilling[i]) * isl
+        ttft, fixed_ms, token_ms = self._ttft_columns(workers, uncached, pending, decoding, usage)
+        return Predictions(
+            self,
+            workers,
+            ttft,
+            [*fixed_ms, *token_ms, *pending, *decoding, *usage_after],
+            expected_output_tokens=expected_output_tokens,
+            candidates=endpoints,
+        )
+
+    def _ttft_columns(
+        self,
+        workers: Sequence[str],
+        uncached: Sequence[int],
+        pending: Sequence[int],
+        decoding: Sequence[int],
+        usage: Sequence[float],
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Calibrated TTFT, fixed_ms and token_ms per worker (the module docstring's formulas;
+        `_latency.c` repeats this loop operation for operation)."""
         cost = self.cost
         a, b, c = cost.prefill_fixed_ms, cost.prefill_per_token_ms, cost.prefill_per_token_sq_ms
         d0, d1, d2, floor = (
@@ -322,17 +480,7 @@ class LatencyModel:
             ttft.append(fit.theta_fixed * fixed + fit.theta_token * token)
             fixed_ms.append(fixed)
             token_ms.append(token)
-        return Predictions(
-            self,
-            workers,
-            ttft_ms=ttft,
-            fixed_ms=fixed_ms,
-            token_ms=token_ms,
-            pending=pending,
-            decoding=decoding,
-            usage_after=usage_after,
-            expected_output_tokens=expected_output_tokens,
-        )
+        return ttft, fixed_ms, token_ms
 
     def itl_ms(self, worker: str, ahead: int, decoding: int, usage_after: float, out: int) -> float:
         """Inter-token latency on ``worker``: its decode step with this request in the batch,

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.tokens.request import RequestKind
 
 if TYPE_CHECKING:
     from kvgate.scheduling.framework import Product
+
+
+LoadTables: TypeAlias = tuple[
+    Mapping[str, int], Mapping[str, int], Mapping[str, int], Mapping[str, int]
+]
+"""Per worker: pending prefill tokens, requests in prefill, requests in flight, active blocks."""
 
 
 class LoadView(Protocol):
@@ -44,9 +50,9 @@ class LoadView(Protocol):
         """Requests booked on ``worker`` whose first token has not come yet."""
         ...
 
-    def loads(self, workers: Sequence[str]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """All four of the above for each of ``workers``, as columns: pending prefill tokens,
-        requests in prefill, requests in flight, active blocks."""
+    def tables(self) -> LoadTables:
+        """The four per-worker tables behind the above (absent worker: 0), for reading every
+        candidate's load in one pass."""
         ...
 
 

@@ -34,6 +34,7 @@ from kvgate.scheduling.latency_model import (
     EngineCost,
     LatencyModel,
     Predictions,
+    min_max_scores,
 )
 from kvgate.scheduling.request import (
     LatencyPrediction,
@@ -131,29 +132,13 @@ class PredictedLatencyScorer(Scorer):
         if tokens is None or overlaps is None or load is None or block_size is None:
             return
         started = time.perf_counter()
-        isl = len(tokens)
-        request_tokens = -(-isl // block_size) * block_size
-        default_blocks = self.params.default_kv_blocks
-        workers = [ep.address for ep in endpoints]
-        cached = overlaps.get
-        uncached = [isl - cached(w, 0) * block_size for w in workers]
-        pending, prefilling, in_flight, active = load.loads(workers)
-        capacity = [(ep.metrics.num_gpu_blocks or default_blocks) * block_size for ep in endpoints]
-        usage = [b * block_size / c for b, c in zip(active, capacity, strict=True)]
-        usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
-        for i, endpoint in enumerate(endpoints):
-            metrics = endpoint.metrics
-            if metrics.waiting > prefilling[i] and not metrics.stale:
-                # Requests the engine holds that this gateway did not book (another gateway,
-                # direct clients): assume each brings a prompt of this request's size.
-                pending[i] += (metrics.waiting - prefilling[i]) * isl
-        request.predictions = self.model.predict_many(
-            workers,
-            uncached=uncached,
-            pending=pending,
-            decoding=[f - p for f, p in zip(in_flight, prefilling, strict=True)],
-            usage=usage,
-            usage_after=usage_after,
+        request.predictions = self.model.predict_endpoints(
+            endpoints,
+            isl=len(tokens),
+            block_size=block_size,
+            overlaps=overlaps,
+            load=load.tables(),
+            default_kv_blocks=self.params.default_kv_blocks,
             expected_output_tokens=_output_tokens(request.body, self.params.default_output_tokens),
         )
         self.metrics.stage("predict", time.perf_counter() - started)
@@ -164,10 +149,18 @@ class PredictedLatencyScorer(Scorer):
         predictions = request.predictions
         if not isinstance(predictions, Predictions) or request.tokens is None:
             return {}
+        weight = self.params.prefill_work_weight
+        if (
+            not weight
+            and predictions.candidates is endpoints
+            and len(predictions.workers) == len(endpoints)
+        ):
+            # The candidates prepare predicted, in its order (no filter ran): the TTFT column is
+            # the cost column.
+            return min_max_scores(predictions.workers, predictions.ttft_ms)
         ttft = predictions.ttft_ms
         position = predictions.position
         costs: dict[str, float] = {}
-        weight = self.params.prefill_work_weight
         if weight:
             own_ms = self.model.cost.prefill_ms
             isl, bs = len(request.tokens), request.block_size or 1
@@ -181,13 +174,7 @@ class PredictedLatencyScorer(Scorer):
             if weight:
                 cost += weight * own_ms(max(1, isl - cached(address, 0) * bs))
             costs[address] = cost
-        if not costs:
-            return {}
-        low = min(costs.values())
-        span = max(costs.values()) - low
-        if span <= 0:
-            return dict.fromkeys(costs, 1.0)
-        return {address: (span - (c - low)) / span for address, c in costs.items()}
+        return min_max_scores(list(costs), list(costs.values()))
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -11,18 +11,21 @@ else this picker's ``ttftSloMs`` / ``tpotSloMs`` parameters, else none. With the
    any other request goes to the endpoint with the lowest predicted TTFT.
 
 Fallbacks (``maxNumOfEndpoints`` > 1) follow in the same order. Without predictions (a request
-kvgate does not tokenize) it picks like ``max-score-picker``.
+kvgate does not tokenize) it picks like ``max-score-picker``. With no objective and one endpoint
+to return (the default) the pick is one pass over the candidates, not a shuffle and a sort.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Annotated, ClassVar, Self
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import Picker, PluginContext, Product, Range
+from kvgate.scheduling.latency_model import Predictions
 from kvgate.scheduling.request import (
     LatencyPrediction,
     LLMRequest,
@@ -30,6 +33,12 @@ from kvgate.scheduling.request import (
     ScoredEndpoint,
 )
 from kvgate.scheduling.services import NO_METRICS, SchedulingMetrics
+
+_native_top_scored: Callable[[list[ScoredEndpoint]], list[int] | None] | None
+try:  # `_latency.c`; optional, the Python gives the same answer
+    from kvgate.scheduling._latency import top_scored as _native_top_scored
+except ImportError:  # pragma: no cover - depends on the build
+    _native_top_scored = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +83,10 @@ class SloAwarePicker(Picker):
         itl_slo = request.slo_itl_s
         if itl_slo is None and self.params.tpot_slo_ms is not None:
             itl_slo = self.params.tpot_slo_ms / 1000.0
+        if self.params.max_num_of_endpoints == 1 and (
+            (ttft_slo is None and itl_slo is None) or not predictions
+        ):
+            return [self._best(predictions, scored).endpoint]
         # Random keys first: the stable sorts below then order ties at random.
         order = scored.copy()
         self._rng.shuffle(order)
@@ -99,9 +112,51 @@ class SloAwarePicker(Picker):
                 order.sort(key=lambda s: _ttft(predictions, s))
         return [s.endpoint for s in order[: self.params.max_num_of_endpoints]]
 
+    def _best(
+        self, predictions: Mapping[str, LatencyPrediction], scored: list[ScoredEndpoint]
+    ) -> ScoredEndpoint:
+        """The first of the order the sorts above would make, without sorting: the highest
+        score, then the lowest predicted TTFT, then at random."""
+        tied = top_scored(scored)
+        if len(tied) == 1:
+            return scored[tied[0]]
+        ttft = [_ttft(predictions, scored[i], i) for i in tied]
+        fastest = min(ttft)
+        best = [scored[i] for i, t in zip(tied, ttft, strict=True) if t == fastest]
+        return best[0] if len(best) == 1 else self._rng.choice(best)
 
-def _ttft(predictions: Mapping[str, LatencyPrediction], item: ScoredEndpoint) -> float:
-    prediction = predictions.get(item.endpoint.address)
+
+def top_scored(scored: list[ScoredEndpoint]) -> list[int]:
+    """Where the highest score is in ``scored`` (not empty), in list order."""
+    if _native_top_scored is not None:
+        found = _native_top_scored(scored)
+        if found is not None:
+            return found
+    return top_scored_python(scored)
+
+
+def top_scored_python(scored: list[ScoredEndpoint]) -> list[int]:
+    scores = list(map(_SCORE, scored))
+    top = max(scores)
+    tied = [i := scores.index(top)]
+    for _ in range(scores.count(top) - 1):
+        tied.append(i := scores.index(top, i + 1))
+    return tied
+
+
+_SCORE = attrgetter("score")
+
+
+def _ttft(
+    predictions: Mapping[str, LatencyPrediction], item: ScoredEndpoint, at: int = -1
+) -> float:
+    """The predicted TTFT of ``item``, infinite when not predicted; ``at``: its place among the
+    candidates, where the scheduler keeps the order the predictions were made in."""
+    address = item.endpoint.address
+    if isinstance(predictions, Predictions):
+        ttft = predictions.ttft_s(address, at)
+        return ttft if ttft is not None else float("inf")
+    prediction = predictions.get(address)
     return prediction.ttft_s if prediction is not None else float("inf")
 
 

@@ -1,0 +1,19 @@
+from collections.abc import Callable, Sequence
+from typing import Any
+
+def predict(
+    endpoints: Sequence[Any],
+    overlaps: object,
+    pending: object,
+    prefilling: object,
+    in_flight: object,
+    active_blocks: object,
+    fits: object,
+    new_fit: Callable[[str], object],
+    isl: int,
+    block_size: int,
+    default_kv_blocks: int,
+    cost: tuple[float, float, float, float, float, float, float, int],
+) -> tuple[list[str], list[float], bytes] | None: ...
+def min_max_scores(addresses: list[str], costs: list[float]) -> dict[str, float] | None: ...
+def top_scored(scored: list[Any]) -> list[int] | None: ...

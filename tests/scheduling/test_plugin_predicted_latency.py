@@ -1,0 +1,171 @@
+"""predicted-latency-scorer and slo-aware-picker on their own: the shortcuts of the routing hot
+path (scores straight from the TTFT column, the one-pass pick) against the general paths they
+skip."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvgate.fleet.endpoint import Endpoint
+from kvgate.scheduling.active import ActiveSequences
+from kvgate.scheduling.latency_model import LatencyModel, Predictions
+from kvgate.scheduling.plugins.predicted_latency_scorer import PredictedLatencyScorer
+from kvgate.scheduling.plugins.slo_aware_picker import SloAwarePicker, SloAwarePickerParams
+from kvgate.scheduling.request import LatencyPrediction, LLMRequest, ScoredEndpoint
+from tests.scheduling.utils import endpoint, request
+
+BLOCK = 16
+ADDRESSES = [f"10.0.0.{i}:8000" for i in range(8)]
+
+
+def predictions_for(uncached: Mapping[str, int]) -> Predictions:
+    workers = list(uncached)
+    return LatencyModel().predict_many(
+        workers,
+        uncached=[uncached[w] for w in workers],
+        pending=[0] * len(workers),
+        decoding=[0] * len(workers),
+        usage=[0.0] * len(workers),
+        usage_after=[0.0] * len(workers),
+        expected_output_tokens=16,
+    )
+
+
+def sorted_order(
+    predictions: Mapping[str, LatencyPrediction], scored: list[ScoredEndpoint]
+) -> list[list[str]]:
+    """The picker's ranking as groups of equals: highest score first, then lowest TTFT."""
+
+    def key(s: ScoredEndpoint) -> tuple[float, float]:
+        p = predictions.get(s.endpoint.address)
+        return (-s.score, p.ttft_s if p is not None else float("inf"))
+
+    groups: dict[tuple[float, float], list[str]] = {}
+    for s in sorted(scored, key=key):
+        groups.setdefault(key(s), []).append(s.endpoint.address)
+    return list(groups.values())
+
+
+# Few distinct values, so that ties in score and in TTFT are common.
+candidates = st.lists(
+    st.tuples(
+        st.sampled_from(ADDRESSES),
+        st.sampled_from([0.0, 0.25, 1.0]),
+        st.sampled_from([100, 2000, 9000]),
+    ),
+    min_size=1,
+    max_size=8,
+    unique_by=lambda c: c[0],
+)
+
+
+@settings(max_examples=300)
+@given(candidates, st.booleans(), st.integers(0, 1 << 30))
+def test_the_one_pass_pick_is_the_first_of_the_sorted_order(
+    items: list[tuple[str, float, int]], columnar: bool, seed: int
+) -> None:
+    made = predictions_for({a: n for a, _, n in items})
+    predictions: Mapping[str, LatencyPrediction] = made if columnar else {w: made[w] for w in made}
+    scored = [ScoredEndpoint(endpoint(a), score) for a, score, _ in items]
+    picker = SloAwarePicker("p", rng=random.Random(seed))
+    (picked,) = picker.pick(request(predictions=predictions), scored)
+    assert picked.address in sorted_order(predictions, scored)[0]
+
+
+def test_ties_in_score_and_ttft_are_broken_at_random() -> None:
+    predictions = predictions_for({"a": 500, "b": 500, "c": 500, "d": 100})
+    scored = [ScoredEndpoint(endpoint(a), s) for a, s in (("a", 1.0), ("b", 1.0), ("c", 1.0))]
+    scored.append(ScoredEndpoint(endpoint("d"), 0.9))  # faster but scored lower
+    picker = SloAwarePicker("p", rng=random.Random(4))
+    picks = Counter(
+        picker.pick(request(predictions=predictions), scored)[0].address for _ in range(3000)
+    )
+    assert set(picks) == {"a", "b", "c"}
+    assert min(picks.values()) > 800
+
+
+def test_a_score_tie_goes_to_the_lower_predicted_ttft() -> None:
+    predictions = predictions_for({"a": 4000, "b": 300, "c": 100})
+    scored = [ScoredEndpoint(endpoint(a), s) for a, s in (("a", 1.0), ("b", 1.0), ("c", 0.5))]
+    for seed in range(20):
+        picker = SloAwarePicker("p", rng=random.Random(seed))
+        assert picker.pick(request(predictions=predictions), scored)[0].address == "b"
+
+
+def test_fallbacks_keep_the_whole_order() -> None:
+    predictions = predictions_for({"a": 4000, "b": 300, "c": 100, "d": 50})
+    scored = [
+        ScoredEndpoint(endpoint(a), s) for a, s in (("a", 1.0), ("b", 1.0), ("c", 0.5), ("d", 0.1))
+    ]
+    picker = SloAwarePicker("p", SloAwarePickerParams(max_num_of_endpoints=3))
+    picked = picker.pick(request(predictions=predictions), scored)
+    assert [ep.address for ep in picked] == ["b", "a", "c"]
+
+
+def run(coroutine: object) -> None:
+    try:
+        coroutine.send(None)  # type: ignore[attr-defined]
+    except StopIteration:
+        return
+    raise AssertionError("prepare awaited")
+
+
+def booked_load(bookings: list[tuple[str, int, int]]) -> ActiveSequences:
+    load = ActiveSequences(BLOCK)
+    for i, (worker, blocks, prefill) in enumerate(bookings):
+        load.add(f"r{i}", worker, range(i * 1000, i * 1000 + blocks), prefill, 0.0)
+        if i % 3 == 0:
+            load.mark_prefill_complete(f"r{i}")
+    return load
+
+
+@settings(max_examples=150)
+@given(
+    st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=8, unique=True),
+    st.dictionaries(st.sampled_from(ADDRESSES), st.integers(0, 200)),
+    st.lists(
+        st.tuples(st.sampled_from(ADDRESSES), st.integers(1, 300), st.integers(0, 6000)),
+        max_size=12,
+    ),
+    st.integers(1, 4000),
+)
+def test_scores_from_the_ttft_column_equal_scores_looked_up_per_endpoint(
+    workers: list[str],
+    overlaps: dict[str, int],
+    bookings: list[tuple[str, int, int]],
+    isl: int,
+) -> None:
+    scorer = PredictedLatencyScorer("p")
+    endpoints = [endpoint(w, num_gpu_blocks=4096) for w in workers]
+    llm = request(
+        tokens=list(range(isl)), block_size=BLOCK, overlaps=overlaps, load=booked_load(bookings)
+    )
+    run(scorer.prepare(llm, endpoints))
+    fast = scorer.score(llm, endpoints)
+    # Another list of the same endpoints (what a filter returns): each looked up by address.
+    looked_up = scorer.score(llm, [*reversed(endpoints)])
+    assert fast == looked_up
+    assert max(fast.values()) == 1.0
+
+
+def test_a_filtered_candidate_list_is_scored_among_itself() -> None:
+    scorer = PredictedLatencyScorer("p")
+    endpoints = [endpoint(w, num_gpu_blocks=4096) for w in ADDRESSES[:3]]
+    llm: LLMRequest = request(
+        tokens=list(range(3000)),
+        block_size=BLOCK,
+        overlaps={ADDRESSES[0]: 150, ADDRESSES[1]: 100},
+        load=ActiveSequences(BLOCK),
+    )
+    run(scorer.prepare(llm, endpoints))
+    scores = scorer.score(llm, endpoints)
+    assert scores[ADDRESSES[0]] == 1.0
+    assert 0.0 < scores[ADDRESSES[1]] < 1.0
+    assert scores[ADDRESSES[2]] == 0.0
+    without_best: list[Endpoint] = endpoints[1:]
+    assert scorer.score(llm, without_best) == {ADDRESSES[1]: 1.0, ADDRESSES[2]: 0.0}
