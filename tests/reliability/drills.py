@@ -198,7 +198,7 @@ async def send_while(url: str, bodies: Iterator[dict[str, Any]], go_on: Callable
 
 def routes_by_prefix(url: str, workers: list[str], *, tries: int = 20) -> ChatResult:
     """Routing is correct: a shared prefix lands where it is cached, with cached tokens, on a
-    live worker. Returns the second request's result."""
+    live worker. Returns the last request's result."""
 
     async def go() -> ChatResult:
         async with aiohttp.ClientSession() as session:
@@ -206,13 +206,17 @@ def routes_by_prefix(url: str, workers: list[str], *, tries: int = 20) -> ChatRe
             first = await chat(session, url, body("First question?", system=system))
             assert first.status == 200, first.error
             assert first.worker in workers, (first.worker, workers)
+            # A try sent before the picker heard the first one's KV events may land elsewhere,
+            # and that worker then caches the prefix too: either is a right place after it.
+            cached_on = {first.worker}
             for _ in range(tries):  # KV events reach the picker a moment after the answer
                 again = await chat(session, url, body("Second question?", system=system))
                 assert again.status == 200, again.error
                 if again.cached_tokens:
                     break
+                cached_on.add(again.worker)
                 await asyncio.sleep(0.2)
-            assert again.worker == first.worker, (again.worker, first.worker)
+            assert again.worker in cached_on, (again.worker, cached_on)
             assert again.cached_tokens and again.cached_tokens > 500, again
             return again
 
