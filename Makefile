@@ -22,7 +22,8 @@ DYNAMO_VERSION := 1.6.1
 # Replica-sync tests run a real nats-server: Debian's package, installed with apt when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo microbench test test-fast lint typecheck unit unit-fast install clean nats-server
+.PHONY: demo microbench test test-fast lint typecheck unit unit-fast install clean nats-server \
+	fuzz soak drills
 
 $(STAMP): pyproject.toml setup.py $(wildcard src/kvgate/*/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +79,33 @@ unit-fast: $(STAMP) $(VLLM_STAMP)
 	  $(BIN)/pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 test-fast: lint unit-fast
+
+# The reliability suite (docs/reliability.md); CI runs a short version of each as tests. Outputs
+# go to .kvgate/. `make fuzz`: every fuzz target for FUZZ_CASES cases or FUZZ_SECONDS seconds
+# each, whichever comes first, under atheris (coverage-guided; installed here if it can be, else
+# hypothesis). `make soak`: benchmarks/soak.py. `make drills`: the fault drills, real processes.
+FUZZ_ENGINE ?= atheris
+FUZZ_CASES ?= 100000
+FUZZ_SECONDS ?= 1500
+FUZZ_TARGETS ?= extproc epp-config kv-events kv-events-raw kv-events-socket
+SOAK_RATE ?= 200
+SOAK_DURATION ?= 1800
+
+fuzz: $(STAMP)
+	@test "$(FUZZ_ENGINE)" != atheris || $(BIN)/python -c "import atheris" 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet atheris || echo "atheris did not install: hypothesis"
+	mkdir -p .kvgate/fuzz
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.reliability.fuzz --engine $(FUZZ_ENGINE) \
+	  --cases $(FUZZ_CASES) --max-seconds $(FUZZ_SECONDS) --json .kvgate/fuzz/fuzz.json \
+	  $(FUZZ_TARGETS)
+
+soak: $(STAMP) $(ENVOY_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/soak.py --rate $(SOAK_RATE) \
+	  --duration $(SOAK_DURATION) --out .kvgate/soak
+
+drills: $(STAMP) $(ENVOY_STAMP) nats-server
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -s tests/reliability/test_drills.py \
+	  tests/reliability/test_event_socket.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/*/*.so microbench.json

@@ -54,9 +54,10 @@ class EventStream:
                 self.done = True
                 return
             try:
-                yield _decode(data)
-            except msgspec.DecodeError as err:
+                event = _decode(data)
+            except (msgspec.DecodeError, RecursionError) as err:
                 raise ValueError(f"not JSON in a data line: {err}") from None
+            yield event
 
 
 @dataclass(slots=True)
@@ -99,7 +100,7 @@ def last_usage(stream_tail: bytes) -> Usage:
             continue
         try:
             event = _decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested past any use: not usage
             continue
         usage = usage_of(event)
         if usage.counted:

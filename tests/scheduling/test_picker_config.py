@@ -462,3 +462,15 @@ plugins:
         ("other", "max-score-picker"),
     ]
     assert plugins[1].parameters == {"maxNumOfEndpoints": 2}
+
+
+@pytest.mark.parametrize("tokenizer", ["/nonexistent/tokenizer", "/", "no-such-org/no-such-model"])
+def test_a_tokenizer_parameter_that_does_not_load_is_a_config_error(tokenizer: str) -> None:
+    # Found by the config fuzzer (tests/reliability): the loader's own error escaped.
+    raw = config(
+        plugins=[{"name": "kv", "type": "kv-aware-scorer", "parameters": {"tokenizer": tokenizer}}]
+    )
+    with pytest.raises(PluginConfigError, match=r"plugins\[0\]\.parameters\.tokenizer: .*'kv'"):
+        build_epp_config(
+            epp_config_from_dict(raw), context=context(env={"DYNAMO_KV_BLOCK_SIZE": "16"})
+        )

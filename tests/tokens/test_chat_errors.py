@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -128,3 +129,16 @@ def test_body_must_be_an_object(qwen3: ModelTokenizer, body: Any) -> None:
     with pytest.raises(RequestError) as caught:
         qwen3.tokenize_request(body, "chat")
     assert caught.value.field == "body"
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_a_lone_surrogate_is_a_request_error(qwen3: ModelTokenizer, kind: str) -> None:
+    # Found by the ext_proc fuzzer: JSON's "\ud800" decodes to a str no tokenizer takes, and the
+    # tokenizers library's TypeError became the picker's 500.
+    text = json.loads('"tell me \\ud800 more"')
+    body = {"messages": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
+    for tokenize in (qwen3.tokenize_request, qwen3.tokenize_for_routing):
+        with pytest.raises(RequestError) as caught:
+            tokenize(body, kind)  # type: ignore[arg-type]
+        assert caught.value.field == ("messages" if kind == "chat" else "prompt")
+        assert "lone surrogate" in caught.value.reason

@@ -45,11 +45,22 @@ Concurrency and resources
     delays the other workers by up to ``replay_timeout_s``; their messages queue in the socket
     meanwhile (``rcvhwm``). By default each subscriber owns a ZMQ context, destroyed by `aclose`;
     pass ``context=`` to share one (it is then left open).
+
+Sessions libzmq gives up on
+    A SUB socket reconnects by itself when its peer goes away, except after a protocol error: bytes
+    that are not ZMTP on the engine's port (another process briefly on a reused port, a scanner, an
+    HTTP port named by mistake) can end the endpoint's session for good, and the engine would never
+    be heard again. Each connected source's socket is watched through its monitor: a
+    ``DISCONNECTED`` that libzmq does not follow with ``CONNECT_RETRIED`` (it schedules the retry
+    in the same step) is answered by disconnecting and connecting that endpoint again (counted in
+    ``reconnects``). Whatever the engine published meanwhile shows up at its next batch as a gap
+    (replayed, or the worker cleared) or, had it restarted, as a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -58,6 +69,7 @@ from typing import Annotated, Any, Final, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from kvgate.events.decode import MalformedEvent, decode_batch, parse_seq
 from kvgate.events.replay import ReplayError, fetch_replay, offset_endpoint_port
@@ -79,6 +91,10 @@ logger = logging.getLogger(__name__)
 _FRAMES_PER_MESSAGE: Final = 3
 _TOPIC_PARTS: Final = 3
 _RECV_ERROR_BACKOFF_S: Final = 0.1
+# libzmq reports the retry it schedules right after the DISCONNECTED it follows (same I/O thread
+# step); a generous grace keeps a busy machine from causing needless reconnects.
+_RETRY_GRACE_S: Final = 1.0
+_SESSION_EVENTS: Final = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 class EventSink(Protocol):
@@ -137,6 +153,8 @@ class WorkerStats:
     """First contacts past seq 0 with no (working) replay: earlier blocks stay unknown."""
     block_size_mismatch: int = 0
     """BlockStored events refused because of their block_size."""
+    reconnects: int = 0
+    """Endpoints connected again after libzmq ended their session without a retry."""
     sink_errors: int = 0
 
     def add(self, other: WorkerStats) -> None:
@@ -236,12 +254,25 @@ class _Throttle:
 
 
 class _Source:
-    __slots__ = ("socket", "task", "worker")
+    __slots__ = ("endpoints", "monitor", "socket", "task", "watcher", "worker")
 
-    def __init__(self, worker: _Worker, socket: zmq.asyncio.Socket | None) -> None:
+    def __init__(
+        self,
+        worker: _Worker,
+        socket: zmq.asyncio.Socket | None,
+        monitor: zmq.asyncio.Socket | None = None,
+        endpoints: tuple[str, ...] = (),
+    ) -> None:
         self.worker = worker
         self.socket = socket  # None: the worker publishes to the central socket
+        self.monitor = monitor  # the socket's session events (see `_watch_sessions`)
+        self.endpoints = endpoints
         self.task: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+
+    def close_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
 
 
 class KvEventSubscriber(Service):
@@ -303,6 +334,7 @@ class KvEventSubscriber(Service):
             source.worker.active = False
             if source.socket is not None:
                 source.socket.close(linger=0)
+            source.close_monitor()
         if self._central is not None:
             self._central.close(linger=0)
         if self._owns_context:
@@ -337,17 +369,21 @@ class KvEventSubscriber(Service):
                 "subscribe and data_parallel_size apply to connected sources (endpoint=...); "
                 "the central socket's prefix is set by bind()"
             )
-        socket = None
+        worker_state = _Worker(worker, replay_endpoint)
+        source = _Source(worker_state, None)
         if endpoint is not None:
             endpoints = [offset_endpoint_port(endpoint, rank) for rank in range(data_parallel_size)]
             socket = self._new_sub_socket(subscribe)
+            # Watched from before the first connect, so that no session event is missed.
+            monitor = socket.get_monitor_socket(_SESSION_EVENTS)
+            source = _Source(worker_state, socket, monitor, tuple(endpoints))
             try:
                 for address in endpoints:
                     socket.connect(address)
             except zmq.ZMQError as exc:
                 socket.close(linger=0)
+                source.close_monitor()
                 raise ValueError(f"cannot connect to {endpoint!r} for {worker}: {exc}") from None
-        source = _Source(_Worker(worker, replay_endpoint), socket)
         self._sources[worker] = source
         self.stats.workers[worker] = source.worker.stats
         if self._started:
@@ -368,6 +404,11 @@ class KvEventSubscriber(Service):
         socket = source.socket
         if socket is None:
             return
+        if source.watcher is None:
+            source.close_monitor()
+        else:
+            source.watcher.add_done_callback(lambda _task: source.close_monitor())
+            source.watcher.cancel()
         if source.task is None:
             socket.close(linger=0)
             return
@@ -419,6 +460,62 @@ class KvEventSubscriber(Service):
         source.task = self._spawn(
             self._read(source.socket, source.worker), f"kv-events {source.worker.name}"
         )
+        source.watcher = self._spawn(
+            self._watch_sessions(source), f"kv-events sessions {source.worker.name}"
+        )
+
+    async def _watch_sessions(self, source: _Source) -> None:
+        """Connect again any endpoint of `source` whose session libzmq ended without a retry."""
+        assert source.monitor is not None
+        monitor: zmq.Socket[bytes] = zmq.Socket.shadow(source.monitor.underlying)
+        awaiting_retry: dict[bytes, float] = {}  # endpoint -> when to give up waiting
+        while True:
+            timeout_ms = None
+            if awaiting_retry:
+                wait_s = min(awaiting_retry.values()) - time.monotonic()
+                timeout_ms = max(0, int(wait_s * 1000))
+            try:
+                ready = await source.monitor.poll(timeout_ms)
+                while ready:
+                    try:
+                        event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        awaiting_retry[event["endpoint"]] = time.monotonic() + _RETRY_GRACE_S
+                    elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                        awaiting_retry.pop(event["endpoint"], None)
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                self._internal_error("watching a KV event socket failed")
+                await asyncio.sleep(_RECV_ERROR_BACKOFF_S)
+                continue
+            now = time.monotonic()
+            for endpoint in [e for e, give_up in awaiting_retry.items() if give_up <= now]:
+                del awaiting_retry[endpoint]
+                if source.worker.active:
+                    self._reconnect(source, endpoint.decode(errors="replace"))
+
+    def _reconnect(self, source: _Source, endpoint: str) -> None:
+        assert source.socket is not None
+        # The event names the endpoint as libzmq resolved it; if that is not one of ours (a host
+        # name was given), connect them all again: at worst a live one loses a few batches, a gap.
+        addresses = [endpoint] if endpoint in source.endpoints else list(source.endpoints)
+        logger.warning(
+            "worker %s: the KV event connection to %s ended without a retry (a peer that does "
+            "not speak ZMQ on that port?); connecting again",
+            source.worker.name,
+            endpoint,
+        )
+        source.worker.stats.reconnects += 1
+        for address in addresses:
+            with contextlib.suppress(zmq.ZMQError):
+                source.socket.disconnect(address)
+            try:
+                source.socket.connect(address)
+            except zmq.ZMQError:
+                self._internal_error(f"connecting again to {address} failed")
 
     def _spawn_history(self, worker: _Worker) -> None:
         if worker.replay_endpoint is not None:

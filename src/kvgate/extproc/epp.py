@@ -101,6 +101,13 @@ class Director:
         self.clock = clock
         self._slots = asyncio.Semaphore(options.max_concurrent_scheduling)
         self._buffered = 0
+        self.open_streams = 0
+        """ext_proc streams being served now (one per HTTP request in flight through Envoy)."""
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request body bytes held by streams still waiting for the end of their body."""
+        return self._buffered
 
     def reserve_body(self, size: int) -> bool:
         if self._buffered + size > self.options.max_buffered_bytes:
@@ -156,6 +163,12 @@ class RequestStream:
         """The server-side key of this request's bookkeeping, unique per stream: clients may
         repeat an ``x-request-id`` (by mistake or to free another request's load)."""
         self.client_request_id: str | None = None
+        # Envoy skips the request headers phase when so configured (request_header_mode SKIP):
+        # a body may come first.
+        self.subset: list[str] | None = None
+        self.decided = False
+        """The request was routed or refused; later request phases (a second end of body, from
+        a misbehaving data plane) must not route it again."""
 
     async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if msg.HasField("protocol_config"):
@@ -165,6 +178,8 @@ class RequestStream:
                 and msg.protocol_config.send_body_without_waiting_for_header_response
             )
         kind = msg.WhichOneof("request")
+        if self.decided and kind in ("request_headers", "request_body"):
+            return []
         if kind == "request_headers":
             return await self._request_headers(msg)
         if kind == "request_body":
@@ -228,13 +243,14 @@ class RequestStream:
         return await self._route_body()
 
     async def _request_trailers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
-        if self.result is None and self.request is None:
+        if not self.decided:
             out = await self._route_body()
             return [*out, proto.continue_response("request_trailers")]
         return [proto.continue_response("request_trailers")]
 
     async def _route_bodyless(self) -> list[pb.ProcessingResponse]:
         """GET /v1/models and the like: any ready endpoint will do."""
+        self.decided = True
         endpoints = self.director.endpoints.snapshot()
         if self.subset is not None:
             endpoints = [ep for ep in endpoints if ep.route_address in set(self.subset)]
@@ -247,6 +263,7 @@ class RequestStream:
         return [response]
 
     async def _route_body(self) -> list[pb.ProcessingResponse]:
+        self.decided = True
         started = self.director.clock()
         body = bytes(self.body)
         try:
@@ -337,6 +354,8 @@ class RequestStream:
                 parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise SchedulingError(400, f"request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise SchedulingError(400, "request body is nested too deeply") from None
         if not isinstance(parsed, dict):
             raise SchedulingError(
                 400, f"request body must be a JSON object, got {type(parsed).__name__}"
@@ -449,6 +468,7 @@ async def process_stream(
     director: Director, requests: AsyncIterator[pb.ProcessingRequest]
 ) -> AsyncIterator[pb.ProcessingResponse]:
     stream = RequestStream(director)
+    director.open_streams += 1
     try:
         async for msg in requests:
             try:
@@ -461,6 +481,7 @@ async def process_stream(
             for response in responses:
                 yield response
     finally:
+        director.open_streams -= 1
         stream.close()
 
 

@@ -112,6 +112,7 @@ class EppRuntime(StackedService):
         self.shared_load = SharedLoad()
         self.subscriber: KvEventSubscriber | None = None
         self.sync: ReplicaSync | None = None
+        self.director: Director | None = None
         self._health: Any = None
 
     async def _start(self) -> None:
@@ -196,7 +197,7 @@ class EppRuntime(StackedService):
             await objectives.start()
             self._stack.push_async_callback(objectives.aclose)
 
-        director = Director(
+        director = self.director = Director(
             self.endpoints,
             scheduler,
             s.options,
@@ -206,6 +207,7 @@ class EppRuntime(StackedService):
         self.metrics.watch(
             self.endpoints, s.pool_name or "kvgate", self._gauges(), self._booked_load
         )
+        self.metrics.watch_process()
         await self._serve_grpc(director)
         await self._serve_health()
         await self._serve_metrics()
@@ -263,7 +265,8 @@ class EppRuntime(StackedService):
 
     def health_details(self) -> dict[str, Any]:
         """What /healthz on the metrics port shows: readiness and the state of replica sync."""
-        events = self.subscriber.stats.total() if self.subscriber is not None else None
+        subscriber = self.subscriber
+        events = subscriber.stats.total() if subscriber is not None else None
         return {
             "ready": bool(self.endpoints.known),
             "endpoints": len(self.endpoints),
@@ -276,9 +279,34 @@ class EppRuntime(StackedService):
                 "malformed": events.malformed,
                 "backfills": events.backfills,
                 "cold_starts": events.cold_starts,
+                "replays_ok": events.replays_ok,
+                "replays_failed": events.replays_failed,
+                "resets": events.resets,
+                "reconnects": events.reconnects,
+                "block_size_mismatches": events.block_size_mismatch,
+                "sink_errors": events.sink_errors,
+                "internal_errors": subscriber.stats.internal_errors if subscriber else 0,
             },
             "replica_sync": self.sync.status() if self.sync is not None else {"state": "off"},
+            "bookkeeping": self.bookkeeping(),
         }
+
+    def bookkeeping(self) -> dict[str, int]:
+        """What the picker holds per request in flight; all 0 when no request is."""
+        director = self.director
+        return {
+            "open_streams": 0 if director is None else director.open_streams,
+            "buffered_request_bytes": 0 if director is None else director.buffered_bytes,
+            "inflight_bookings": self._inflight_bookings(),
+            "own_inflight_bookings": sum(
+                sum(1 for _ in owner.router.active.own())
+                for owner in self.shared_load.owners.values()
+            ),
+        }
+
+    def _inflight_bookings(self) -> int:
+        """Requests booked in the KV scorers' active-sequence trackers, own and other replicas'."""
+        return sum(len(owner.router.active) for owner in self.shared_load.owners.values())
 
     async def _watch_liveness(self, interval_s: float = 0.5) -> None:
         """Drop the cached-block and load state of workers whose metrics went stale after having
@@ -326,7 +354,27 @@ class EppRuntime(StackedService):
 
             return read
 
+        def director_value(attr: str) -> Any:
+            def read() -> float:
+                return 0.0 if self.director is None else float(getattr(self.director, attr))
+
+            return read
+
+        loop = asyncio.get_running_loop()
         return {
+            "kvgate_open_streams": ("ext_proc streams open now", director_value("open_streams")),
+            "kvgate_buffered_request_bytes": (
+                "request body bytes buffered by streams waiting for the end of their body",
+                director_value("buffered_bytes"),
+            ),
+            "kvgate_inflight_bookings": (
+                "requests booked as in flight by the KV scorers (own and other replicas')",
+                lambda: float(self._inflight_bookings()),
+            ),
+            "kvgate_asyncio_tasks": (
+                "asyncio tasks alive in the picker's event loop",
+                lambda: float(len(asyncio.all_tasks(loop))),
+            ),
             "inference_extension_prefix_indexer_size": ("(block, worker) entries", index_blocks),
             "kvgate_kv_events_ingested": ("KV events applied", events("events")),
             "kvgate_kv_event_batches_malformed": ("KV event batches dropped", events("malformed")),
@@ -342,6 +390,10 @@ class EppRuntime(StackedService):
             "kvgate_kv_event_block_size_mismatches": (
                 "KV events refused for a block size different from kvgate's",
                 events("block_size_mismatch"),
+            ),
+            "kvgate_kv_event_reconnects": (
+                "KV event endpoints connected again after their session ended without a retry",
+                events("reconnects"),
             ),
         }
 

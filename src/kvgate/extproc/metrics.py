@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -276,6 +276,11 @@ class EppMetrics:
         for name, (help_, read) in gauges.items():
             gauge = Gauge(name, help_, registry=self.registry)
             gauge.set_function(read)
+
+    def watch_process(self) -> None:
+        """The process's own gauges (``process_resident_memory_bytes``, ``process_open_fds``,
+        CPU seconds), as the reference EPP exports them through the default registry."""
+        ProcessCollector(registry=self.registry)
 
     def observe_decision(
         self, request: LLMRequest, result: SchedulingResult, seconds: float

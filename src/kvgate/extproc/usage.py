@@ -40,6 +40,6 @@ class UsageTracker:
             return Usage()
         try:
             body = json.loads(self._buf)
-        except ValueError:
+        except (ValueError, RecursionError):
             return Usage()
         return usage_of(body)

@@ -126,12 +126,25 @@ def _health_checked(cluster: dict[str, Any], health_ports: Sequence[int]) -> dic
     return cluster
 
 
+def _circuit_breakers() -> dict[str, Any]:
+    """Envoy's default circuit breakers allow 1,024 requests in flight per cluster. Every request
+    holds a stream to each ext_proc service for as long as it lasts (through the response), and
+    LLM requests last seconds: those clusters need as much room as the workers'."""
+    limit = 40000
+    return {
+        "thresholds": [
+            {"max_connections": limit, "max_pending_requests": limit, "max_requests": limit}
+        ]
+    }
+
+
 def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": _circuit_breakers(),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
@@ -232,15 +245,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
                 "use_http_header": True,
                 "http_header_name": UPSTREAM_HEADER,
             },
-            "circuit_breakers": {
-                "thresholds": [
-                    {
-                        "max_connections": 40000,
-                        "max_pending_requests": 40000,
-                        "max_requests": 40000,
-                    }
-                ]
-            },
+            "circuit_breakers": _circuit_breakers(),
         },
         epp_cluster,
     ]

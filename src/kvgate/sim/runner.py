@@ -98,7 +98,10 @@ class EngineRunner:
                 streams = self._streams
                 for req in result.outputs:
                     reason = req.finish_reason
-                    stream = streams.pop(req.request_id) if reason else streams.get(req.request_id)
+                    # A client may have gone (`abort`) while this step ran.
+                    stream = (
+                        streams.pop(req.request_id, None) if reason else streams.get(req.request_id)
+                    )
                     if stream is not None:
                         stream.push(req.token_ids[-1], reason)
                 self._emit(result.events)

@@ -280,7 +280,7 @@ class ModelTokenizer:
 
         ``cached=False`` encodes without the segment cache (for comparison and benchmarks).
         """
-        text = self.render_chat(body)
+        text = _unicode(self.render_chat(body), "messages")
         special = add_special_tokens(body, default=False)
         encode = self.encode if cached else self.encode_cold
         return truncate(encode(text, add_special_tokens=special), body)
@@ -298,7 +298,7 @@ class ModelTokenizer:
         special = add_special_tokens(body, default=True)
         if isinstance(prompt, str):
             encode = self.encode if cached else self.encode_cold
-            prompt = encode(prompt, add_special_tokens=special)
+            prompt = encode(_unicode(prompt, "prompt"), add_special_tokens=special)
         return truncate(prompt, body)
 
     def tokenize_for_routing(self, body: Mapping[str, Any], kind: RequestKind) -> RoutingTokens:
@@ -322,7 +322,7 @@ class ModelTokenizer:
             special = add_special_tokens(body, default=True)
             if not isinstance(prompt, str):
                 return RoutingPlan.ready(RoutingTokens(truncate(prompt, body), complete=True))
-            plan = self._encoder.plan(prompt, add_special_tokens=special)
+            plan = self._encoder.plan(_unicode(prompt, "prompt"), add_special_tokens=special)
             return RoutingPlan(plan.missing_chars, plan, partial(_whole_prompt, body))
         if kind != "chat":
             raise ValueError(f"unknown request kind {kind!r}")
@@ -330,7 +330,8 @@ class ModelTokenizer:
             body, self._templates, self.special_tokens, self._chat_defaults
         )
         plan = self._encoder.plan(
-            rendered.text, add_special_tokens=add_special_tokens(body, default=False)
+            _unicode(rendered.text, "messages"),
+            add_special_tokens=add_special_tokens(body, default=False),
         )
         if rendered.complete:
             return RoutingPlan(plan.missing_chars, plan, partial(_whole_prompt, body))
@@ -572,3 +573,16 @@ def _added_token(token: Mapping[str, Any]) -> AddedToken:
         )
     except (KeyError, TypeError) as exc:
         raise TokenizerLoadError(f"malformed added_tokens_decoder entry {token!r}") from exc
+
+
+def _unicode(text: str, field: str) -> str:
+    """``text`` if it is Unicode text. JSON can escape lone surrogates (``"\\ud800"``), which
+    Python keeps in a str but no tokenizer takes (the engine's fails on them too)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as err:
+            raise RequestError(
+                field, f"holds a lone surrogate (character {err.start}), which is not text"
+            ) from None
+    return text

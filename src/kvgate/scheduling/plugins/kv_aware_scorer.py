@@ -60,7 +60,7 @@ from kvgate.scheduling.request import (
 )
 from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.scheduling.services import NO_METRICS, ActiveJournal, LoadOwner, SchedulingMetrics
-from kvgate.tokens import ModelTokenizer, RequestError
+from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
 from kvgate.tokens.hashing import lora_seed, salt_extras, sequence_hashes_of
 from kvgate.tokens.request import cache_salt
 from kvgate.tokens.tokenizer import RoutingTokens
@@ -116,7 +116,16 @@ class KvAwareScorer(Scorer):
             ) from None
         tokenizer = context.tokenizer
         if params.tokenizer is not None:
-            tokenizer = ModelTokenizer.load(params.tokenizer)
+            try:
+                tokenizer = ModelTokenizer.load(params.tokenizer)
+            except TokenizerLoadError as err:
+                raise PluginConfigError(
+                    f"plugin {name}",
+                    str(err),
+                    plugin_name=name,
+                    plugin_type=cls.type_name,
+                    parameter="tokenizer",
+                ) from None
         if config.use_kv_routing and tokenizer is None and not context.requests_carry_tokens:
             raise PluginConfigError(
                 f"plugin {name}",
