@@ -24,7 +24,15 @@ def test_the_package_and_the_chart_read_deploy_config_itself() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [epp_configs.KV, epp_configs.DISAGGREGATED, epp_configs.ROUND_ROBIN]
+    "name",
+    [
+        epp_configs.KVGATE,
+        epp_configs.DYNAMO,
+        epp_configs.DISAGGREGATED,
+        epp_configs.DISAGGREGATED_KVGATE,
+        epp_configs.DISAGGREGATED_KVGATE_PAIRED,
+        epp_configs.ROUND_ROBIN,
+    ],
 )
 def test_named_configs_are_files_of_deploy_config(name: str) -> None:
     assert epp_configs.shipped_config(name) == (DEPLOY_CONFIG / name).read_text()

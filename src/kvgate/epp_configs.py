@@ -11,8 +11,14 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from typing import Final
 
-KV: Final = "epp-config-dynamo.yaml"
-"""The seed's KV-aware routing: `kvgate up`'s default."""
+KVGATE: Final = "epp-config-kvgate.yaml"
+"""kvgate's routing (predicted latency): `kvgate up`'s default."""
+DYNAMO: Final = "epp-config-dynamo.yaml"
+"""The seed's KV-aware routing, the reference router's cost function (`dyn-kv`)."""
+DISAGGREGATED_KVGATE: Final = "epp-config-disaggregated-kvgate.yaml"
+"""Prefill/decode disaggregation decided and placed by predicted latency."""
+DISAGGREGATED_KVGATE_PAIRED: Final = "epp-config-disaggregated-kvgate-paired.yaml"
+"""Prefill/decode placed by predicted latency, every request paired (Dynamo's direct mode)."""
 DISAGGREGATED: Final = "epp-config-disaggregated.yaml"
 """Prefill/decode disaggregation: `kvgate up` with prefill workers."""
 ROUND_ROBIN: Final = "epp-config-round-robin.yaml"

@@ -11,6 +11,7 @@ from kvgate.bench.policies import POLICIES
 from kvgate.bench.report import RunRecord, report_json, summarize
 from kvgate.bench.simulate import SimSettings, simulate
 from kvgate.bench.traces import TraceRequest, Workload, shared_prefix
+from kvgate.bench.workloads import generate
 from tests.bench import predicting_scorer
 
 SETTINGS = SimSettings(workers=4, block_size=16, num_gpu_blocks=4096, seed=7)
@@ -141,3 +142,19 @@ def test_workers_run_at_their_own_speed_and_capacity() -> None:
     assert slow_ttft == pytest.approx(2 * fast_ttft)
     with pytest.raises(ValueError, match="the fleet lists 1 workers, not 4"):
         SimSettings(workers=4, fleet=(WorkerSpec(),))
+
+
+def test_kvgates_policy_beats_the_reference_cost_function_on_agent_sessions() -> None:
+    """Agents re-send a growing context behind a shared tool prefix: the reference cost gives up
+    a session's worker as soon as it holds another in-flight request of similar size; predicted
+    latency keeps the session where its context is cached unless the wait there costs more."""
+    w = generate(
+        "agentic:sessions_per_worker=3", workers=4, load=1.0, seed=3, default_blocks=32_000
+    )
+    settings = SimSettings(workers=4, block_size=16, seed=7)
+    records = simulate(w.requests, ["kv", "dynamo"], settings)
+    kvgate, dynamo = summarize(records["kv"]), summarize(records["dynamo"])
+    assert kvgate.requests == dynamo.requests == len(w.requests)
+    assert kvgate.hit_rate > dynamo.hit_rate
+    assert kvgate.ttft_ms["p90"] < 0.9 * dynamo.ttft_ms["p90"]
+    assert kvgate.ttft_ms["p50"] <= dynamo.ttft_ms["p50"]

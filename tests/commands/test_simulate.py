@@ -63,7 +63,10 @@ def test_cli_writes_the_json_schema(tmp_path: Path) -> None:
     assert 0.0 < floor["p50"] <= entry["ttft_ms"]["p50"] * (1 + 1e-9)
     assert floor["p90"] <= entry["ttft_ms"]["p90"] * (1 + 1e-9)
     assert entry["hit_rate"] <= report["pooled_hit_rate"] <= report["ideal_hit_rate"]
-    assert entry["prediction_error"] is None
+    # kvgate's policy predicts TTFT; the other config (the reference cost) does not.
+    assert set(entry["prediction_error"]) == {"p50", "p90"}
+    assert 0.0 <= entry["prediction_error"]["p50"] <= entry["prediction_error"]["p90"]
+    assert report["policies"][f"config:{config}"]["prediction_error"] is None
 
 
 def test_cli_generates_workloads_with_their_fleet(

@@ -58,6 +58,27 @@ def test_completion_from_file_with_lora(qwen3_dir: Path, tmp_path: Path) -> None
     assert lora["local_hashes"] != base["local_hashes"]
 
 
+def test_cache_salt_keys_every_prefix_as_the_engine_does(qwen3_dir: Path) -> None:
+    """vLLM salts the first block: a salted prompt shares no prefix with the unsalted one or
+    another salt, and all of it with the same salt (tests/events/test_vllm_block_keys.py holds
+    this against vLLM's own hashing)."""
+    args = ["--tokenizer", str(qwen3_dir), "--block-size", "16"]
+    outputs = {
+        salt: json.loads(run(args, json.dumps({**CHAT, "cache_salt": salt})).stdout)
+        for salt in ("tenant-a", "tenant-b")
+    }
+    plain = json.loads(run(args, json.dumps(CHAT)).stdout)
+    a, b = outputs["tenant-a"], outputs["tenant-b"]
+    assert a["token_ids"] == b["token_ids"] == plain["token_ids"]
+    assert a["local_hashes"][1:] == plain["local_hashes"][1:]
+    for other in (b, plain):
+        assert all(
+            x != y for x, y in zip(a["sequence_hashes"], other["sequence_hashes"], strict=True)
+        )
+    again = json.loads(run(args, json.dumps({**CHAT, "cache_salt": "tenant-a"})).stdout)
+    assert again == a
+
+
 @pytest.mark.parametrize(
     ("args", "stdin", "needle"),
     [
@@ -66,8 +87,16 @@ def test_completion_from_file_with_lora(qwen3_dir: Path, tmp_path: Path) -> None
         (["--block-size", "16"], "{}", "neither 'messages'"),
         (["--block-size", "24"], json.dumps(CHAT), "power of two"),
         (["--block-size", "16"], json.dumps({"model": "m", "messages": 3}), "messages"),
+        (["--block-size", "16"], json.dumps({**CHAT, "cache_salt": "a/b"}), "cache_salt"),
     ],
-    ids=["malformed-json", "not-object", "no-prompt", "bad-block-size", "bad-messages"],
+    ids=[
+        "malformed-json",
+        "not-object",
+        "no-prompt",
+        "bad-block-size",
+        "bad-messages",
+        "salt-vllm-refuses",
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(
     qwen3_dir: Path, args: list[str], stdin: str, needle: str

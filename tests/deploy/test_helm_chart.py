@@ -9,6 +9,7 @@ by cross-reference: every port, name and flag one object names must exist in the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -24,7 +26,10 @@ from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
 from kvgate.commands import body_transformer
 from kvgate.commands.epp import build_parser, settings_from_args
+from kvgate.extproc.epp_runtime import EppRuntime
+from kvgate.extproc.headers import GATEWAY_INPUTS
 from kvgate.scheduling.router_config import KvRouterConfig
+from tests.extproc.utils import ExtProcStream, chat_body
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kvgate-gaie"
@@ -36,6 +41,10 @@ NAMESPACE = "my-model"
 KUBE_VERSION = "1.30"
 CORE_KINDS = {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"}
 EPP_PORTS = {"grpc": 9002, "grpc-health": 9003, "metrics": 9090}
+SEED_STANDARD_IMAGE = (
+    "us-central1-docker.pkg.dev/k8s-artifacts-prod/images/"
+    "gateway-api-inference-extension/epp:v1.2.1"
+)
 
 
 def _example() -> dict[str, Any]:
@@ -62,6 +71,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         inferencePool={"targetPorts": [8000, 8001], "failureMode": "FailClose"},
     ),
     "standard-epp": _with(_example(), epp={"useDynamo": False}, dynamo={"kvBlockSize": None}),
+    # The seed's `--set epp.useDynamo=false --set-string extension.image=$EPP_IMAGE`.
+    "seed-standard-epp-image": _with(
+        _example(), epp={"useDynamo": False}, extension={"image": SEED_STANDARD_IMAGE}
+    ),
     "round-robin-no-block-size": _with(_example(), dynamo={"useKvRouting": False}),
     "istio-lua": _with(_example(), bodyTransformer={"enabled": True, "mode": "istioLua"}),
     "envoy-gateway-lua": _with(
@@ -261,8 +274,10 @@ def test_epp_args_are_flags_kvgate_has(
 ) -> None:
     name, objects = case
     container = _epp_container(objects)
-    if not VALUE_SETS[name]["epp"].get("useDynamo", True):
-        assert container["image"].startswith("registry.k8s.io/gateway-api-inference-extension/")
+    image = VALUE_SETS[name].get("extension", {}).get("image")
+    if not VALUE_SETS[name]["epp"].get("useDynamo", True) and image:
+        # The upstream picker, run as the seed's command names it.
+        assert container["image"] == image
         assert "command" not in container
         return
     assert container["command"] == ["kvgate"]
@@ -306,8 +321,12 @@ def test_kv_routing_env_and_flags(case: tuple[str, list[dict[str, Any]]]) -> Non
         assert env["DYNAMO_KV_BLOCK_SIZE"] == "16"
         assert "--tokenizer=Qwen/Qwen3-0.6B" in container["args"]
         assert "--events-port=5557" in container["args"]
+        assert "--replay-port=5558" in container["args"]
     else:
-        assert not any(a.startswith(("--tokenizer", "--events-port")) for a in container["args"])
+        assert not any(
+            a.startswith(("--tokenizer", "--events-port", "--replay-port"))
+            for a in container["args"]
+        )
     # kvgate's own parser accepts the rendered environment, with the values given.
     config = KvRouterConfig.from_env(env)
     assert config.use_kv_routing is kv
@@ -441,6 +460,106 @@ def test_lua_variant_uses_the_shipped_filter(name: str, kind: str, source: str) 
     assert not {o["kind"] for o in objects} & {"GatewayExtension", "TrafficPolicy"}
 
 
+# --- the seed's commands, as written ----------------------------------------------------------
+
+EPP_IMAGE = "registry.example/team/epp:custom"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "image", "kvgate"),
+    [
+        # helm ... -f vllm_agg_qwen.yaml --set-string extension.image=$EPP_IMAGE
+        ({"extension": {"image": EPP_IMAGE}}, EPP_IMAGE, True),
+        # helm ... --set epp.useDynamo=false --set-string extension.image=$EPP_IMAGE
+        ({"epp": {"useDynamo": False}, "extension": {"image": EPP_IMAGE}}, EPP_IMAGE, False),
+        # helm ... --set epp.useDynamo=false: kvgate's own image, routing round-robin
+        ({"epp": {"useDynamo": False}}, "ghcr.io/kvgate/kvgate:0.1.0", True),
+        (
+            {"epp": {"useDynamo": False}, "extension": {"image": EPP_IMAGE, "flavor": "kvgate"}},
+            EPP_IMAGE,
+            True,
+        ),
+    ],
+    ids=["kvgate-image", "standard-image", "standard-default", "standard-kvgate-build"],
+)
+def test_the_picker_runs_the_image_the_command_names(
+    overrides: dict[str, dict[str, Any]], image: str, kvgate: bool
+) -> None:
+    values = _with(_example(), bodyTransformer={"enabled": True}, **overrides)
+    objects = render(values)
+    container = _epp_container(objects)
+    assert container["image"] == image
+    assert ("command" in container) == kvgate
+    if kvgate:
+        assert container["args"][0] == "epp"
+    else:
+        assert "--pool-group=inference.networking.k8s.io" in container["args"]
+    transformer = one(objects, "Deployment", "qwen-body-transformer")
+    # The body transformer is kvgate's: the picker's image only when that is kvgate too.
+    expected = image if kvgate else "ghcr.io/kvgate/kvgate:0.1.0"
+    assert transformer["spec"]["template"]["spec"]["containers"][0]["image"] == expected
+
+
+async def test_standard_mode_routes_round_robin(tmp_path: Path) -> None:
+    """`--set epp.useDynamo=false`: the rendered picker, run with its rendered arguments and
+    config (static endpoints instead of the pool), answers requests in turn."""
+    objects = render(VALUE_SETS["standard-epp"])
+    container = _epp_container(objects)
+    config = tmp_path / "epp-config.yaml"
+    config.write_text(one(objects, "ConfigMap")["data"]["epp-config.yaml"])
+    args = [a.replace("/etc/kvgate/epp-config.yaml", str(config)) for a in container["args"][1:]]
+    settings = settings_from_args(build_parser().parse_args(args))
+    endpoints = ["127.0.0.1:9", "127.0.0.1:19", "127.0.0.1:29"]
+    settings = dataclasses.replace(
+        settings, pool_name=None, endpoints=",".join(endpoints), bind="127.0.0.1",
+        grpc_port=0, health_port=0, metrics_port=0, secure=False,
+    )  # fmt: skip
+    async with (
+        EppRuntime(settings) as runtime,
+        grpc.aio.insecure_channel(f"127.0.0.1:{runtime.bound_ports['grpc']}") as channel,
+    ):
+        picked = []
+        for i in range(6):
+            stream = ExtProcStream(channel)
+            routed = await stream.route(chat_body(f"turn {i}"))
+            await stream.close()
+            picked.append(routed.destination)
+    assert sorted(picked[:3]) == sorted(endpoints)
+    assert picked[3:] == picked[:3]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "name"), [("", "nvext-body-injector"), ("qwen-", "qwen-nvext-body-injector")]
+)
+def test_the_seeds_verification_commands_find_the_body_transformer(prefix: str, name: str) -> None:
+    """`kubectl get trafficpolicy nvext-body-injector` and `kubectl get pods -l
+    app=body-transformer`, as the seed writes them (a prefix for several releases)."""
+    values = _with(_example(), bodyTransformer={"enabled": True, "namePrefix": prefix})
+    objects = render(values)
+    assert one(objects, "TrafficPolicy")["metadata"]["name"] == name
+    (deployment,) = [
+        d
+        for d in objects
+        if d["kind"] == "Deployment"
+        and d["spec"]["template"]["metadata"]["labels"].get("app") == "body-transformer"
+    ]
+    service = one(objects, "GatewayExtension")["spec"]["extProc"]["grpcService"]["backendRef"]
+    assert deployment["metadata"]["name"] == service["name"]
+
+
+def test_the_route_removes_the_gateway_inputs_and_only_them() -> None:
+    """Gateway inputs a client could forge never reach a worker; the picker's outputs are left
+    alone (tests/deploy/test_chart_gateway_envoy.py runs this route in a real Envoy)."""
+    route = one(_rendered_list("example-kv-routing"), "HTTPRoute")
+    (rule,) = route["spec"]["rules"]
+    (modifier,) = [f for f in rule["filters"] if f["type"] == "RequestHeaderModifier"]
+    assert modifier["requestHeaderModifier"]["remove"] == list(GATEWAY_INPUTS)
+
+
+def _rendered_list(name: str) -> list[dict[str, Any]]:
+    return copy.deepcopy(list(_rendered(name)))
+
+
 # --- fail-fast validations ---------------------------------------------------------------------
 
 
@@ -456,6 +575,7 @@ def test_lua_variant_uses_the_shipped_filter(name: str, kind: str, source: str) 
         ({"dynamo": {"replicaSync": {"enabled": True}}}, "dynamo.replicaSync.natsUrl"),
         ({"bodyTransformer": {"enabled": True, "mode": "wasm"}}, "bodyTransformer.mode"),
         ({"epp": {"configFile": "nope.yaml"}}, "epp.configFile"),
+        ({"extension": {"flavor": "gaie"}}, "extension.flavor gaie with epp.useDynamo"),
     ],
     ids=[
         "kv-routing-without-block-size",
@@ -467,6 +587,7 @@ def test_lua_variant_uses_the_shipped_filter(name: str, kind: str, source: str) 
         "replica-sync-without-nats",
         "unknown-body-mode",
         "unknown-config-file",
+        "upstream-picker-cannot-route-on-kv",
     ],
 )
 def test_bad_values_fail_rendering_naming_the_value(
@@ -479,11 +600,25 @@ def test_bad_values_fail_rendering_naming_the_value(
 @pytest.mark.parametrize(
     ("overrides", "shipped"),
     [
-        ({}, "epp-config-dynamo.yaml"),
-        ({"epp": {"useDynamo": False}, "dynamo": {"kvBlockSize": None}}, "epp-config-random.yaml"),
+        ({}, "epp-config-kvgate.yaml"),
+        ({"epp": {"routing": "dynamo"}}, "epp-config-dynamo.yaml"),
+        (
+            {"epp": {"useDynamo": False}, "dynamo": {"kvBlockSize": None}},
+            "epp-config-round-robin.yaml",
+        ),
+        (
+            {"epp": {"useDynamo": False}, "extension": {"image": SEED_STANDARD_IMAGE}},
+            "epp-config-random.yaml",
+        ),
         ({"epp": {"configFile": "epp-config-kv-approx.yaml"}}, "epp-config-kv-approx.yaml"),
     ],
-    ids=["kvgate-default", "standard-picker-default", "config-file"],
+    ids=[
+        "kvgate-default",
+        "dynamo-routing",
+        "standard-picker-default",
+        "upstream-picker-default",
+        "config-file",
+    ],
 )
 def test_configmap_holds_a_file_of_deploy_config(
     overrides: dict[str, dict[str, Any]], shipped: str

@@ -52,10 +52,13 @@ def wire_event(event: KvEvent, layout: Layout, hashes: HashEncoding = "int") -> 
                 "lora_id": None,
                 "medium": event.medium,
                 "lora_name": event.lora_name,
+                "extra_keys": event.extra_keys,
             }
         fields = ["BlockStored", block_hashes, parent, event.token_ids, event.block_size]
         if layout == "array":
             fields += [None, event.medium, event.lora_name]
+            if event.extra_keys is not None:
+                fields.append(event.extra_keys)
         return fields
     if isinstance(event, BlockRemoved):
         block_hashes = [wire_hash(h, hashes) for h in event.block_hashes]
@@ -92,6 +95,7 @@ def stored(
     lora_name: str | None = None,
     tokens: list[int] | None = None,
     first_token: int = 0,
+    extra_keys: list[Any] | None = None,
 ) -> BlockStored:
     """A BlockStored of len(hashes) blocks; by default full blocks of predictable tokens."""
     if tokens is None:
@@ -103,6 +107,7 @@ def stored(
         block_size,
         lora_name,
         medium,
+        extra_keys,
     )
 
 

@@ -95,7 +95,15 @@ def test_unknown_fields_are_ignored() -> None:
     newer_array = ["BlockRemoved", [9], "GPU", 0, "LOCAL", None]
     batch = decode_batch(0, enc([1.0, [newer_map], 0, "future batch field"]))
     assert batch.events == [
-        stored([9], parent=8, tokens=[1, 2], block_size=2, lora_name="adapter", medium="GPU")
+        stored(
+            [9],
+            parent=8,
+            tokens=[1, 2],
+            block_size=2,
+            lora_name="adapter",
+            medium="GPU",
+            extra_keys=[["adapter", ["mm", 1]]],
+        )
     ]
     assert decode([1.0, [newer_array]]) == [removed([9], medium="GPU")]
 
@@ -262,3 +270,11 @@ def test_parse_seq_is_big_endian_unsigned() -> None:
 def test_parse_seq_refuses_other_lengths(frame: bytes) -> None:
     with pytest.raises(MalformedEvent, match="8 bytes"):
         parse_seq(frame)
+
+
+@pytest.mark.parametrize("layout", ["map", "array"])
+def test_extra_keys_decode_in_both_layouts(layout: Any) -> None:
+    """vLLM 0.33 publishes, per block, what it hashed besides the tokens (here a cache salt on
+    the first block); the index needs them to hash the blocks as the engine did."""
+    event = stored([1, 2], block_size=2, extra_keys=[["tenant-a"], None])
+    assert decode_batch(0, encode_batch([event], layout=layout)).events == [event]

@@ -587,7 +587,7 @@ async def test_sources_added_before_start_are_read_once_started(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"block_size": 0}, "block_size must be positive"),
+        ({"block_size": 0}, "block_size: got 0; must be >= 1"),
         ({"block_size": 16, "replay_timeout_s": 0}, "replay_timeout_s"),
         ({"block_size": 16, "max_drain": 0}, "max_drain"),
         ({"block_size": 16, "rcvhwm": -1}, "rcvhwm"),

@@ -351,8 +351,10 @@ def lua_filter(source: str) -> dict[str, Any]:
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
     return web.json_response(
         {
+            "served_by": sockname[1] if sockname else None,
             "method": request.method,
             "path": request.path_qs,
             "body_b64": base64.b64encode(body).decode(),
@@ -366,7 +368,8 @@ async def _echo(request: web.Request) -> web.Response:
 @contextlib.asynccontextmanager
 async def echo_upstream(max_body_bytes: int = 64 << 20) -> AsyncIterator[int]:
     """An HTTP server on 127.0.0.1 answering every request with JSON describing it (body as
-    base64, ``content_length``, ``transfer_encoding``, ``headers``); yields its port. The
+    base64, ``content_length``, ``transfer_encoding``, ``headers``, and ``served_by``: the port
+    the request arrived on); yields its port. The
     listening socket has TCP_NODELAY (inherited by accepted sockets): without it small answers
     wait ~40 ms for delayed ACKs."""
     app = web.Application(client_max_size=max_body_bytes)

@@ -4,22 +4,28 @@ simulated engines whose KV events feed its index."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
+from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.scheduling.services import LoadOwner
 from tests.extproc.utils import (
     BUFFERED,
+    FULL_DUPLEX,
     MODEL,
+    SEED_CONFIG,
     ExtProcStream,
     Stack,
     chat_body,
     headers_msg,
+    loopback_epp_settings,
     response_body_msg,
     response_headers_msg,
 )
@@ -156,6 +162,101 @@ async def test_client_routing_headers_cannot_steer(stack: Stack) -> None:
     assert "x-prefiller-host-port" in routed.removed
 
 
+async def test_gateway_internal_headers_from_a_client_are_not_trusted(stack: Stack) -> None:
+    """A client cannot get an unserved model past the 404 by naming a served one in the
+    gateway's model-rewrite header; that header and the other gateway inputs are removed."""
+    stream = ExtProcStream(stack.channel)
+    routed = await stream.route(
+        chat_body("let me in", model="not-served"), {"x-gateway-model-name-rewrite": MODEL}
+    )
+    await stream.close()
+    assert routed.immediate_status == 404
+    forged = {
+        "x-gateway-model-name-rewrite": "not-served",
+        "x-gateway-destination-endpoint-subset": "10.6.6.6:80",
+        "x-gateway-destination-endpoint-served": "10.6.6.6:80",
+        "x-kvgate-decision": "endpoint=10.6.6.6:80",
+    }
+    for body_mode in (FULL_DUPLEX, BUFFERED):
+        stream = ExtProcStream(stack.channel)
+        routed = await stream.route(chat_body("served model"), forged, body_mode=body_mode)
+        await stream.close()
+        assert routed.destination in stack.addresses  # the subset header is no subset hint
+        assert set(forged) <= set(routed.removed)
+        assert not set(forged) & set(routed.set_headers)
+
+
+CLIENT_NVEXT = {
+    "backend_instance_id": 666,
+    "prefill_worker_id": 1,
+    "decode_worker_id": 2,
+    "ignore_eos": True,
+    "annotations": ["keep-me"],
+}
+
+
+@pytest.mark.parametrize("body_mode", [FULL_DUPLEX, BUFFERED], ids=["full-duplex", "buffered"])
+@pytest.mark.parametrize("size", ["small", "over-one-chunk"])
+async def test_client_nvext_routing_fields_never_reach_the_backend(
+    stack: Stack, body_mode: int, size: str
+) -> None:
+    """Without a body transformer (the chart's default) the picker's own answer is what reaches
+    the worker: the client's routing fields are gone, its other nvext fields stay, and the
+    rewritten body comes with its own content-length (in ≤62,000-byte chunks when streamed)."""
+    text = "pick me " * (10 if size == "small" else 9_000)
+    body = chat_body(text, max_tokens=1, nvext=CLIENT_NVEXT)
+    stream = ExtProcStream(stack.channel)
+    routed = await stream.route(body, body_mode=body_mode, chunk=40_000)
+    await stream.close()
+    assert routed.destination in stack.addresses
+    forwarded = json.loads(routed.body)
+    assert forwarded["nvext"] == {"ignore_eos": True, "annotations": ["keep-me"]}
+    assert {k: v for k, v in forwarded.items() if k != "nvext"} == {
+        k: v for k, v in json.loads(body).items() if k != "nvext"
+    }
+    assert routed.set_headers["content-length"] == str(len(routed.body))
+    chunks = [
+        r.request_body.response.body_mutation.streamed_response.body
+        for r in routed.responses
+        if r.HasField("request_body") and r.request_body.response.body_mutation.streamed_response
+    ]
+    assert all(len(c) <= 62_000 for c in chunks)
+    if body_mode == FULL_DUPLEX and size == "over-one-chunk":
+        assert len(chunks) > 1
+
+
+FALLBACK_CONFIG = SEED_CONFIG.replace(
+    "  type: max-score-picker\n",
+    "  type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: 3\n",
+)
+
+
+async def test_fallbacks_are_the_same_list_in_header_and_metadata(
+    stack: Stack, qwen3_dir: Path
+) -> None:
+    """GAIE: the header and the ``envoy.lb`` metadata carry the same value, the pick first and
+    then its ordered fallbacks (the protocol forbids them to differ)."""
+    assert FALLBACK_CONFIG != SEED_CONFIG
+    settings = dataclasses.replace(
+        loopback_epp_settings(qwen3_dir, stack.endpoints_file), config_text=FALLBACK_CONFIG
+    )
+    async with EppRuntime(settings) as runtime:
+        while len(runtime.endpoints) != 3:
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.bound_ports['grpc']}") as ch:
+            for body_mode in (FULL_DUPLEX, BUFFERED):
+                stream = ExtProcStream(ch)
+                routed = await stream.route(chat_body("with fallbacks"), body_mode=body_mode)
+                await stream.close()
+                listed = routed.destination.split(",")
+                assert sorted(listed) == sorted(stack.addresses)
+                assert routed.metadata == {
+                    "envoy.lb": {"x-gateway-destination-endpoint": routed.destination}
+                }
+                worker = next(w for w in stack.fleet.workers if w.url.endswith(listed[0]))
+                assert routed.set_headers["x-worker-instance-id"] == str(worker.instance_id)
+
+
 async def test_shared_prefix_goes_to_the_worker_that_cached_it(stack: Stack) -> None:
     scorer = kv_scorer(stack)
     first = chat_body("What is the first question?", system=LONG_SYSTEM, max_tokens=2)
@@ -173,17 +274,65 @@ async def test_shared_prefix_goes_to_the_worker_that_cached_it(stack: Stack) -> 
         assert routed.destination == target
 
 
+def own_keys(scorer: LoadOwner) -> set[str]:
+    return {key for key, _ in scorer.router.active.own()}
+
+
+async def finish_response(stream: ExtProcStream) -> None:
+    """Play a complete non-streaming response through the stream's response phases."""
+    await stream.send(response_headers_msg(200))
+    assert (await stream.recv()).HasField("response_headers")
+    await stream.send(response_body_msg(b'{"choices": []}', True))
+    assert (
+        await stream.recv()
+    ).response_body.response.body_mutation.streamed_response.end_of_stream
+    await stream.close()
+
+
+async def test_media_requests_are_routed_with_credit_for_the_text_before_them(
+    stack: Stack,
+) -> None:
+    """A request with an image is never refused by the picker (the backend decides what it
+    serves), and the text the engine will see before the image earns prefix credit."""
+    scorer = kv_scorer(stack)
+    system = "You look at pictures for the routing tests. " * 60
+    warm = chat_body("Describe the next picture.", system=system, max_tokens=2)
+    stream = ExtProcStream(stack.channel)
+    target = (await stream.route(warm)).destination
+    await stream.close()
+    await send_to_worker(target, warm)
+    await wait_for(lambda: scorer.router.index.size(target) > 30)
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    for question in ("What is in it?", "Which colour is it?"):
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": [image, {"type": "text", "text": question}]},
+                ],
+            }
+        ).encode()
+        stream = ExtProcStream(stack.channel)
+        routed = await stream.route(body)
+        await stream.close()
+        assert routed.immediate_status is None, routed.immediate_body
+        assert routed.destination == target
+        assert routed.body == body
+
+
 async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     scorer = kv_scorer(stack)
+    before = own_keys(scorer)
     stream = ExtProcStream(stack.channel)
     await stream.route(chat_body("phases", max_tokens=2), {"x-request-id": "req-phases"})
-    assert "req-phases" in scorer.router.active
+    (key,) = own_keys(scorer) - before
     await stream.send(response_headers_msg(200, "text/event-stream"))
     assert (await stream.recv()).HasField("response_headers")
     await stream.send(response_body_msg(b'data: {"choices": []}\n\n', False))
     echoed = await stream.recv()
     assert echoed.response_body.response.body_mutation.streamed_response.body.startswith(b"data:")
-    booked = scorer.router.active.get("req-phases")
+    booked = scorer.router.active.get(key)
     assert booked is not None and booked.prefill_done
     usage = {"usage": {"prompt_tokens": 10, "completion_tokens": 2,
                        "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
@@ -193,16 +342,40 @@ async def test_response_phases_release_bookkeeping(stack: Stack) -> None:
     last = await stream.recv()
     assert last.response_body.response.body_mutation.streamed_response.end_of_stream
     await stream.close()
-    assert "req-phases" not in scorer.router.active
+    assert key not in scorer.router.active
 
 
 async def test_aborted_stream_frees_the_request(stack: Stack) -> None:
     scorer = kv_scorer(stack)
+    before = own_keys(scorer)
     stream = ExtProcStream(stack.channel)
     await stream.route(chat_body("abort me", max_tokens=2), {"x-request-id": "req-abort"})
-    assert "req-abort" in scorer.router.active
+    (key,) = own_keys(scorer) - before
     stream.cancel()
-    await wait_for(lambda: "req-abort" not in scorer.router.active)
+    await wait_for(lambda: key not in scorer.router.active)
+
+
+async def test_a_repeated_client_request_id_cannot_free_another_requests_load(
+    stack: Stack,
+) -> None:
+    """Bookkeeping is keyed per stream: a client reusing an ``x-request-id`` (by mistake, or to
+    release someone else's booking) frees only its own request."""
+    scorer = kv_scorer(stack)
+    before = own_keys(scorer)
+    first, second = ExtProcStream(stack.channel), ExtProcStream(stack.channel)
+    routed = []
+    for stream, text in ((first, "twin request one"), (second, "twin request two")):
+        routed.append(await stream.route(chat_body(text, max_tokens=2), {"x-request-id": "twin"}))
+    assert all("x-request-id" not in r.set_headers for r in routed)  # forwarded as the client sent
+    keys = own_keys(scorer) - before
+    assert len(keys) == 2 and "twin" not in keys
+    await finish_response(first)
+    (left,) = own_keys(scorer) - before
+    booking = scorer.router.active.get(left)
+    assert booking is not None and booking.worker == routed[1].destination
+    assert scorer.router.active.in_flight(routed[1].destination) >= 1
+    await finish_response(second)
+    assert own_keys(scorer) == before
 
 
 async def test_bodyless_request_is_routed_to_some_endpoint(stack: Stack) -> None:

@@ -18,6 +18,7 @@ from kvgate.extproc.nvext import (
     inject_nvext,
     merge_nvext,
     routing_fields,
+    strip_routing_fields,
 )
 from tests.extproc.nvext_cases import CASE_IDS, CASES, NvextCase, agg, disagg
 
@@ -67,6 +68,31 @@ def test_merge_without_headers_api() -> None:
     assert isinstance(result, Injected)
     assert result.body == b'{"a":1,"nvext":{"backend_instance_id":3}}'
     assert result.routing is routing
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"a":1}', None),
+        (b'{"a":1,"nvext":{"ignore_eos":true}}', None),
+        (b'{"a":1,"nvext":"x"}', None),
+        (b'{"a":1, "nvext": {"backend_instance_id": 7, "ignore_eos": true}, "b": 2}',
+         b'{"a":1,"nvext":{"ignore_eos": true},"b": 2}'),
+        (b'{"nvext":{"prefill_worker_id":1,"decode_worker_id":2}}', b'{"nvext":{}}'),
+        # An escaped key is the same key to the backend's parser.
+        (b'{"nvext":{"backend\\u005finstance_id":7}}', b'{"nvext":{}}'),
+        # Duplicates: one nvext, the last, without routing fields, where the first was.
+        (b'{"nvext":{"backend_instance_id":7},"m":1,"nvext":{"annotations":["x"]}}',
+         b'{"nvext":{"annotations":["x"]},"m":1}'),
+        (b'{"nvext":{"ignore_eos":true},"nvext":null}', b'{"nvext":null}'),
+        (b'[1]', None),
+        (b'{"nvext":', None),
+    ],
+    ids=["no-nvext", "nothing-to-strip", "non-object", "routing-dropped", "all-routing",
+         "escaped-key", "duplicates", "duplicate-non-object", "not-an-object", "not-json"],
+)  # fmt: skip
+def test_strip_routing_fields(body: bytes, expected: bytes | None) -> None:
+    assert strip_routing_fields(body) == expected
 
 
 # -- properties ---------------------------------------------------------------------------------
@@ -200,3 +226,32 @@ def test_non_object_json_is_not_object(value: Any) -> None:
     else:
         assert isinstance(result, Unchanged)
         assert result.reason == Reason.NOT_OBJECT
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    others=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "nvext"), _values, max_size=6),
+    client_nvext=_client_nvext,
+    position=st.integers(0, 6),
+    style=st.fixed_dictionaries(
+        {"ensure_ascii": st.booleans(), "indent": st.sampled_from([None, 0, 2])}
+    ),
+)
+def test_stripping_removes_exactly_the_routing_fields(
+    others: dict[str, Any], client_nvext: Any, position: int, style: dict[str, Any]
+) -> None:
+    items = list(others.items())
+    items.insert(min(position, len(items)), ("nvext", client_nvext))
+    body = json.dumps(dict(items), **style).encode()
+
+    stripped = strip_routing_fields(body)
+
+    routing = isinstance(client_nvext, dict) and not ROUTING_FIELDS.isdisjoint(client_nvext)
+    assert (stripped is not None) == routing
+    if stripped is None:
+        return
+    pairs = _top_level_pairs(stripped)
+    assert [name for name, _ in pairs] == [name for name, _ in items]
+    parsed = dict(pairs)
+    assert {k: v for k, v in parsed.items() if k != "nvext"} == others
+    assert parsed["nvext"] == {k: v for k, v in client_nvext.items() if k not in ROUTING_FIELDS}

@@ -5,6 +5,8 @@ Served (one namespace, plain HTTP on 127.0.0.1):
 - ``GET .../inferencepools?watch=1&fieldSelector=metadata.name=NAME&resourceVersion=RV``;
 - ``GET /api/v1/namespaces/NS/pods?labelSelector=k=v,...``: a ``PodList`` whose
   ``metadata.resourceVersion`` is the store's version;
+- ``GET /apis/inference.networking.x-k8s.io/v1alpha2/namespaces/NS/inferenceobjectives``: an
+  ``InferenceObjectiveList`` (404 for the whole API when the server is made without it);
 - the same with ``watch=1&resourceVersion=RV``: a chunked stream of newline-delimited
   ``{"type", "object"}`` events, first the stored history after RV, then live changes, until
   ``timeoutSeconds``. As the real server does for a label-selected watch, an object that stops
@@ -31,6 +33,7 @@ from aiohttp import web
 
 POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools"
 PODS = "/api/v1/namespaces/{ns}/pods"
+OBJECTIVES = "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/{ns}/inferenceobjectives"
 
 Obj = dict[str, Any]
 Matcher = Callable[[Obj], bool]
@@ -39,7 +42,7 @@ Matcher = Callable[[Obj], bool]
 @dataclass
 class _Change:
     version: int
-    resource: str  # "pods" or "pools"
+    resource: str  # "pods", "pools" or "objectives"
     old: Obj | None
     new: Obj | None
 
@@ -68,9 +71,14 @@ def _field_matcher(selector: str) -> Matcher:
 
 
 class FakeApiServer:
-    def __init__(self, namespace: str = "my-model", *, token: str | None = None) -> None:
+    def __init__(
+        self, namespace: str = "my-model", *, token: str | None = None, objectives: bool = True
+    ) -> None:
         self.namespace = namespace
         self.token = token
+        self.serves_objectives = objectives
+        """False: a cluster without the InferenceObjective CRD (its API answers 404)."""
+        self.objectives: dict[str, Obj] = {}
         self.version = 100
         self.compacted = 0
         """Watches from a version below this get 410 Gone."""
@@ -94,6 +102,7 @@ class FakeApiServer:
         app.router.add_get(POOLS.format(ns="{ns}") + "/{name}", self._get_pool)
         app.router.add_get(POOLS.format(ns="{ns}"), self._pools)
         app.router.add_get(PODS.format(ns="{ns}"), self._pods)
+        app.router.add_get(OBJECTIVES.format(ns="{ns}"), self._objectives)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
@@ -139,6 +148,28 @@ class FakeApiServer:
     def delete_pool(self, name: str) -> None:
         old = self.pools.pop(name)
         self._commit("pools", old, None)
+
+    def put_objective(self, name: str, pool: str, priority: int | None) -> None:
+        old = self.objectives.get(name)
+        spec: Obj = {"poolRef": {"group": "inference.networking.k8s.io", "name": pool}}
+        if priority is not None:
+            spec["priority"] = priority
+        objective: Obj = {
+            "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+            "kind": "InferenceObjective",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "uid": old["metadata"]["uid"] if old else str(uuid.uuid4()),
+            },
+            "spec": spec,
+        }
+        self.objectives[name] = objective
+        self._commit("objectives", old, objective)
+
+    def delete_objective(self, name: str) -> None:
+        old = self.objectives.pop(name)
+        self._commit("objectives", old, None)
 
     def add_pod(
         self,
@@ -255,6 +286,15 @@ class FakeApiServer:
             return await self._watch(request, "pods", matches)
         items = [p for p in self.pods.values() if matches(p)]
         return self._list("PodList", items)
+
+    async def _objectives(self, request: web.Request) -> web.StreamResponse:
+        if (refusal := self._refusal(request)) is not None:
+            return refusal
+        if not self.serves_objectives:
+            return _status(404)
+        if _flag(request.query.get("watch")):
+            return await self._watch(request, "objectives", lambda _obj: True)
+        return self._list("InferenceObjectiveList", list(self.objectives.values()))
 
     def _list(self, kind: str, items: list[Obj]) -> web.Response:
         return web.json_response(

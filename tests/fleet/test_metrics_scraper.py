@@ -455,13 +455,13 @@ async def test_lifecycle(stack: contextlib.AsyncExitStack) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"interval_s": 0}, "interval_s must be positive"),
-        ({"timeout_s": -1}, "timeout_s must be positive"),
-        ({"stale_after_s": 0}, "stale_after_s must be positive"),
+        ({"interval_s": 0}, "interval_s: got 0; must be > 0"),
+        ({"timeout_s": -1}, "timeout_s: got -1; must be > 0"),
+        ({"stale_after_s": 0}, "stale_after_s: got 0; must be > 0"),
         ({"timeout_s": 2.0, "stale_after_s": 2.0}, "must be below stale_after_s"),
-        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
-        ({"block_size": 0}, "block_size must be positive"),
-        ({"warn_interval_s": -1}, "warn_interval_s must be >= 0"),
+        ({"max_concurrency": 0}, "max_concurrency: got 0; must be >= 1"),
+        ({"block_size": 0}, "block_size: got 0; must be >= 1"),
+        ({"warn_interval_s": -1}, "warn_interval_s: got -1; must be >= 0"),
     ],
     ids=[
         "interval",

@@ -5,13 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from kvgate import epp_configs
 from kvgate.commands.epp import build_parser, settings_from_args
 from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.pool_discovery import ENGINE_LABEL, INSTANCE_ID_ANNOTATION, endpoints_of_pod
 from kvgate.fleet.sources import EndpointDefaults
+from kvgate.sim.fleet import Fleet, FleetConfig
+from kvgate.sim.prompts import TokensCodec
 from tests.fleet.fake_apiserver import FakeApiServer
 from tests.fleet.utils import LABELS, POOL, Changes, discovery, wait_until, write_kubeconfig
 
@@ -215,6 +219,19 @@ def test_instance_id_annotation(annotation: str, ports: list[int], ids: list[int
 
 
 @pytest.mark.parametrize(
+    ("events", "replay", "expected"),
+    [(5557, 5558, ("tcp://10.0.0.9:5557", "tcp://10.0.0.9:5558")), (None, 5558, (None, None))],
+    ids=["by-convention", "no-events-no-replay"],
+)
+def test_replay_endpoint_by_port_convention(
+    events: int | None, replay: int, expected: tuple[str | None, str | None]
+) -> None:
+    defaults = EndpointDefaults(events_port=events, replay_port=replay)
+    (endpoint,) = endpoints_of_pod(_pod(), [8000], defaults)
+    assert (endpoint.events_endpoint, endpoint.replay_endpoint) == expected
+
+
+@pytest.mark.parametrize(
     ("label", "engine"),
     [("trtllm-serve", "trtllm"), ("sglang", "sglang"), ("mystery", "vllm")],
 )
@@ -254,3 +271,47 @@ async def test_epp_discovers_its_pool(api: FakeApiServer, tmp_path: Path) -> Non
         assert (endpoint.address, endpoint.instance_id) == ("10.0.0.1:8000", 42)
         api.delete_pod("a")
         await wait_until(lambda: len(runtime.endpoints) == 0)
+
+
+async def test_a_restarted_picker_reads_a_discovered_engines_history(
+    api: FakeApiServer, tmp_path: Path, qwen3_dir: Path
+) -> None:
+    """Restart recovery in a cluster: the picker starts after the engine cached a prompt, finds
+    the pod through the pool, and reads what it caches from the engine's replay socket, found by
+    the port convention (``--events-port``, ``--replay-port``), with no new event published."""
+    codec = TokensCodec.load(str(qwen3_dir))
+    config = FleetConfig(workers=1, base_port=0, events_base_port=0, replay_base_port=0)
+    async with Fleet(config, codec) as fleet:
+        (worker,) = fleet.workers
+        body = {"model": config.model, "messages": [{"role": "user", "content": "history " * 200}]}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{worker.url}/v1/chat/completions", json=body) as resp,
+        ):
+            assert resp.status == 200
+        port = int(worker.url.rsplit(":", 1)[1])
+        events, replay = (
+            int(e.rsplit(":", 1)[1]) for e in (worker.events_endpoint, worker.replay_endpoint)
+        )
+        api.put_pool(POOL, LABELS, [port])
+        api.add_pod("a", "127.0.0.1", LABELS)
+        kubeconfig = tmp_path / "config"
+        write_kubeconfig(kubeconfig, {"server": api.url}, context="t")
+        args = build_parser().parse_args(
+            [f"--pool-name={POOL}", f"--pool-namespace={api.namespace}",
+             f"--kubeconfig={kubeconfig}", "--no-secure-serving", f"--tokenizer={qwen3_dir}",
+             f"--events-port={events}", f"--replay-port={replay}",
+             f"--config-text={epp_configs.shipped_config(epp_configs.DYNAMO)}"]
+        )  # fmt: skip
+        settings = settings_from_args(args)
+        settings.bind, settings.grpc_port, settings.health_port, settings.metrics_port = (
+            "127.0.0.1", 0, 0, 0,
+        )  # fmt: skip
+        settings.env = {"DYNAMO_KV_BLOCK_SIZE": "16"}
+        async with EppRuntime(settings) as runtime:
+            (owner,) = runtime.shared_load.owners.values()
+            address = f"127.0.0.1:{port}"
+            # ~200 prompt tokens: 12 full blocks, learned from the replay alone.
+            await wait_until(lambda: owner.router.index.size(address) >= 10)
+            (endpoint,) = runtime.endpoints
+            assert endpoint.replay_endpoint == f"tcp://127.0.0.1:{replay}"

@@ -211,6 +211,27 @@ def test_entries_parse(entry: object, expected: tuple[object, ...]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("entry", "replay"),
+    [
+        ("10.0.0.1:8000", "tcp://10.0.0.1:5558"),
+        ({"address": "10.0.0.1:8000"}, "tcp://10.0.0.1:5558"),
+        ({"address": "10.0.0.1:8000", "events": "tcp://10.0.0.1:6000"}, None),
+        ({"address": "10.0.0.1:8000", "replay": None}, None),
+        ({"address": "10.0.0.1:8000", "replay": "tcp://10.0.0.1:7"}, "tcp://10.0.0.1:7"),
+    ],
+    ids=["flag-item", "mapping", "own-events-own-replay", "replay-null", "own-replay"],
+)
+def test_replay_port_convention(entry: object, replay: str | None) -> None:
+    """--replay-port gives entries whose events come by convention a replay socket by
+    convention too; an entry naming its own events names its own replay socket (or none)."""
+    defaults = EndpointDefaults(events_port=5557, replay_port=5558)
+    [endpoint] = parse_endpoint_entries([entry], defaults)
+    assert endpoint.replay_endpoint == replay
+    if isinstance(entry, str):
+        assert parse_endpoints_flag(entry, defaults)[0].replay_endpoint == replay
+
+
+@pytest.mark.parametrize(
     ("entries", "message"),
     [
         ({"address": "10.0.0.1:80"}, "f.yaml: expected a list of endpoints, got dict"),

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from kvgate.errors import StartupError
+from kvgate.gateway.client import ChatResult
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
-from kvgate.gateway.supervisor import StartupError
 from tests.gateway.utils import MODEL, get, metric_value, send
 
 pytestmark = pytest.mark.envoy
@@ -64,6 +65,37 @@ def test_shared_prefix_lands_on_the_same_worker_with_cached_tokens(
         second = send(kv_gateway.url, body("And what is the second fact?"))
     assert second.worker == first.worker
     assert second.cached_tokens is not None and second.cached_tokens > 1000
+
+
+def test_cache_salt_is_honoured_from_prediction_to_engine(kv_gateway: RunningGateway) -> None:
+    """A salted prompt is cached apart (the simulated engines key the first block with the salt,
+    as vLLM does) and the picker predicts exactly that: hits for the same salt, none for the
+    unsalted prompt or another salt."""
+    system = "Salted tenants keep their own cache. " * 60
+    predicted = "kvgate_predicted_cached_tokens_total"
+
+    def ask(salt: str | None) -> tuple[ChatResult, float]:
+        payload = body("Whose cache is this?", system=system)
+        if salt is not None:
+            payload["cache_salt"] = salt
+        before = metric_value(get(kv_gateway.epp_metrics_url), predicted)
+        result = send(kv_gateway.url, payload)
+        assert result.status == 200, result.error
+        return result, metric_value(get(kv_gateway.epp_metrics_url), predicted) - before
+
+    first, _ = ask("tenant-a")
+    deadline = time.monotonic() + 10
+    again, predicted_hit = ask("tenant-a")
+    while (again.cached_tokens in (None, 0) or predicted_hit == 0) and time.monotonic() < deadline:
+        time.sleep(0.2)  # KV events reach the picker asynchronously
+        again, predicted_hit = ask("tenant-a")
+    assert again.worker == first.worker
+    assert again.cached_tokens is not None and again.cached_tokens > 400
+    assert predicted_hit == again.cached_tokens  # full blocks, predicted as the engine served
+    for salt in (None, "tenant-b"):
+        other, predicted_other = ask(salt)
+        assert predicted_other == 0
+        assert other.cached_tokens == 0
 
 
 def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
@@ -311,9 +343,12 @@ def test_aggregated_nvext_names_the_serving_worker(
 def test_disaggregated_headers_and_nvext_carry_prefill_and_decode(
     qwen3_dir: Path, tmp_path: Path, transformer: str
 ) -> None:
+    # The reference policy disaggregates every request (threshold 0), so every request shows the
+    # headers; kvgate's policy prefills remotely only when that is predicted to be faster.
     config = LocalGatewayConfig(
         workers=3, prefill_workers=1, port=free_port(), tokenizer=str(qwen3_dir),
         speedup=20.0, body_transformer=transformer, run_dir=tmp_path,  # type: ignore[arg-type]
+        routing="dynamo",
     )  # fmt: skip
     with LocalGateway(config) as running:
         prefill_id = int(running.workers[0].rsplit(":", 1)[1])  # instance id = HTTP port

@@ -195,6 +195,29 @@ def test_malformed_store_is_skipped_and_counted(blocks: int, tokens: int) -> Non
     assert index.num_blocks == 0
 
 
+def test_salted_store_is_indexed_under_the_salted_hashes() -> None:
+    index = PrefixIndex(BS)
+    blocks = len(DOC) // BS
+    event = BlockStored(
+        DOC_IDS[:blocks], None, DOC[: blocks * BS], BS, extra_keys=[["s"], *[None] * (blocks - 1)]
+    )
+    assert index.apply_stored("a", event) == blocks
+    assert index.find_matches(DOC_SEQ) == {}
+    assert index.find_matches(block_hashes(DOC, BS, cache_salt="s")[1]) == {"a": blocks}
+    assert index.find_matches(block_hashes(DOC, BS, cache_salt="t")[1]) == {}
+
+
+@pytest.mark.parametrize(
+    "keys", [[["s"]], "s", [None] * 99], ids=["too-few", "not-a-list", "too-many"]
+)
+def test_store_whose_extra_keys_do_not_name_its_blocks_is_skipped(keys: object) -> None:
+    index = PrefixIndex(BS)
+    event = BlockStored(DOC_IDS[:2], None, DOC[: 2 * BS], BS, extra_keys=keys)  # type: ignore[arg-type]
+    assert index.apply_stored("a", event) == 0
+    assert index.stats.malformed_stores == 1
+    assert index.entries == 0
+
+
 def test_empty_store_is_ignored() -> None:
     index = PrefixIndex(BS)
     assert index.apply_stored("a", BlockStored([], None, [], BS)) == 0

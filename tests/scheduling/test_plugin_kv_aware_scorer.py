@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvgate.epp_configs import DISAGGREGATED, shipped_config
+from kvgate.epp_configs import DISAGGREGATED, DISAGGREGATED_KVGATE, shipped_config
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import load_epp_config
@@ -135,3 +135,56 @@ async def test_an_aborted_disaggregated_request_frees_both_bookings(
     pd.scheduler.response_complete(request, result, ResponseInfo(aborted=True))
     assert len(pd.active) == 0
     assert pd.active.prefill_tokens(PREFILL.address) == 0
+
+
+class PredictedPd(Pd):
+    """kvgate's disaggregated config: remote prefill when it is predicted to be faster."""
+
+    def __init__(self, tokenizer: ModelTokenizer) -> None:
+        self.events = KvEventTargets()
+        self.load = SharedLoad()
+        context = PluginContext(
+            env={"DYNAMO_KV_BLOCK_SIZE": "16"},
+            rng_seed=0,
+            tokenizer=tokenizer,
+            kv_events=self.events,
+            shared_load=self.load,
+        )
+        config = shipped_config(DISAGGREGATED_KVGATE)
+        self.scheduler = load_epp_config(config, context=context).scheduler()
+        (owner,) = self.load.owners.values()
+        self.active = owner.router.active
+        self.tokenizer = tokenizer
+
+
+async def test_predicted_pd_prefills_locally_when_nothing_is_gained_remotely(
+    tokenizer: ModelTokenizer,
+) -> None:
+    pd = PredictedPd(tokenizer)
+    request, result = await pd.route("A cold question on an idle fleet, " * 20, "idle")
+    # Both idle: a remote prefill costs the same compute plus the KV transfer.
+    assert request.routing_headers["x-dynamo-routing-mode"] == "aggregated"
+    assert result.prefill_endpoint is None
+
+
+async def test_predicted_pd_prefills_remotely_when_the_decode_worker_is_busy(
+    tokenizer: ModelTokenizer,
+) -> None:
+    pd = PredictedPd(tokenizer)
+    # A long request decided locally (both idle) queues its prompt on the decode worker.
+    filler, _ = await pd.route("Filler: " + "long context words " * 600, "fill")
+    assert filler.routing_headers["x-dynamo-routing-mode"] == "aggregated"
+    assert pd.active.prefill_tokens(DECODE.address) > 2000
+    request, result = await pd.route("A cold question behind the queue, " * 20, "busy")
+    assert request.routing_headers["x-dynamo-routing-mode"] == "disaggregated"
+    assert result.prefill_endpoint is PREFILL
+
+
+async def test_predicted_pd_keeps_a_prefix_the_decode_worker_caches(
+    tokenizer: ModelTokenizer,
+) -> None:
+    pd = PredictedPd(tokenizer)
+    pd.engine_caches(DECODE, "What is rule 7?")
+    request, _ = await pd.route("What is rule 7? Answer briefly.", "cached")
+    assert request.overlaps is not None and request.overlaps[DECODE.address] > 30
+    assert request.routing_headers["x-dynamo-routing-mode"] == "aggregated"

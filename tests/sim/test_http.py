@@ -304,6 +304,13 @@ ERROR_CASES: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
         "messages",
     ),
     ("tokenize-bad-prompt", "/tokenize", {"prompt": {"a": 1}}, 400, "prompt"),
+    (
+        "cache-salt-vllm-refuses",
+        "/v1/chat/completions",
+        chat("x", cache_salt=""),
+        400,
+        "cache_salt",
+    ),
 ]
 
 

@@ -19,7 +19,7 @@ from kvgate.sim.prompts import TokensCodec
 from kvgate.sim.publisher import KvEventPublisher
 from kvgate.sim.wire import encode_batch
 from tests.sim.msgpack_reader import unpack
-from tests.sim.utils import MODEL, Subscriber, WorkerFactory, events_of
+from tests.sim.utils import MODEL, Subscriber, WorkerFactory, events_of, stream
 
 H = EngineHash
 
@@ -155,6 +155,53 @@ async def test_served_request_stores_its_prompt_blocks(
     assert len(set(hashes)) == len(hashes) == len(prompt) // 16
     assert events[0]["parent_block_hash"] is None
     assert all(e["block_size"] == 16 and e["medium"] == "GPU" for e in events)
+
+
+@pytest.mark.parametrize("layout", ["map", "array"])
+async def test_salted_request_caches_other_blocks_and_says_why(
+    make_worker: WorkerFactory,
+    http: aiohttp.ClientSession,
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
+    layout: str,
+) -> None:
+    """As vLLM does: a ``cache_salt`` keys the prompt's first block, so the salted prompt is
+    cached apart from the unsalted one (no hit between them), and its first BlockStored carries
+    the salt in ``extra_keys``."""
+
+    def body(salt: str | None) -> dict[str, Any]:
+        out = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "salt " * 100}],
+            "max_tokens": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return out if salt is None else {**out, "cache_salt": salt}
+
+    async with make_worker(events_port=0, event_layout=layout) as worker:
+        sub = Subscriber(zmq_context, worker.events_endpoint or "")
+        await sub.ready()
+        cached = []
+        for salt in ("tenant-a", None, "tenant-a", "tenant-b"):
+            reply = await stream(http, worker.url + "/v1/chat/completions", body(salt))
+            cached.append(reply.usage["prompt_tokens_details"]["cached_tokens"])
+        messages = await sub.drain()
+        sub.close()
+    assert cached[0] == cached[1] == cached[3] == 0
+    assert cached[2] > 0
+    firsts = [
+        e
+        for _, _, batch in messages
+        for e in events_of(batch)
+        if e["type"] == "BlockStored" and e["parent_block_hash"] is None
+    ]
+    blocks = len(firsts[0]["block_hashes"])
+    assert [e.get("extra_keys") for e in firsts] == [
+        [["tenant-a"], *[None] * (blocks - 1)],
+        None,
+        [["tenant-b"], *[None] * (blocks - 1)],
+    ]
+    assert len({e["block_hashes"][0] for e in firsts}) == 3
 
 
 async def test_eviction_under_pressure_removes_exactly_the_evicted_blocks(

@@ -131,6 +131,7 @@ def events_of(batch: Any) -> list[dict[str, Any]]:
             "lora_id",
             "medium",
             "lora_name",
+            "extra_keys",
         ),
         "BlockRemoved": ("block_hashes", "medium"),
         "AllBlocksCleared": (),
@@ -140,5 +141,7 @@ def events_of(batch: Any) -> list[dict[str, Any]]:
             out.append(event)
         else:
             tag, *values = event
-            out.append({"type": tag, **dict(zip(fields[tag], values, strict=True))})
+            # Trailing optional fields (extra_keys) may be absent, as from older producers.
+            names = fields[tag][: len(values)]
+            out.append({"type": tag, **dict(zip(names, values, strict=True))})
     return out

@@ -24,12 +24,15 @@ from kvgate.tokens.hashing import (
     LocalHash,
     SequenceHash,
     block_hashes,
+    cache_salt_key,
+    event_extra_keys,
     extend_sequence_hashes,
     hash_blocks,
     hash_blocks_python,
     local_block_hashes,
     lora_seed,
     sequence_hashes,
+    sequence_hashes_of,
 )
 
 U32_MAX = (1 << 32) - 1
@@ -224,6 +227,43 @@ def test_hashing_continues_a_chain_exactly(
     assert head_local + tail_local == whole_local
     assert head_seq + tail_seq == whole_seq
     assert extend_sequence_hashes(parent, tail_local) == tail_seq
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra keys (cache_salt, multimodal items): appended to the block's bytes
+
+
+def test_extra_keys_change_their_block_and_every_later_prefix() -> None:
+    tokens = random_tokens(4 * 16, seed=11)
+    plain_local, plain_seq = hash_blocks(tokens, 16)
+    salt = cache_salt_key("tenant-a")
+    local, seq = hash_blocks(tokens, 16, extras={0: (salt,)})
+    packed = struct.pack("<16I", *tokens[:16]) + struct.pack("<Q", salt)
+    assert local[0] == xxhash.xxh3_64_intdigest(packed, seed=DYNAMO_HASH_SEED)
+    assert local[1:] == plain_local[1:]
+    assert seq == ref_sequence(local)
+    assert all(a != b for a, b in zip(seq, plain_seq, strict=True))
+    assert sequence_hashes_of(tokens, 16, extras={0: (salt,)}) == seq
+    # A block past the end, or an empty key list, changes nothing.
+    assert hash_blocks(tokens, 16, extras={4: (salt,), 1: ()}) == (plain_local, plain_seq)
+    assert block_hashes(tokens, 16, cache_salt="tenant-a") == (local, seq)
+    assert block_hashes(tokens, 16, cache_salt="tenant-b")[1][0] != seq[0]
+
+
+def test_event_extra_keys_read_vllms_untagged_form() -> None:
+    assert event_extra_keys(None, None) == ()
+    # A LoRA block's keys start with the adapter's name, which the hash seed already covers.
+    assert event_extra_keys(["adapter", "salt"], "adapter") == (cache_salt_key("salt"),)
+    assert event_extra_keys(["adapter"], "adapter") == ()
+    assert event_extra_keys(["salt"], None) == (cache_salt_key("salt"),)
+    image, shifted = (
+        event_extra_keys([["img-hash", 0]], None),
+        event_extra_keys([["img-hash", 3]], None),
+    )
+    assert len(image) == 1 and image != shifted
+    # Any other shape still keys the block: never a predicted hit the engine would not have.
+    assert len(event_extra_keys([b"digest", {"odd": 1}], None)) == 2
+    assert event_extra_keys(["x"], None) != event_extra_keys([["x", 0]], None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final, Self
 
-from kvgate.epp_configs import KV, ROUND_ROBIN, shipped_config
+from kvgate.epp_configs import KVGATE, ROUND_ROBIN, shipped_config
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import NoParams, PluginContext, Range, Scorer
 from kvgate.scheduling.picker_config import API_VERSION, KIND
@@ -223,7 +223,7 @@ schedulingProfiles:
 # The KV-aware policies cost the most to replay (index updates for every stored and evicted
 # block); listing them first lets `kvgate simulate --jobs 2` start them first.
 POLICIES: Final[dict[str, str]] = {
-    "kv": shipped_config(KV),
+    "kv": shipped_config(KVGATE),
     "dynamo": shipped_config("epp-config-dynamo-pinned.yaml"),
     "kv-approx": shipped_config("epp-config-kv-approx.yaml"),
     "gaie-default": shipped_config("epp-config-default.yaml"),

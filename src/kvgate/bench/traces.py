@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from kvgate.errors import InvalidInput
+
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_VOCAB = 32_000
 """Token ids drawn from [0, vocab); a Llama-like vocabulary size (any works)."""
@@ -42,7 +44,7 @@ class TraceRequest:
     hash_ids: tuple[int, ...]
 
 
-class TraceError(ValueError):
+class TraceError(InvalidInput):
     """A trace line is malformed; the message names the file and line."""
 
 

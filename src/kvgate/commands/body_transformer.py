@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: settings_from_args(args),
         serve,
-        usage_errors=(UsageError,),
         # grpc reports a port it cannot bind as RuntimeError
         runtime_errors=(OSError, RuntimeError),
     )

@@ -11,9 +11,7 @@ from kvgate.dynamo.epp import add_dynamo_arguments, dynamo_settings_from_args
 from kvgate.errors import ConfigError
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppSettings, serve
-from kvgate.fleet.kube_api import KubeConfigError
 from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION
-from kvgate.fleet.sources import EndpointSpecError
 from kvgate.sync import DEFAULT_NATS_URL
 
 PROG = "kvgate epp"
@@ -43,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--endpoints-file", type=Path, help="YAML/JSON endpoint list, watched")
     p.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
     p.add_argument("--events-port", type=int, help="engines' KV-event port (tcp://<ip>:<port>)")
+    p.add_argument(
+        "--replay-port",
+        type=int,
+        help="engines' KV-event replay port (vLLM's replay_endpoint, tcp://<ip>:<port>), for "
+        "endpoints whose events come by --events-port: gaps refilled, history read on start",
+    )
     p.add_argument(
         "--events-bind", help="bind one SUB socket that engines connect to (e.g. tcp://*:5557)"
     )
@@ -164,6 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         endpoints_file=args.endpoints_file,
         engine=args.engine,
         events_port=args.events_port,
+        replay_port=args.replay_port,
         events_bind=args.events_bind,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,
@@ -191,6 +196,5 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: settings_from_args(args),
         serve,
-        usage_errors=(ConfigError, EndpointSpecError, KubeConfigError),
         runtime_errors=(OSError,),
     )

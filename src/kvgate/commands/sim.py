@@ -142,6 +142,5 @@ def main(argv: list[str] | None = None) -> int:
         PROG,
         lambda: fleet_from_args(args),
         _serve,
-        usage_errors=(UsageError,),
         runtime_errors=(OSError, zmq.ZMQError),  # typically a port already in use
     )

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from kvgate.errors import InvalidInput, KvgateError
+
 Settings = TypeVar("Settings")
 
 USAGE_ERROR = 2
@@ -19,7 +21,7 @@ RUNTIME_ERROR = 1
 """Exit code for a failure while running (a port in use, a process that died)."""
 
 
-class UsageError(Exception):
+class UsageError(InvalidInput):
     """Bad flags or input; `main` reports it with `fail` and exits with `USAGE_ERROR`."""
 
 
@@ -45,17 +47,17 @@ def run_server(
     settings: Callable[[], Settings],
     serve: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
     *,
-    usage_errors: tuple[type[Exception], ...],
-    runtime_errors: tuple[type[Exception], ...],
+    runtime_errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """Build the settings, then ``serve(settings, stop)`` until SIGINT/SIGTERM sets ``stop``. An
-    error of either kind, raised while building or serving, is printed by `fail`; the exit code
-    is returned."""
+    """Build the settings, then ``serve(settings, stop)`` until SIGINT/SIGTERM sets ``stop``. A
+    `KvgateError` raised while building or serving is printed by `fail` with its exit code, as is
+    one of ``runtime_errors`` (a library's error for a port in use, say) with `RUNTIME_ERROR`;
+    anything else is a bug and keeps its traceback."""
     try:
         built = settings()
         run_until_signalled(lambda stop: serve(built, stop))
-    except usage_errors as err:
-        return fail(prog, err, USAGE_ERROR)
+    except KvgateError as err:
+        return fail(prog, err, err.exit_code)
     except runtime_errors as err:
         return fail(prog, err, RUNTIME_ERROR)
     return 0

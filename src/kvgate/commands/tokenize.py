@@ -1,7 +1,10 @@
 """`kvgate tokenize`: what the router sees for one request — token ids and block hashes.
 
 Compare its ``token_ids`` with the engine's own (vLLM: ``POST /tokenize``) to check parity; a
-mismatch means the router matches prefixes the engine never cached.
+mismatch means the router matches prefixes the engine never cached. A request's ``cache_salt``
+changes the hashes from the first block on, as it changes the engine's. ``complete`` is false
+when the request holds media (or prompt embeddings): the tokens are then the known prefix the
+router matches, not the engine's whole prompt.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ def _read_body(source: str) -> dict[str, Any]:
     return body
 
 
-def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
+def run(args: argparse.Namespace) -> dict[str, Sequence[int] | bool]:
     from kvgate.tokens import ModelTokenizer, RequestError, TokenizerLoadError
     from kvgate.tokens.hashing import block_hashes
+    from kvgate.tokens.request import cache_salt
 
     try:
         block_size = validate_block_size(args.block_size, "--block-size")
@@ -60,11 +64,17 @@ def run(args: argparse.Namespace) -> dict[str, Sequence[int]]:
     except TokenizerLoadError as err:
         raise UsageError(str(err)) from None
     try:
-        tokens = tokenizer.tokenize_request(body, kind)
+        routed = tokenizer.tokenize_for_routing(body, kind)
+        salt = cache_salt(body)
     except RequestError as err:
         raise UsageError(f"invalid request: {err}") from None
-    local, sequence = block_hashes(tokens, block_size, args.lora_name)
-    return {"token_ids": tokens, "local_hashes": local, "sequence_hashes": sequence}
+    local, sequence = block_hashes(routed.tokens, block_size, args.lora_name, salt)
+    return {
+        "token_ids": routed.tokens,
+        "local_hashes": local,
+        "sequence_hashes": sequence,
+        "complete": routed.complete,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,10 @@ import threading
 from pathlib import Path
 
 from kvgate.commands.support import RUNTIME_ERROR, USAGE_ERROR, fail
+from kvgate.errors import StartupError
 from kvgate.gateway.envoy_binary import EnvoyNotFound
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway
 from kvgate.gateway.status import status_line
-from kvgate.gateway.supervisor import StartupError
 
 PROG = "kvgate up"
 
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address")
     p.add_argument("--mode", choices=["kv", "standard"], default="kv")
+    p.add_argument(
+        "--routing",
+        choices=["kvgate", "dynamo"],
+        default="kvgate",
+        help="KV routing policy in kv mode: kvgate's predicted latency (default), or the "
+        "reference router's cost function (DYNAMO_* settings)",
+    )
     p.add_argument("--config", type=Path, help="EndpointPickerConfig for the EPP")
     p.add_argument(
         "--body-transformer",
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         host=args.host,
         mode=args.mode,
+        routing=args.routing,
         config_file=args.config,
         body_transformer=args.body_transformer or ("inline" if args.backend == "dynamo" else "off"),
         backend=args.backend,

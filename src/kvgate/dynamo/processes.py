@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kvgate.gateway.supervisor import Child, StartupError, Supervisor
+from kvgate.errors import StartupError
+from kvgate.gateway.supervisor import Child, Supervisor
 
 __all__ = [
     "DynamoFleet",

@@ -7,7 +7,7 @@ the wild and both are accepted, even mixed in one batch:
 
 - map: ``{"type": "BlockStored", "block_hashes": ..., ...}`` (newer vLLM);
 - array: ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
-  lora_name, ...]`` (older vLLM, the Dynamo mocker).
+  lora_name, extra_keys, ...]`` (older vLLM, the Dynamo mocker; they stop before ``extra_keys``).
 
 Tolerance rules: optional fields that are missing decode to ``None``; fields this module does not
 know (map keys, trailing array elements) are ignored; block hashes arrive as integers or as bytes
@@ -73,6 +73,8 @@ class _Stored(msgspec.Struct, kw_only=True, gc=False):
     lora_id: Any = None
     medium: str | None = None
     lora_name: str | None = None
+    # One entry per block (vLLM 0.33), checked where it is used; Any for the same reason as above.
+    extra_keys: Any = None
 
     def to_event(self) -> KvEvent:
         parent = self.parent_block_hash
@@ -83,6 +85,7 @@ class _Stored(msgspec.Struct, kw_only=True, gc=False):
             self.block_size,
             self.lora_name,
             self.medium,
+            self.extra_keys,
         )
 
 

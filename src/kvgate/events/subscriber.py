@@ -54,7 +54,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 import zmq
 import zmq.asyncio
@@ -64,6 +64,7 @@ from kvgate.events.replay import ReplayError, fetch_replay, offset_endpoint_port
 from kvgate.events.sequence import SequenceTracker, SeqVerdict, is_unbroken, replay_shortfall
 from kvgate.events.types import BlockRemoved, BlockStored, EventBatch, KvEvent
 from kvgate.service import Service
+from kvgate.settings import Range, check_ranges
 
 __all__ = [
     "EventSink",
@@ -92,32 +93,23 @@ class EventSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SubscriberConfig:
-    block_size: int
+    block_size: Annotated[int, Range(ge=1)]
     """Tokens per KV block kvgate hashes with; BlockStored events of any other size are refused."""
     block_size_setting: str = "DYNAMO_KV_BLOCK_SIZE"
     """Name of the kvgate setting quoted in the block-size mismatch error."""
-    rcvhwm: int = 100_000
+    rcvhwm: Annotated[int, Range(ge=0)] = 100_000
     """SUB receive high-water mark, in messages. ZMQ's default (1,000) drops bursts; vLLM's
     publisher uses 100,000. Worst case memory ~ rcvhwm x batch size (a few hundred bytes each)."""
-    replay_timeout_s: float = 2.0
+    replay_timeout_s: Annotated[float, Range(gt=0)] = 2.0
     """Total time allowed for one gap replay before the worker is cleared instead."""
-    max_drain: int = 1_000
+    max_drain: Annotated[int, Range(ge=1)] = 1_000
     """Messages handled per wakeup of a socket's reader before it yields to the event loop: large
     enough that a burst costs few loop round trips, small enough not to starve other tasks."""
-    warn_interval_s: float = 10.0
+    warn_interval_s: Annotated[float, Range(ge=0)] = 10.0
     """Minimum interval between two warnings of the same kind (malformed, unknown topic, ...)."""
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.rcvhwm < 0:
-            raise ValueError(f"rcvhwm must be >= 0 (0 = unlimited), got {self.rcvhwm}")
-        if self.replay_timeout_s <= 0:
-            raise ValueError(f"replay_timeout_s must be positive, got {self.replay_timeout_s}")
-        if self.max_drain < 1:
-            raise ValueError(f"max_drain must be >= 1, got {self.max_drain}")
-        if self.warn_interval_s < 0:
-            raise ValueError(f"warn_interval_s must be >= 0, got {self.warn_interval_s}")
+        check_ranges(self)
 
 
 @dataclass(slots=True)

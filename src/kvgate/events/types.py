@@ -11,7 +11,7 @@ decoder and the index, so this module imports the standard library only (a test 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 EngineHash = NewType("EngineHash", int)
 
@@ -24,6 +24,9 @@ class BlockStored:
     block_size: int
     lora_name: str | None = None
     medium: str | None = None
+    extra_keys: list[Any] | None = None
+    """Per block, what the engine hashed besides its tokens (vLLM: LoRA name, multimodal items,
+    ``cache_salt``, prompt-embedding digests), or None; see `kvgate.tokens.hashing`."""
 
 
 @dataclass(slots=True)

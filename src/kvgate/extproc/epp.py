@@ -2,15 +2,18 @@
 
 Phases, as Envoy sends them:
 
-1. request headers — remembered; client-sent routing headers are marked for removal. With the
-   request body in a buffered mode Envoy waits for our answer before sending the body, so we answer
-   CONTINUE at once and make the routing decision in the body answer; in FULL_DUPLEX_STREAMED mode
-   (the GAIE reference) nothing is answered until the body is complete. Envoy tells which mode it
-   uses in the first message's ``protocol_config``; without it the configured default applies.
+1. request headers — remembered; gateway-internal headers a client sent (see
+   :mod:`kvgate.extproc.headers`) are never trusted and are removed from the routed request. With
+   the request body in a buffered mode Envoy waits for our answer before sending the body, so we
+   answer CONTINUE at once and make the routing decision in the body answer; in
+   FULL_DUPLEX_STREAMED mode (the GAIE reference) nothing is answered until the body is complete.
+   Envoy tells which mode it uses in the first message's ``protocol_config``; without it the
+   configured default applies.
 2. request body — buffered up to the size limit, then parsed, prepared (tokenized off the event
-   loop), scheduled; the answer carries the destination header, the same value in ``envoy.lb``
-   metadata, the routing headers of the plugins and ``content-length``, then the body in ≤62,000
-   byte chunks (full duplex) or as a body mutation (buffered).
+   loop), scheduled; the answer carries the destination header (the pick, then its ordered
+   fallbacks), the same value in ``envoy.lb`` metadata, the routing headers of the plugins and
+   ``content-length``, then the body — without any ``nvext`` routing field of the client's — in
+   ≤62,000 byte chunks (full duplex) or as a body mutation (buffered).
 3. response headers / body — passed straight back; the first body chunk marks the end of prefill,
    the end of the stream completes the request (usage parsed from the final body or last SSE event).
 4. a stream that ends any other way (client gone, upstream reset) frees the request's bookkeeping.
@@ -32,9 +35,16 @@ from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from kvgate.extproc import headers as gw
 from kvgate.extproc import protocol as proto
 from kvgate.extproc.metrics import EppMetrics
-from kvgate.extproc.nvext import WORKER_ID_HEADER, Injected, inject_nvext
+from kvgate.extproc.nvext import (
+    NVEXT,
+    WORKER_ID_HEADER,
+    Injected,
+    inject_nvext,
+    strip_routing_fields,
+)
 from kvgate.extproc.usage import UsageTracker
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingError, SchedulingResult
@@ -43,21 +53,6 @@ from kvgate.tokens.request import request_kind_for_path
 
 log = logging.getLogger(__name__)
 
-# Headers that decide routing: only the picker may set them. A client sending its own would
-# otherwise steer Envoy's ORIGINAL_DST cluster or a Dynamo backend.
-ROUTING_HEADERS = (
-    proto.DESTINATION_HEADER,
-    "x-worker-instance-id",
-    "x-prefiller-host-port",
-    "x-dynamo-routing-mode",
-    "x-prefill-instance-id",
-)
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
-DECISION_HEADER = "x-kvgate-decision"
-MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
-# Per-request latency objectives (GAIE's names), read by slo-aware-picker.
-SLO_TTFT_HEADER = "x-slo-ttft-ms"
-SLO_TPOT_HEADER = "x-slo-tpot-ms"
 # Parsing JSON costs ~1 ms per 100 KB; above this size it moves off the event loop.
 _OFFLOAD_PARSE_BYTES = 64 * 1024
 
@@ -157,7 +152,10 @@ class RequestStream:
         self.first_chunk_seen = False
         self.completed = False
         self.started = director.clock()
-        self.request_id = ""
+        self.request_id = str(uuid.uuid4())
+        """The server-side key of this request's bookkeeping, unique per stream: clients may
+        repeat an ``x-request-id`` (by mistake or to free another request's load)."""
+        self.client_request_id: str | None = None
 
     async def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if msg.HasField("protocol_config"):
@@ -186,7 +184,7 @@ class RequestStream:
 
     async def _request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self.headers = proto.header_map(msg.request_headers)
-        self.request_id = self.headers.get("x-request-id") or str(uuid.uuid4())
+        self.client_request_id = self.headers.get("x-request-id") or None
         self.subset = self._subset(msg)
         if msg.request_headers.end_of_stream:
             return await self._route_bodyless()
@@ -195,9 +193,14 @@ class RequestStream:
         return [proto.request_headers_response(self._strip_mutation())]
 
     def _strip_mutation(self) -> pb.HeaderMutation:
-        present = [h for h in ROUTING_HEADERS if h in self.headers]
-        extra = {} if "x-request-id" in self.headers else {"x-request-id": self.request_id}
+        present = [h for h in gw.GATEWAY_INTERNAL if h in self.headers]
+        extra = {} if self.client_request_id else {"x-request-id": self.request_id}
         return proto.header_mutation(extra, present)
+
+    @property
+    def log_id(self) -> str:
+        """The id logs name a request by: the ``x-request-id`` it travels under."""
+        return self.client_request_id or self.request_id
 
     def _subset(self, msg: pb.ProcessingRequest) -> list[str] | None:
         value = proto.metadata_value(msg, proto.SUBSET_NAMESPACE, proto.SUBSET_KEY)
@@ -267,9 +270,13 @@ class RequestStream:
             request.routing_headers.setdefault(WORKER_ID_HEADER, str(chosen.worker_instance_id()))
         destinations = [ep.route_address for ep in result.primary.endpoints]
         self.director.metrics.observe_decision(request, result, self.director.clock() - started)
-        new_body = (
-            await self._inline_nvext(body, request) if self.director.options.inline_nvext else body
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s routed: %s",
+                self.log_id,
+                request.decision_summary or f"endpoint={destinations[0]}",
+            )
+        new_body = await self._rewrite_body(body, request)
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None
         mutation = self._route_mutation(destinations, request.routing_headers, length)
@@ -287,29 +294,39 @@ class RequestStream:
     def _route_mutation(
         self, destinations: list[str], routing_headers: dict[str, str], length: int | None
     ) -> pb.HeaderMutation:
-        headers = {proto.DESTINATION_HEADER: ",".join(destinations[:1])}
+        # The same list as the envoy.lb metadata: the GAIE protocol forbids the two to differ.
+        headers = {gw.DESTINATION: ",".join(destinations)}
         headers.update(routing_headers)
         if self.director.options.decision_header and self.request is not None:
-            headers[DECISION_HEADER] = (
-                self.request.decision_summary or f"endpoint={destinations[0]}"
-            )
-        if "x-request-id" not in self.headers:
+            headers[gw.DECISION] = self.request.decision_summary or f"endpoint={destinations[0]}"
+        if not self.client_request_id:
             headers["x-request-id"] = self.request_id
         if length is not None:
             headers["content-length"] = str(length)
-        # Client-sent routing headers the plugins did not set are removed, not passed on.
-        remove = [h for h in ROUTING_HEADERS if h in self.headers and h not in headers]
+        # Gateway-internal headers a client sent are removed, unless set here (then overwritten).
+        remove = [h for h in gw.GATEWAY_INTERNAL if h in self.headers and h not in headers]
         return proto.header_mutation(headers, remove)
 
-    async def _inline_nvext(self, body: bytes, request: LLMRequest) -> bytes:
-        if len(body) > _OFFLOAD_PARSE_BYTES:
-            result = await asyncio.to_thread(inject_nvext, body, request.routing_headers)
+    async def _rewrite_body(self, body: bytes, request: LLMRequest) -> bytes:
+        """The body to forward: with our ``nvext`` routing fields merged in (inline mode), and
+        never with a client's own (any mode: the worker is the picker's choice); ``body`` itself
+        when nothing changes."""
+        offload = len(body) > _OFFLOAD_PARSE_BYTES
+        if self.director.options.inline_nvext:
+            if offload:
+                result = await asyncio.to_thread(inject_nvext, body, request.routing_headers)
+            else:
+                result = inject_nvext(body, request.routing_headers)
+            if isinstance(result, Injected):
+                return result.body
+            self.director.metrics.nvext_unchanged.labels(str(result.reason)).inc()
+        if NVEXT not in request.body:
+            return body
+        if offload:
+            stripped = await asyncio.to_thread(strip_routing_fields, body)
         else:
-            result = inject_nvext(body, request.routing_headers)
-        if isinstance(result, Injected):
-            return result.body
-        self.director.metrics.nvext_unchanged.labels(str(result.reason)).inc()
-        return body
+            stripped = strip_routing_fields(body)
+        return body if stripped is None else stripped
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
         started = time.perf_counter()
@@ -331,18 +348,16 @@ class RequestStream:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise SchedulingError(400, "request body has no 'model' string")
-        rewrite = self.headers.get(MODEL_REWRITE_HEADER)
-        if rewrite:
-            model = rewrite
         options = self.director.options
         lora = model if model in options.lora_adapters else None
         if options.served_model and model != options.served_model and lora is None:
             raise SchedulingError(
                 404, f"model {model!r} is not served here (serving {options.served_model!r})"
             )
-        objective = self.headers.get(OBJECTIVE_HEADER, "")
+        objective = self.headers.get(gw.OBJECTIVE, "")
         return LLMRequest(
             request_id=self.request_id,
+            client_request_id=self.client_request_id,
             model=model,
             kind=request_kind_for_path(self.headers.get(":path", "")),
             body=body,
@@ -350,8 +365,8 @@ class RequestStream:
             priority=options.priorities.get(objective, 0),
             lora_name=lora,
             stream=bool(body.get("stream")),
-            slo_ttft_s=self._slo_seconds(SLO_TTFT_HEADER),
-            slo_itl_s=self._slo_seconds(SLO_TPOT_HEADER),
+            slo_ttft_s=self._slo_seconds(gw.SLO_TTFT),
+            slo_itl_s=self._slo_seconds(gw.SLO_TPOT),
         )
 
     def _slo_seconds(self, header: str) -> float | None:
@@ -371,7 +386,7 @@ class RequestStream:
         self.reserved = 0
         self.body = bytearray()
         self.director.metrics.rejections.labels(code=str(status), reason=reason).inc()
-        log.info("request %s rejected with %d: %s", self.request_id, status, message)
+        log.info("request %s rejected with %d: %s", self.log_id, status, message)
         return [proto.immediate_error(status, message, reason=reason)]
 
     # -- response --------------------------------------------------------------------------
@@ -439,7 +454,7 @@ async def process_stream(
             try:
                 responses = await stream.handle(msg)
             except Exception:
-                log.exception("request %s: internal error in the picker", stream.request_id)
+                log.exception("request %s: internal error in the picker", stream.log_id)
                 director.metrics.rejections.labels(code="500", reason="internal").inc()
                 yield proto.immediate_error(500, "internal error in the endpoint picker")
                 return

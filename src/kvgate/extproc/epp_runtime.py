@@ -30,12 +30,14 @@ from kvgate.fleet.endpoint import EndpointSet
 from kvgate.fleet.follower import FleetFollower
 from kvgate.fleet.kube_api import KubeConfig
 from kvgate.fleet.metrics_scraper import MetricsScraper, ScraperConfig
+from kvgate.fleet.objectives import ObjectiveWatch
 from kvgate.fleet.pool_discovery import INSTANCE_ID_ANNOTATION, PoolDiscovery
 from kvgate.fleet.sources import (
     EndpointDefaults,
     EndpointsFileWatcher,
     parse_endpoints_flag,
 )
+from kvgate.scheduling.active import LoadColumns
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import EppPlugins, load_epp_config
 from kvgate.scheduling.scheduler import PluginTimings, Scheduler
@@ -66,6 +68,8 @@ class EppSettings:
     endpoints_file: Path | None = None
     engine: str = "vllm"
     events_port: int | None = None
+    replay_port: int | None = None
+    """With ``events_port``: every engine's replay socket (``tcp://<endpoint ip>:<port>``)."""
     events_bind: str | None = None
     """Bind one central SUB socket here that engines connect to (topic ``kv@<ip:port>@...``)."""
     pool_name: str | None = None
@@ -112,7 +116,11 @@ class EppRuntime(StackedService):
 
     async def _start(self) -> None:
         s = self.settings
-        defaults = EndpointDefaults(engine=s.engine, events_port=s.events_port)  # type: ignore[arg-type]
+        defaults = EndpointDefaults(
+            engine=s.engine,  # type: ignore[arg-type]
+            events_port=s.events_port,
+            replay_port=s.replay_port,
+        )
         tokenizer = None
         if s.tokenizer:
             from kvgate.tokens import ModelTokenizer
@@ -180,6 +188,13 @@ class EppRuntime(StackedService):
             self._stack.push_async_callback(watcher.aclose)
         else:
             self.endpoints.replace(parse_endpoints_flag(s.endpoints, defaults))
+        if s.pool_name:
+            # The pool's InferenceObjectives, live, over the --objectives flag's priorities.
+            objectives = ObjectiveWatch(
+                s.options.priorities, KubeConfig.load(s.kubeconfig), s.pool_name, s.pool_namespace
+            )
+            await objectives.start()
+            self._stack.push_async_callback(objectives.aclose)
 
         director = Director(
             self.endpoints,
@@ -188,7 +203,9 @@ class EppRuntime(StackedService):
             self.metrics,
             saturation=self.plugins.saturation_detector.is_saturated,
         )
-        self.metrics.watch(self.endpoints, s.pool_name or "kvgate", self._gauges())
+        self.metrics.watch(
+            self.endpoints, s.pool_name or "kvgate", self._gauges(), self._booked_load
+        )
         await self._serve_grpc(director)
         await self._serve_health()
         await self._serve_metrics()
@@ -286,6 +303,16 @@ class EppRuntime(StackedService):
                     log.info("worker %s answers again", endpoint.address)
                     scheduler.endpoints_changed([endpoint], [])
             down &= {ep.address for ep in self.endpoints}
+
+    def _booked_load(self, workers: list[str]) -> LoadColumns:
+        """The load the KV scorers booked per worker, summed over them (usually one)."""
+        n = len(workers)
+        columns: LoadColumns = ([0] * n, [0] * n, [0] * n, [0] * n)
+        for owner in self.shared_load.owners.values():
+            for total, part in zip(columns, owner.router.active.loads(workers), strict=True):
+                for i, value in enumerate(part):
+                    total[i] += value
+        return columns
 
     def _gauges(self) -> dict[str, tuple[str, Any]]:
         def index_blocks() -> float:

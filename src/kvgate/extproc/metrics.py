@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from kvgate.fleet.endpoint import EndpointSet
+    from kvgate.scheduling.active import LoadColumns
     from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
     from kvgate.scheduling.services import Stage
 
@@ -53,6 +54,61 @@ class _PoolCollector(Collector):
         )
         queue.add_metric([self._pool], sum(e.metrics.waiting for e in eps) / len(eps) if eps else 0)
         return [ready, kv, queue]
+
+
+class _EndpointCollector(Collector):
+    """Per-endpoint gauges computed at scrape time: what the engine's metrics said (queue,
+    running batch, KV usage) and what this picker has booked there (in flight, prompt tokens
+    waiting for prefill) — the two views the routing decision weighs."""
+
+    def __init__(self, endpoints: EndpointSet, load: Callable[[list[str]], LoadColumns]) -> None:
+        self._endpoints = endpoints
+        self._load = load
+
+    def collect(self) -> Iterable[Metric]:
+        eps = self._endpoints.snapshot()
+        addresses = [ep.address for ep in eps]
+        pending, _, in_flight, _ = self._load(addresses)
+        families = {
+            "waiting": GaugeMetricFamily(
+                "kvgate_endpoint_waiting_requests",
+                "Requests waiting in the engine's queue (its metrics)",
+                labels=["endpoint"],
+            ),
+            "running": GaugeMetricFamily(
+                "kvgate_endpoint_running_requests",
+                "Requests in the engine's running batch (its metrics)",
+                labels=["endpoint"],
+            ),
+            "kv": GaugeMetricFamily(
+                "kvgate_endpoint_kv_cache_usage",
+                "Fraction of the engine's KV cache in use (its metrics)",
+                labels=["endpoint"],
+            ),
+            "in_flight": GaugeMetricFamily(
+                "kvgate_endpoint_booked_requests",
+                "Requests this picker (and its synced replicas) booked there and not yet complete",
+                labels=["endpoint"],
+            ),
+            "pending": GaugeMetricFamily(
+                "kvgate_endpoint_pending_prefill_tokens",
+                "Prompt tokens booked there whose prefill has not finished",
+                labels=["endpoint"],
+            ),
+        }
+        for ep, p, f in zip(eps, pending, in_flight, strict=True):
+            m = ep.metrics
+            families["waiting"].add_metric([ep.address], m.waiting)
+            families["running"].add_metric([ep.address], m.running)
+            families["kv"].add_metric([ep.address], m.kv_usage)
+            families["in_flight"].add_metric([ep.address], f)
+            families["pending"].add_metric([ep.address], p)
+        return list(families.values())
+
+
+def _no_load(workers: list[str]) -> LoadColumns:
+    zeros = [0] * len(workers)
+    return zeros, zeros, zeros, zeros
 
 
 class EppMetrics:
@@ -205,10 +261,12 @@ class EppMetrics:
         endpoints: EndpointSet,
         pool: str,
         gauges: dict[str, tuple[str, Callable[[], float]]],
+        load: Callable[[list[str]], LoadColumns] = _no_load,
     ) -> None:
-        """Register pool gauges and named gauges read at scrape time (index size, event
-        counters)."""
+        """Register pool and per-endpoint gauges and named gauges read at scrape time (index
+        size, event counters); ``load`` gives the booked load per endpoint."""
         self.registry.register(_PoolCollector(endpoints, pool))
+        self.registry.register(_EndpointCollector(endpoints, load))
         for name, (help_, read) in gauges.items():
             gauge = Gauge(name, help_, registry=self.registry)
             gauge.set_function(read)

@@ -24,6 +24,10 @@ Every other member is copied byte for byte from the input (numbers such as ``1e4
 ``nvext``, is dropped. The Lua filter in ``deploy/lua-filter/`` implements the same splice, so the
 two produce identical bytes (tests check it).
 
+Without routing headers (a picker that names no Dynamo worker, e.g. round-robin) the client's
+routing fields are still removed: :func:`strip_routing_fields`, which the endpoint picker applies to
+every body, so that no client picks its worker through ``nvext`` whatever rewrites the body later.
+
 Nothing is changed — and :class:`Unchanged` says why — when the headers are missing or invalid
 (checked first, so no JSON work is spent on requests that were not routed), the body is not UTF-8
 JSON (``NaN``/``Infinity`` refused; integers longer than Python's 4,300-digit conversion limit
@@ -205,8 +209,36 @@ def _classify_non_object(text: str, start: int) -> Unchanged:
     return Unchanged(Reason.NOT_OBJECT, "body is JSON but not an object")
 
 
-def merge_nvext(body: bytes, routing: RoutingFields) -> NvextResult:
-    """``body`` with ``routing`` merged into its top-level ``nvext`` object."""
+@dataclass(frozen=True, slots=True)
+class _Spliced:
+    """A JSON object body cut into its members, with what its ``nvext`` keeps."""
+
+    text: str
+    members: list[_Member]
+    nvext_members: list[_Member]
+    kept: list[str]
+    """The base ``nvext`` object's members other than routing fields, as written."""
+    had_routing: bool
+    """The base ``nvext`` object had routing fields (now dropped from ``kept``)."""
+    non_object: bool
+    """The base ``nvext`` is not an object."""
+
+    def write(self, nvext_value: str) -> bytes:
+        """The body with one ``nvext`` member of value ``nvext_value``, where the first was (or
+        last when there was none); every other member as written."""
+        nvext = f'"{NVEXT}":{nvext_value}'
+        parts: list[str] = []
+        for member in self.members:
+            if member.key != NVEXT:
+                parts.append(self.text[member.start : member.end])
+            elif member is self.nvext_members[0]:
+                parts.append(nvext)
+        if not self.nvext_members:
+            parts.append(nvext)
+        return f"{{{','.join(parts)}}}".encode()
+
+
+def _splice(body: bytes) -> _Spliced | Unchanged:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -220,28 +252,46 @@ def merge_nvext(body: bytes, routing: RoutingFields) -> NvextResult:
             raise _Invalid(f"extra data at {end}")
         nvext_members = [m for m in members if m.key == NVEXT]
         kept: list[str] = []
-        replaced = False
+        had_routing = non_object = False
         if nvext_members:
             base = nvext_members[-1]
             if text.startswith("{", base.value_start):
                 inner, _ = _members(text, base.value_start)
                 kept = [text[m.start : m.end] for m in inner if m.key not in ROUTING_FIELDS]
+                had_routing = len(kept) != len(inner)
             else:
-                replaced = True
+                non_object = True
     except (_Invalid, ValueError, RecursionError) as err:
         return Unchanged(Reason.NOT_JSON, f"body is not JSON: {err}")
-    kept.append(routing.json_members())
-    nvext = f'"{NVEXT}":{{{",".join(kept)}}}'
-    parts: list[str] = []
-    for member in members:
-        if member.key != NVEXT:
-            parts.append(text[member.start : member.end])
-        elif member is nvext_members[0]:
-            parts.append(nvext)
-    if not nvext_members:
-        parts.append(nvext)
-    out = f"{{{','.join(parts)}}}".encode()
-    return Injected(out, routing, replaced)
+    return _Spliced(text, members, nvext_members, kept, had_routing, non_object)
+
+
+def merge_nvext(body: bytes, routing: RoutingFields) -> NvextResult:
+    """``body`` with ``routing`` merged into its top-level ``nvext`` object."""
+    spliced = _splice(body)
+    if isinstance(spliced, Unchanged):
+        return spliced
+    members = [*spliced.kept, routing.json_members()]
+    return Injected(spliced.write(f"{{{','.join(members)}}}"), routing, spliced.non_object)
+
+
+def strip_routing_fields(body: bytes) -> bytes | None:
+    """``body`` without the routing fields a client put in its ``nvext`` object, or None when it
+    has none to remove (or is not a JSON object).
+
+    What a client may not choose is which worker serves it: every other ``nvext`` member stays.
+    Several top-level ``nvext`` keys are written as one (the last, as JSON parsers read it), so
+    a backend reading the first cannot see a routing field either.
+    """
+    spliced = _splice(body)
+    if isinstance(spliced, Unchanged) or not spliced.nvext_members:
+        return None
+    if len(spliced.nvext_members) == 1 and not spliced.had_routing:
+        return None
+    if spliced.non_object:
+        base = spliced.nvext_members[-1]
+        return spliced.write(spliced.text[base.value_start : base.end])
+    return spliced.write(f"{{{','.join(spliced.kept)}}}")
 
 
 def inject_nvext(body: bytes, headers: Mapping[str, str]) -> NvextResult:

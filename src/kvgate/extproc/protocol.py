@@ -19,10 +19,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
+from kvgate.extproc import headers
+
+DESTINATION_HEADER = headers.DESTINATION
+DESTINATION_SERVED_KEY = headers.SERVED
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+SUBSET_KEY = headers.SUBSET
 LB_NAMESPACE = "envoy.lb"
 MAX_CHUNK_BYTES = 62_000
 

@@ -20,6 +20,7 @@ are all discovery needs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -34,12 +35,16 @@ from typing import Any, Final, Protocol
 import aiohttp
 import yaml
 
+from kvgate.errors import InvalidInput
+from kvgate.service import Service
+
 __all__ = [
     "HttpKubeApi",
     "KubeApi",
     "KubeApiError",
     "KubeConfig",
     "KubeConfigError",
+    "KubeTask",
     "WatchExpired",
 ]
 
@@ -49,7 +54,7 @@ _SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MAX_EVENT_BYTES: Final = 16 << 20
 
 
-class KubeConfigError(ValueError):
+class KubeConfigError(InvalidInput):
     """No usable API server credentials; the message says which file or field is wrong."""
 
 
@@ -326,3 +331,42 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status in (401, 403):
         hint = " (check the service account's RBAC: get/list/watch on inferencepools and pods)"
     raise KubeApiError(resp.status, f"{resp.method} {resp.url.path}: {text}{hint}")
+
+
+class KubeTask(Service):
+    """One background task talking to the API server (a discovery, a watch).
+
+    ``api`` is the API server's credentials — a client is opened with them at start and closed
+    with the task — or a client, left open. Subclasses implement `_run`, the task's loop.
+    """
+
+    def __init__(
+        self, api: KubeConfig | KubeApi, task_name: str, *, request_timeout_s: float = 30.0
+    ) -> None:
+        self._api_source = api
+        self._task_name = task_name
+        self._request_timeout_s = request_timeout_s
+        self._api: KubeApi | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        source = self._api_source
+        if isinstance(source, KubeConfig):
+            self._api = HttpKubeApi(source, request_timeout_s=self._request_timeout_s)
+        else:
+            self._api = source
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self._task_name)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        api, self._api = self._api, None
+        if api is not None and api is not self._api_source:
+            await api.aclose()
+
+    async def _run(self) -> None:
+        raise NotImplementedError

@@ -37,13 +37,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from yarl import URL
 
+from kvgate.errors import ConfigError
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, EndpointSet
 from kvgate.fleet.engine_metrics import ENGINE_METRICS, NoEngineMetricsError, read_metrics
 from kvgate.fleet.scrape_transport import AiohttpTransport, MetricsTransport
 from kvgate.service import Service
+from kvgate.settings import Range, check_ranges
 
 __all__ = [
     "EndpointScrapeStats",
@@ -57,39 +60,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ScraperConfig:
-    interval_s: float = 0.05
+    interval_s: Annotated[float, Range(gt=0)] = 0.05
     """Time between two scrapes of one endpoint (the reference EPP polls every 50 ms)."""
-    timeout_s: float = 0.5
+    timeout_s: Annotated[float, Range(gt=0)] = 0.5
     """Budget of one scrape (connect, request, body). Ten intervals: a slower answer is useless
     for 50 ms-fresh data, yet one slow answer stays well clear of `stale_after_s`."""
-    stale_after_s: float = 2.0
+    stale_after_s: Annotated[float, Range(gt=0)] = 2.0
     """An endpoint whose last successful scrape is older than this is marked stale."""
-    max_concurrency: int = 64
+    max_concurrency: Annotated[int, Range(ge=1)] = 64
     """Scrapes in flight at once, across all endpoints (one per endpoint at most anyway)."""
-    block_size: int | None = None
+    block_size: Annotated[int | None, Range(ge=1)] = None
     """kvgate's KV block size, checked against what engines report; None: no check."""
     block_size_setting: str = "DYNAMO_KV_BLOCK_SIZE"
     """Name of kvgate's block-size setting, quoted in the mismatch error."""
     name_filter: bool = True
     """Ask engines for only the wanted families (``name[]=``); off for servers that reject it."""
-    warn_interval_s: float = 10.0
+    warn_interval_s: Annotated[float, Range(ge=0)] = 10.0
     """Minimum time between two failure warnings about one endpoint."""
 
     def __post_init__(self) -> None:
-        for name in ("interval_s", "timeout_s", "stale_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self)
         if self.timeout_s >= self.stale_after_s:
-            raise ValueError(
-                f"timeout_s ({self.timeout_s}) must be below stale_after_s "
-                f"({self.stale_after_s}): one slow scrape would make the endpoint stale"
+            raise ConfigError(
+                "timeout_s",
+                f"got {self.timeout_s}; must be below stale_after_s ({self.stale_after_s}): "
+                "one slow scrape would make the endpoint stale",
             )
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.warn_interval_s < 0:
-            raise ValueError(f"warn_interval_s must be >= 0, got {self.warn_interval_s}")
 
 
 @dataclass(slots=True)

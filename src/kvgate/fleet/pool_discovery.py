@@ -13,7 +13,8 @@ Per-pod settings
     ``both``). The Dynamo worker id from the annotation named by ``--instance-id-annotation``
     (default `INSTANCE_ID_ANNOTATION`): one integer, or with several target ports a
     comma-separated list, one per port in the pool's order; pods without it get an id derived
-    from their address.
+    from their address. KV events and their replay socket on the pod's IP at the ports given by
+    ``--events-port`` and ``--replay-port`` (the same for every pod, as in a Deployment).
 
 Protocol
     List (collection ``resourceVersion``), then watch from there, as client-go does (the client:
@@ -36,15 +37,14 @@ from urllib.parse import quote
 
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
 from kvgate.fleet.kube_api import (
-    HttpKubeApi,
     KubeApi,
     KubeApiError,
     KubeConfig,
+    KubeTask,
     WatchEvent,
     WatchExpired,
 )
 from kvgate.fleet.sources import EndpointDefaults, events_endpoint_for
-from kvgate.service import Service
 
 __all__ = [
     "ENGINE_LABEL",
@@ -148,6 +148,7 @@ def endpoints_of_pod(
                 role=role,
                 labels=labels,
                 events_endpoint=events,
+                replay_endpoint=defaults.replay_for(address),
             )
         )
     return endpoints
@@ -171,7 +172,7 @@ class _PoolSpec:
         return ",".join(f"{k}={v}" for k, v in self.match_labels)
 
 
-class PoolDiscovery(Service):
+class PoolDiscovery(KubeTask):
     """Keep an `EndpointSet` equal to the Ready pods of an InferencePool (see module docstring).
 
     Use as ``async with PoolDiscovery(...):`` or `start` / `aclose`. Starting does not wait for
@@ -194,42 +195,22 @@ class PoolDiscovery(Service):
         backoff_max_s: float = 30.0,
         request_timeout_s: float = 30.0,
     ) -> None:
+        super().__init__(
+            api,
+            f"pool-discovery {namespace}/{pool_name}",
+            request_timeout_s=request_timeout_s,
+        )
         self._endpoints = endpoints
-        self._api_source = api
         self.pool_name = pool_name
         self.namespace = namespace
         self._defaults = defaults
         self._annotation = instance_id_annotation
         self._watch_timeout_s = watch_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s)
-        self._request_timeout_s = request_timeout_s
-        self._api: KubeApi | None = None
-        self._task: asyncio.Task[None] | None = None
         self._pods: dict[str, dict[str, Any]] = {}
         self._spec: _PoolSpec | None = None
         self.lists = 0
         """Completed pod lists (the first sync and every resync)."""
-
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        source = self._api_source
-        if isinstance(source, KubeConfig):
-            self._api = HttpKubeApi(source, request_timeout_s=self._request_timeout_s)
-        else:
-            self._api = source
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"pool-discovery {self.namespace}/{self.pool_name}"
-        )
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        api, self._api = self._api, None
-        if api is not None and api is not self._api_source:
-            await api.aclose()
 
     async def _run(self) -> None:
         delay = self._backoff[0]

@@ -48,6 +48,7 @@ from typing import Final, cast, get_args
 
 import yaml
 
+from kvgate.errors import InvalidInput
 from kvgate.fleet.endpoint import Endpoint, EndpointSet, EngineType, Role
 from kvgate.service import Service
 
@@ -74,7 +75,7 @@ _RACY_WINDOW_NS: Final = 2_000_000_000
 _UNQUOTED_IPV6: Final = re.compile(r"(?:^|[\s:-])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:", re.MULTILINE)
 
 
-class EndpointSpecError(ValueError):
+class EndpointSpecError(InvalidInput):
     """An endpoint list (flag or file) that cannot be used; the message names the bad item."""
 
 
@@ -86,12 +87,23 @@ class EndpointDefaults:
     events_port: int | None = None
     """Port of every engine's KV-event publisher, for entries that name no ``events``
     (``tcp://<endpoint ip>:<events_port>``). None: such entries get no events endpoint."""
+    replay_port: int | None = None
+    """Port of every engine's KV-event replay socket (vLLM's ``replay_endpoint``), for entries
+    with a conventional events endpoint: gaps are refilled from it, and a restarted picker reads
+    the engine's history there. None: no replay endpoint."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise EndpointSpecError(f"engine must be one of {', '.join(ENGINES)}: {self.engine!r}")
-        if self.events_port is not None and not 0 < self.events_port < 65536:
-            raise EndpointSpecError(f"events port must be in 1..65535, got {self.events_port}")
+        for name, port in (("events", self.events_port), ("replay", self.replay_port)):
+            if port is not None and not 0 < port < 65536:
+                raise EndpointSpecError(f"{name} port must be in 1..65535, got {port}")
+
+    def replay_for(self, address: str) -> str | None:
+        """The conventional replay endpoint of the engine at ``address``, if there is one."""
+        if self.events_port is None or self.replay_port is None:
+            return None
+        return events_endpoint_for(address, self.replay_port)
 
 
 def events_endpoint_for(address: str, events_port: int) -> str:
@@ -159,6 +171,7 @@ def _parse_item(text: str, defaults: EndpointDefaults) -> Endpoint:
         instance_id=_parse_instance_id(instance.strip()) if sep else None,
         engine=defaults.engine,
         events_endpoint=_default_events(address, defaults),
+        replay_endpoint=defaults.replay_for(address),
     )
 
 
@@ -241,6 +254,12 @@ def _parse_mapping(entry: Mapping[object, object], defaults: EndpointDefaults) -
         if "events" in entry
         else _default_events(address, defaults)
     )
+    # An entry that names its events endpoint names its replay socket too (or has none).
+    replay = (
+        _zmq_endpoint(entry.get("replay"), "replay")
+        if "replay" in entry or "events" in entry
+        else defaults.replay_for(address)
+    )
     return Endpoint(
         address,
         instance_id=None if instance is None else _parse_instance_id(instance),
@@ -248,7 +267,7 @@ def _parse_mapping(entry: Mapping[object, object], defaults: EndpointDefaults) -
         role=role,
         labels=dict(labels),
         events_endpoint=events,
-        replay_endpoint=_zmq_endpoint(entry.get("replay"), "replay"),
+        replay_endpoint=replay,
     )
 
 

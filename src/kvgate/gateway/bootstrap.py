@@ -1,11 +1,16 @@
 """The Envoy bootstrap `kvgate up` runs: the seed's request path on one machine.
 
-    client ─▶ listener ─▶ strip client routing headers ─▶ ext_proc: EPP ─▶ [ext_proc: body
-    transformer | Lua nvext] ─▶ router ─▶ ORIGINAL_DST cluster keyed on
-    x-gateway-destination-endpoint ─▶ worker
+    client ─▶ listener ─▶ strip gateway-internal headers ─▶ ext_proc: EPP ─▶ first endpoint
+    ─▶ [ext_proc: body transformer | Lua nvext] ─▶ router ─▶ ORIGINAL_DST cluster ─▶ worker
 
-- Client-sent routing headers are removed *before* the EPP sees the request, on every route, so a
-  client can never steer routing, even when the EPP is down and the request fails open.
+- Gateway-internal headers a client sent (`kvgate.extproc.headers`) are removed *before* the EPP
+  sees the request, on every route, so a client can never steer routing, even when the EPP is down
+  and the request fails open.
+- The EPP names the pick and its ordered fallbacks in ``x-gateway-destination-endpoint``
+  (``ip:port,ip:port``, the same list as its ``envoy.lb`` metadata, as the GAIE protocol asks).
+  Envoy's ORIGINAL_DST cluster takes one address from a header, so a small Lua filter copies the
+  first entry to ``x-kvgate-upstream-endpoint``, which the cluster reads: the first endpoint is
+  used, as the protocol specifies (no retries down the list here).
 - The EPP gets request and response headers and both bodies in FULL_DUPLEX_STREAMED mode (the GAIE
   reference), so it sees first token and completion. The body transformer is configured as the
   seed configures it: request headers SEND, request body BUFFERED, responses skipped.
@@ -29,14 +34,25 @@ from typing import Any, Literal
 
 import yaml
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-ROUTING_HEADERS = (
-    DESTINATION_HEADER,
-    "x-worker-instance-id",
-    "x-prefiller-host-port",
-    "x-dynamo-routing-mode",
-    "x-prefill-instance-id",
-)
+from kvgate.extproc import headers
+
+DESTINATION_HEADER = headers.DESTINATION
+UPSTREAM_HEADER = "x-kvgate-upstream-endpoint"
+"""The one address the ORIGINAL_DST cluster connects to: the first entry of the destination."""
+STRIPPED_HEADERS = (*headers.GATEWAY_INTERNAL, UPSTREAM_HEADER)
+# Envoy's Lua has no string split; the first comma-separated entry, blanks trimmed.
+FIRST_ENDPOINT_LUA = f"""
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local destinations = headers:get("{DESTINATION_HEADER}")
+  if destinations ~= nil then
+    local first = destinations:match("^[ \t]*([^, \t]+)")
+    if first ~= nil then
+      headers:replace("{UPSTREAM_HEADER}", first)
+    end
+  end
+end
+"""
 BodyTransformer = Literal["ext-proc", "inline", "lua", "off"]
 FailureMode = Literal["FailOpen", "FailClose"]
 
@@ -174,6 +190,13 @@ def _ext_proc(
     }
 
 
+def _lua(name: str, code: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": code}},
+    }
+
+
 def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     fail_open = spec.failure_mode == "FailOpen"
     epp_hosts = spec.epp_hosts()
@@ -183,7 +206,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
             "typed_config": {
                 "@type": _HEADER_MUTATION,
                 "mutations": {
-                    "request_mutations": [{"remove": h} for h in ROUTING_HEADERS],
+                    "request_mutations": [{"remove": h} for h in STRIPPED_HEADERS],
                 },
             },
         },
@@ -194,6 +217,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
             responses=True,
             retries=len(epp_hosts) if len(epp_hosts) > 1 else 0,
         ),
+        _lua("kvgate.first_endpoint", FIRST_ENDPOINT_LUA),
     ]
     epp_cluster = _cluster("epp", epp_hosts, http2=True)
     if spec.epp_health_ports:
@@ -206,7 +230,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
             "lb_policy": "CLUSTER_PROVIDED",
             "original_dst_lb_config": {
                 "use_http_header": True,
-                "http_header_name": DESTINATION_HEADER,
+                "http_header_name": UPSTREAM_HEADER,
             },
             "circuit_breakers": {
                 "thresholds": [
@@ -232,15 +256,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     elif spec.body_transformer == "lua":
         if not spec.lua_code:
             raise ValueError("Lua code required for --body-transformer lua")
-        filters.append(
-            {
-                "name": "envoy.filters.http.lua",
-                "typed_config": {
-                    "@type": _LUA,
-                    "default_source_code": {"inline_string": spec.lua_code},
-                },
-            }
-        )
+        filters.append(_lua("envoy.filters.http.lua", spec.lua_code))
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
     timeout = f"{spec.request_timeout_s:g}s"
     routes: list[dict[str, Any]] = [

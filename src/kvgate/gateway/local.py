@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kvgate import epp_configs
+from kvgate.errors import StartupError
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.supervisor import Child, StartupError, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
     from kvgate.dynamo.gateway import DynamoBackend
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 Mode = Literal["kv", "standard"]
+Routing = Literal["kvgate", "dynamo"]
+"""KV routing policy in ``kv`` mode: kvgate's predicted latency, or the reference cost function."""
 Backend = Literal["sim", "dynamo"]
 
 
@@ -64,6 +67,7 @@ class LocalGatewayConfig:
     port: int = 8000
     host: str = "127.0.0.1"
     mode: Mode = "kv"
+    routing: Routing = "kvgate"
     config_file: Path | None = None
     body_transformer: BodyTransformer = "off"
     failure_mode: FailureMode = "FailClose"
@@ -95,6 +99,19 @@ class LocalGatewayConfig:
         if self.replica_sync is None:
             return self.epp_replicas > 1 and self.mode == "kv"
         return self.replica_sync
+
+    def epp_config_name(self) -> str:
+        """The shipped EndpointPickerConfig for this mode, routing and fleet shape."""
+        if self.mode == "standard":
+            return epp_configs.ROUND_ROBIN
+        if self.prefill_workers:
+            if self.routing == "dynamo":
+                return epp_configs.DISAGGREGATED
+            # Dynamo's decode workers never prefill alone: every request gets a prefill worker.
+            if self.backend == "dynamo":
+                return epp_configs.DISAGGREGATED_KVGATE_PAIRED
+            return epp_configs.DISAGGREGATED_KVGATE
+        return epp_configs.KVGATE if self.routing == "kvgate" else epp_configs.DYNAMO
 
 
 @dataclass
@@ -211,11 +228,8 @@ class LocalGateway:
         epp_config = self.run_dir / "epp-config.yaml"
         if cfg.config_file is not None:
             epp_config.write_text(cfg.config_file.read_text())
-        elif cfg.prefill_workers and cfg.mode == "kv":
-            epp_config.write_text(epp_configs.shipped_config(epp_configs.DISAGGREGATED))
         else:
-            name = epp_configs.KV if cfg.mode == "kv" else epp_configs.ROUND_ROBIN
-            epp_config.write_text(epp_configs.shipped_config(name))
+            epp_config.write_text(epp_configs.shipped_config(cfg.epp_config_name()))
         if cfg.sync_enabled():
             self._start_nats(children)
         self._start_epps(epp_config, source_args, tokenizer, children)

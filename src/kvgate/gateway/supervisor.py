@@ -12,9 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class StartupError(RuntimeError):
-    """A component did not become ready; the message points at its log."""
+from kvgate.errors import StartupError
 
 
 @dataclass

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
 from kvgate.index.mask_index import MaskIndex, WorkerId
-from kvgate.tokens.hashing import SequenceHash, lora_seed, sequence_hashes_of
+from kvgate.tokens.hashing import (
+    BlockExtras,
+    SequenceHash,
+    event_extra_keys,
+    lora_seed,
+    sequence_hashes_of,
+)
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "IndexStats", "PrefixIndex", "WorkerId"]
 
@@ -54,6 +60,22 @@ class IndexStats:
     unknown_removals: int = 0
     evicted_entries: int = 0
     other_tier_events: int = 0
+
+
+def _block_extras(event: BlockStored) -> BlockExtras | None:
+    """The event's extra keys by block (empty: none), or None when they do not name its blocks."""
+    keys = event.extra_keys
+    if keys is None:
+        return {}
+    if not isinstance(keys, list) or len(keys) != len(event.block_hashes):
+        return None
+    extras: dict[int, tuple[int, ...]] = {}
+    for index, block_keys in enumerate(keys):
+        if block_keys is not None:
+            converted = event_extra_keys(block_keys, event.lora_name)
+            if converted:
+                extras[index] = converted
+    return extras
 
 
 def _routable_tier(medium: str | None) -> bool:
@@ -125,6 +147,13 @@ class PrefixIndex(MaskIndex):
                 block_size,
             )
             return 0
+        extras = _block_extras(event)
+        if extras is None:
+            # Which block carries a salt or an image is unknown: any guess could predict a hit
+            # the engine would not have.
+            self.stats.malformed_stores += 1
+            log.warning("worker %s: BlockStored whose extra_keys do not match its blocks", worker)
+            return 0
         slot = self.slot(worker)
         by_engine = self._by_engine[slot]
         parent: SequenceHash | None = None
@@ -138,7 +167,7 @@ class PrefixIndex(MaskIndex):
             parent = SequenceHash(known)
         try:
             seqs = sequence_hashes_of(
-                event.token_ids, block_size, lora_seed(event.lora_name), parent
+                event.token_ids, block_size, lora_seed(event.lora_name), parent, extras
             )
         except (ValueError, TypeError) as err:
             self.stats.malformed_stores += 1

@@ -24,6 +24,9 @@ from typing import TypeAlias
 
 from kvgate.index.mask_index import MaskIndex, WorkerId
 
+LoadColumns: TypeAlias = tuple[list[int], list[int], list[int], list[int]]
+"""Per worker, in order: pending prefill tokens, requests in prefill, requests in flight, active
+blocks."""
 RequestKey: TypeAlias = str | tuple[str, str]
 """A request id (routed here) or ``(router_id, request_id)`` (routed by another replica)."""
 
@@ -139,6 +142,19 @@ class ActiveSequences:
     def prefilling(self, worker: WorkerId) -> int:
         """Requests booked on ``worker`` whose first token has not come yet."""
         return self._prefilling.get(worker, 0)
+
+    def loads(self, workers: Sequence[WorkerId]) -> LoadColumns:
+        """For each of ``workers``: pending prefill tokens, requests in prefill, requests in
+        flight, active blocks (one pass per column: the routing hot path reads these for every
+        candidate)."""
+        prefill, prefilling, in_flight = self.prefill.get, self._prefilling.get, self._in_flight.get
+        blocks = self.blocks.per_worker.get
+        return (
+            [prefill(w, 0) for w in workers],
+            [prefilling(w, 0) for w in workers],
+            [in_flight(w, 0) for w in workers],
+            [blocks(w, 0) for w in workers],
+        )
 
     def add(
         self,

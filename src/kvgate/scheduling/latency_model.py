@@ -40,6 +40,7 @@ arithmetic operations.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -149,6 +150,68 @@ class WorkerFit:
         self.itl_scale += s.itl_smoothing * (ratio - self.itl_scale)
 
 
+class Predictions(Mapping[str, LatencyPrediction]):
+    """The predictions of one request for many workers: kept as parallel lists, a
+    `LatencyPrediction` is made when a worker's is asked for (most never are)."""
+
+    __slots__ = (
+        "_decoding", "_fixed", "_index", "_model", "_out", "_pending", "_token", "_usage_after",
+        "_workers", "ttft_ms",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        model: LatencyModel,
+        workers: Sequence[str],
+        *,
+        ttft_ms: list[float],
+        fixed_ms: list[float],
+        token_ms: list[float],
+        pending: Sequence[int],
+        decoding: Sequence[int],
+        usage_after: Sequence[float],
+        expected_output_tokens: int,
+    ) -> None:
+        self._model = model
+        self._workers = workers
+        self.ttft_ms = ttft_ms
+        """Predicted TTFT per worker, in the order of the workers given (milliseconds)."""
+        self._fixed = fixed_ms
+        self._token = token_ms
+        self._pending = pending
+        self._decoding = decoding
+        self._usage_after = usage_after
+        self._out = expected_output_tokens
+        self._index: dict[str, int] | None = None
+
+    def position(self, worker: str) -> int | None:
+        """Where ``worker`` is in `ttft_ms`; None if it was not predicted."""
+        index = self._index
+        if index is None:
+            index = self._index = {w: i for i, w in enumerate(self._workers)}
+        return index.get(worker)
+
+    def __getitem__(self, worker: str) -> LatencyPrediction:
+        i = self.position(worker)
+        if i is None:
+            raise KeyError(worker)
+        itl = self._model.itl_ms(
+            worker, self._pending[i], self._decoding[i], self._usage_after[i], self._out
+        )
+        return LatencyPrediction(
+            self.ttft_ms[i] / 1000.0, itl / 1000.0, self._fixed[i], self._token[i]
+        )
+
+    def __contains__(self, worker: object) -> bool:
+        return isinstance(worker, str) and self.position(worker) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._workers)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+
 class LatencyModel:
     """Per-worker calibrated predictions over one engine cost shape."""
 
@@ -199,36 +262,91 @@ class LatencyModel:
         prompt work booked there before it; ``decoding``: requests generating there;
         ``decode_usage`` / ``usage_after``: their KV tokens over the cache's capacity, without
         and with this request."""
-        cost = self.cost
-        own = uncached_tokens if uncached_tokens > 0 else 1
-        ahead = pending_prefill_tokens if pending_prefill_tokens > 0 else 0
-        total = ahead + own
-        chunk = cost.max_num_batched_tokens - decoding
-        chunk = max(chunk, 1)
-        full, rest = divmod(total, chunk)
-        steps = full + (1 if rest else 0)
-        step_fixed = cost.prefill_fixed_ms
-        decode_now = cost.decode_ms(decode_usage) if decoding else 0.0
-        fixed = steps * (step_fixed + decode_now)
-        if decoding:
-            # A decode step is under way: on average half of it remains. (A prefill step under
-            # way needs no term: its tokens are still counted in the pending work.)
-            fixed += 0.5 * decode_now
-        token = cost.prefill_per_token_ms * total + cost.prefill_per_token_sq_ms * (
-            full * chunk * chunk + rest * rest
+        batch = self.predict_many(
+            [worker],
+            uncached=[uncached_tokens],
+            pending=[pending_prefill_tokens],
+            decoding=[decoding],
+            usage=[decode_usage],
+            usage_after=[usage_after],
+            expected_output_tokens=expected_output_tokens,
         )
-        fit = self.fits.get(worker) or self.fit(worker)
-        ttft = fit.theta_fixed * fixed + fit.theta_token * token
+        prediction = batch.get(worker)
+        assert prediction is not None
+        return prediction
+
+    def predict_many(
+        self,
+        workers: Sequence[str],
+        *,
+        uncached: Sequence[int],
+        pending: Sequence[int],
+        decoding: Sequence[int],
+        usage: Sequence[float],
+        usage_after: Sequence[float],
+        expected_output_tokens: int,
+    ) -> Predictions:
+        """`predict` for many workers at once (parallel sequences): the routing hot path, so
+        one loop of arithmetic on locals, and the ITL and prediction objects made only when
+        asked for."""
+        cost = self.cost
+        a, b, c = cost.prefill_fixed_ms, cost.prefill_per_token_ms, cost.prefill_per_token_sq_ms
+        d0, d1, d2, floor = (
+            cost.decode_fixed_ms,
+            cost.decode_linear_ms,
+            cost.decode_square_ms,
+            cost.decode_floor_ms,
+        )
+        budget = cost.max_num_batched_tokens
+        fits = self.fits
+        ttft: list[float] = []
+        fixed_ms: list[float] = []
+        token_ms: list[float] = []
+        for worker, fresh, ahead, dec, used in zip(
+            workers, uncached, pending, decoding, usage, strict=True
+        ):
+            total = (ahead if ahead > 0 else 0) + (fresh if fresh > 0 else 1)
+            chunk = budget - dec if dec < budget else 1
+            full, rest = divmod(total, chunk)
+            if dec > 0:
+                u = 0.0 if used < 0 else 1.0 if used > 1 else used
+                decode_now = d0 + d1 * u + d2 * u * u
+                decode_now = decode_now if decode_now > floor else floor
+                # A decode step is under way: on average half of it remains. (A prefill step
+                # under way needs no term: its tokens are still counted in the pending work.)
+                fixed = (full + (1 if rest else 0)) * (a + decode_now) + 0.5 * decode_now
+            else:
+                fixed = (full + (1 if rest else 0)) * a
+            token = b * total + c * (full * chunk * chunk + rest * rest)
+            fit = fits.get(worker) or self.fit(worker)
+            ttft.append(fit.theta_fixed * fixed + fit.theta_token * token)
+            fixed_ms.append(fixed)
+            token_ms.append(token)
+        return Predictions(
+            self,
+            workers,
+            ttft_ms=ttft,
+            fixed_ms=fixed_ms,
+            token_ms=token_ms,
+            pending=pending,
+            decoding=decoding,
+            usage_after=usage_after,
+            expected_output_tokens=expected_output_tokens,
+        )
+
+    def itl_ms(self, worker: str, ahead: int, decoding: int, usage_after: float, out: int) -> float:
+        """Inter-token latency on ``worker``: its decode step with this request in the batch,
+        plus the prompt work queued there spread over the tokens this request will generate."""
+        cost = self.cost
         interference = 0.0
-        if ahead:
-            steps_ahead = -(-ahead // chunk)
+        if ahead > 0:
+            chunk = max(cost.max_num_batched_tokens - decoding, 1)
             interference = (
-                steps_ahead * step_fixed
+                -(-ahead // chunk) * cost.prefill_fixed_ms
                 + cost.prefill_per_token_ms * ahead
-                + cost.prefill_per_token_sq_ms * ahead * (ahead if ahead < chunk else chunk)
-            ) / max(expected_output_tokens, 1)
-        itl = fit.itl_scale * (cost.decode_ms(usage_after) + interference)
-        return LatencyPrediction(ttft / 1000.0, itl / 1000.0, fixed, token)
+                + cost.prefill_per_token_sq_ms * ahead * min(ahead, chunk)
+            ) / max(out, 1)
+        return self.fit(worker).itl_scale * (cost.decode_ms(usage_after) + interference)
 
     def observe_ttft(self, worker: str, prediction: LatencyPrediction, observed_s: float) -> None:
         fit = self.fits.get(worker)

@@ -44,6 +44,11 @@ class LoadView(Protocol):
         """Requests booked on ``worker`` whose first token has not come yet."""
         ...
 
+    def loads(self, workers: Sequence[str]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """All four of the above for each of ``workers``, as columns: pending prefill tokens,
+        requests in prefill, requests in flight, active blocks."""
+        ...
+
 
 @dataclass(slots=True)
 class LatencyPrediction:
@@ -64,7 +69,8 @@ class LLMRequest:
     request_id: str
     """Unique per scheduled request, made by the gateway: the key of all bookkeeping."""
     model: str
-    """Model name the client asked for (after any rewrite)."""
+    """Model name the client asked for in the body (``x-gateway-model-name-rewrite`` is not
+    trusted: see :mod:`kvgate.extproc.headers`)."""
     kind: RequestKind | None
     """chat / completions, or None for an endpoint kvgate does not tokenize."""
     body: dict[str, Any]

@@ -20,11 +20,13 @@ removes leaves before parents without tracking children (`tests/sim/test_blocks.
 on random workloads).
 
 Block ids. Engines name blocks with their own opaque 64-bit ids (vLLM uses SHA-256 of the parent
-hash and the tokens). Here: CPython's hash of the tuple (parent id, *tokens), which for integers is
-unsalted (independent of PYTHONHASHSEED), so ids are deterministic and content addressed (a block
-stored again after eviction gets the same id, as in vLLM) yet share nothing with the router's
-xxh3 hashes. It costs 0.5 µs per block against 3.4 µs for BLAKE2b, and ids only need to be
-unique within one engine: ~3e-6 chance of any collision among 10 million blocks.
+hash, the tokens and the block's extra keys, e.g. a request's ``cache_salt`` on its first block).
+Here: CPython's hash of the tuple (parent id, *tokens), which for integers is unsalted
+(independent of PYTHONHASHSEED), so ids are deterministic and content addressed (a block stored
+again after eviction gets the same id, as in vLLM) yet share nothing with the router's xxh3
+hashes; a salted first block adds the salt's xxh3 to the tuple. It costs 0.5 µs per block against
+3.4 µs for BLAKE2b, and ids only need to be unique within one engine: ~3e-6 chance of any
+collision among 10 million blocks.
 
 Thread-safety: none; one engine, one thread (its event loop or the virtual driver).
 """
@@ -32,6 +34,8 @@ Thread-safety: none; one engine, one thread (its event loop or the virtual drive
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import xxhash
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
 
@@ -41,9 +45,13 @@ _ROOT = 0x6B7667_73696D
 MEDIUM_GPU = "GPU"
 
 
-def block_id(parent: EngineHash | None, tokens: list[int]) -> EngineHash:
-    """The engine's id for a full block of ``tokens`` following the block ``parent``."""
-    return EngineHash(hash((_ROOT if parent is None else parent, *tokens)) & _U64)
+def block_id(parent: EngineHash | None, tokens: list[int], salt: int | None = None) -> EngineHash:
+    """The engine's id for a full block of ``tokens`` following the block ``parent``; a first
+    block of a request with a ``cache_salt`` is keyed with it too (``salt``: the salt's xxh3),
+    as vLLM keys it, so it is another block than the unsalted one."""
+    if salt is None:
+        return EngineHash(hash((_ROOT if parent is None else parent, *tokens)) & _U64)
+    return EngineHash(hash((_ROOT if parent is None else parent, salt, *tokens)) & _U64)
 
 
 class BlockTable:
@@ -54,9 +62,13 @@ class BlockTable:
     ``num_committed`` of them are shared prefix-cache blocks, the rest are private.
     """
 
-    __slots__ = ("hashes", "num_committed", "num_held")
+    __slots__ = ("_salt_key", "cache_salt", "hashes", "num_committed", "num_held")
 
-    def __init__(self) -> None:
+    def __init__(self, cache_salt: str | None = None) -> None:
+        self.cache_salt = cache_salt
+        """The request's ``cache_salt``: part of its first block's id, and of that block's
+        ``extra_keys`` in KV events."""
+        self._salt_key = xxhash.xxh3_64_intdigest(cache_salt.encode()) if cache_salt else None
         self.hashes: list[EngineHash] = []
         self.num_held = 0
         self.num_committed = 0
@@ -66,9 +78,18 @@ class BlockTable:
         hashes = self.hashes
         while len(hashes) <= index:
             i = len(hashes)
-            parent = hashes[i - 1] if i else None
-            hashes.append(block_id(parent, tokens[i * block_size : (i + 1) * block_size]))
+            block = tokens[i * block_size : (i + 1) * block_size]
+            if i:
+                hashes.append(block_id(hashes[i - 1], block))
+            else:
+                hashes.append(block_id(None, block, self._salt_key))
         return hashes[index]
+
+    def extra_keys(self, start: int, stop: int) -> list[list[str] | None] | None:
+        """The ``extra_keys`` of blocks ``start..stop`` in a BlockStored event (vLLM's form)."""
+        if self.cache_salt is None or start:
+            return None
+        return [[self.cache_salt], *[None] * (stop - 1)]
 
 
 class PrefixCache:
@@ -246,5 +267,6 @@ class PrefixCache:
                 token_ids=tokens[start * bs : stop * bs],
                 block_size=bs,
                 medium=MEDIUM_GPU,
+                extra_keys=table.extra_keys(start, stop),
             )
         )

@@ -89,13 +89,15 @@ class ContextLengthError(ValueError):
 
 @dataclass(slots=True, eq=False)
 class SimRequest:
-    """A generation request and its progress. Fields below the first three are engine-owned."""
+    """A generation request and its progress. Fields below ``cache_salt`` are engine-owned."""
 
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int | None = None
     """Output token limit; None means up to the context length, as in vLLM."""
     ignore_eos: bool = False
+    cache_salt: str | None = None
+    """Keys the first block, as in vLLM: only requests with the same salt share cached blocks."""
 
     status: RequestStatus = field(default="new", init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
@@ -111,6 +113,10 @@ class SimRequest:
     blocks: BlockTable = field(default_factory=BlockTable, init=False)
     _output_limit: int = field(default=0, init=False)
     _vocab_offset: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.cache_salt is not None:
+            self.blocks = BlockTable(self.cache_salt)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -39,7 +39,8 @@ from kvgate.sim.prompts import PromptCodec
 from kvgate.sim.publisher import KvEventPublisher
 from kvgate.sim.runner import EngineRunner, TokenStream
 from kvgate.sim.wire import EventLayout
-from kvgate.tokens import RequestKind
+from kvgate.tokens import RequestError, RequestKind
+from kvgate.tokens.request import cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,14 @@ class _Generation:
     include_usage: bool
     max_tokens: int | None
     ignore_eos: bool
+    cache_salt: str | None
+
+
+def _cache_salt(body: Mapping[str, Any]) -> str | None:
+    try:
+        return cache_salt(body)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), "cache_salt") from None
 
 
 def _opt_bool(body: Mapping[str, Any], key: str, default: bool, prefix: str = "") -> bool:
@@ -483,6 +492,7 @@ class SimWorker:
             include_usage=include_usage,
             max_tokens=max_tokens,
             ignore_eos=_opt_bool(body, "ignore_eos", False),
+            cache_salt=_cache_salt(body),
         )
 
     async def _generate(self, request: web.Request, kind: RequestKind) -> web.StreamResponse:
@@ -491,7 +501,7 @@ class SimWorker:
         body = await self._body(request)
         gen = self._parse(body, kind)
         tokens = self._tokens(body, kind)
-        sim = SimRequest(gen.request_id, tokens, gen.max_tokens, gen.ignore_eos)
+        sim = SimRequest(gen.request_id, tokens, gen.max_tokens, gen.ignore_eos, gen.cache_salt)
         try:
             stream = self._runner.submit(sim, wake_each=gen.stream)
         except ValueError as exc:

@@ -8,7 +8,8 @@ the wild:
   fields in declaration order.
 
 Field order for both follows vLLM: BlockStored(block_hashes, parent_block_hash, token_ids,
-block_size, lora_id, medium, lora_name), BlockRemoved(block_hashes, medium), AllBlocksCleared().
+block_size, lora_id, medium, lora_name, extra_keys), BlockRemoved(block_hashes, medium),
+AllBlocksCleared(). ``extra_keys`` carries a request's ``cache_salt`` on its first block.
 The simulator serves the base model only, so ``lora_id`` and ``lora_name`` are always nil.
 """
 
@@ -27,7 +28,7 @@ _encode = msgspec.msgpack.Encoder().encode
 
 def _as_map(event: KvEvent) -> dict[str, object]:
     if isinstance(event, BlockStored):
-        return {
+        fields: dict[str, object] = {
             "type": "BlockStored",
             "block_hashes": event.block_hashes,
             "parent_block_hash": event.parent_block_hash,
@@ -37,6 +38,9 @@ def _as_map(event: KvEvent) -> dict[str, object]:
             "medium": event.medium,
             "lora_name": event.lora_name,
         }
+        if event.extra_keys is not None:
+            fields["extra_keys"] = event.extra_keys
+        return fields
     if isinstance(event, BlockRemoved):
         return {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": event.medium}
     return {"type": "AllBlocksCleared"}
@@ -44,7 +48,7 @@ def _as_map(event: KvEvent) -> dict[str, object]:
 
 def _as_array(event: KvEvent) -> list[object]:
     if isinstance(event, BlockStored):
-        return [
+        fields: list[object] = [
             "BlockStored",
             event.block_hashes,
             event.parent_block_hash,
@@ -54,6 +58,8 @@ def _as_array(event: KvEvent) -> list[object]:
             event.medium,
             event.lora_name,
         ]
+        # Producers of this layout stop at lora_name; a salted block still needs its keys.
+        return fields if event.extra_keys is None else [*fields, event.extra_keys]
     if isinstance(event, BlockRemoved):
         return ["BlockRemoved", event.block_hashes, event.medium]
     return ["AllBlocksCleared"]

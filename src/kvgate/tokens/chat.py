@@ -29,8 +29,14 @@ never override): the server's default ``chat_template_kwargs``, then ``tools``, 
 ``enable_thinking`` unless the request set it. Then transformers adds the tokenizer's named special
 tokens (``bos_token``, ``eos_token``, ...) under the request's variables.
 
-Multimodal parts (images, audio, video, embeddings) are refused: their placeholders depend on the
-model's processor, which kvgate does not load.
+Multimodal parts (images, audio, video, embeddings) cannot be rendered here: the placeholder tokens
+the engine puts in their place depend on the model's processor and on the media themselves (an
+image's size sets its token count), which kvgate neither loads nor downloads. Such a conversation
+is still routed: :func:`render_chat_prefix` renders what precedes the *content* of the first
+message holding a media part — identical in the engine's prompt whatever the media become, since
+vLLM puts placeholders inside that content (in front of its text, or where the part is) — and the
+router gives prefix credit for that much only. :func:`render_chat_body` refuses media, for callers
+that need the whole prompt.
 """
 
 from __future__ import annotations
@@ -143,6 +149,66 @@ class ChatDefaults:
     chat_template: str | None = None  # --chat-template: a template's text or name
     chat_template_kwargs: Mapping[str, Any] | None = None  # --default-chat-template-kwargs
     content_format: Literal["auto", "string", "openai"] = "auto"  # --chat-template-content-format
+
+
+# Private-use characters: no prompt holds them, no chat template rewrites them.
+_MEDIA_SENTINEL = "\ue000kvgate-media\ue001"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    text: str
+    complete: bool
+    """False when the conversation holds media: ``text`` is then only what precedes the content
+    of the first message with a media part."""
+
+
+def render_chat_prefix(
+    body: Mapping[str, Any],
+    templates: ChatTemplates,
+    special_tokens: Mapping[str, str],
+    defaults: ChatDefaults,
+) -> RenderedChat:
+    """The prompt text vLLM renders for a chat body, or, when a message holds media, the part of
+    it that precedes that message's content (see the module docstring)."""
+    messages = body.get("messages")
+    first = _first_media_message(messages) if isinstance(messages, list) else None
+    if first is None:
+        return RenderedChat(render_chat_body(body, templates, special_tokens, defaults), True)
+    assert isinstance(messages, list)
+    marked = [
+        *messages[:first],
+        {**messages[first], "content": [{"type": "text", "text": _MEDIA_SENTINEL}]},
+        *(_without_media(message) for message in messages[first + 1 :]),
+    ]
+    text = render_chat_body({**body, "messages": marked}, templates, special_tokens, defaults)
+    cut = text.find(_MEDIA_SENTINEL)
+    # A template that drops the message's content leaves nothing known to be in the prompt.
+    return RenderedChat(text[:cut] if cut >= 0 else "", False)
+
+
+def _is_media_part(part: object) -> bool:
+    if not isinstance(part, Mapping):
+        return False
+    kind = part.get("type")
+    if kind is None:
+        return any(key in part for key in _MEDIA_PART_TYPES)
+    return kind in _MEDIA_PART_TYPES
+
+
+def _first_media_message(messages: list[Any]) -> int | None:
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list) and any(_is_media_part(part) for part in content):
+            return index
+    return None
+
+
+def _without_media(message: object) -> object:
+    # Later messages only shape what comes after the cut; their media must not stop the render.
+    if not isinstance(message, Mapping) or not isinstance(message.get("content"), list):
+        return message
+    return {**message, "content": [p for p in message["content"] if not _is_media_part(p)]}
 
 
 def render_chat_body(

@@ -12,6 +12,16 @@ system's libxxhash) when it was built, and the pure-Python functions below other
 functions are the specification; tests hold the extension to them.
 
 Only full blocks are hashed: a trailing partial block is never shared by an engine's prefix cache.
+
+Extra keys. vLLM hashes some blocks with more than their tokens (``generate_block_hash_extra_keys``
+in ``vllm/v1/core/kv_cache_utils.py``): the first block of a request carrying ``cache_salt`` gets
+the salt, so salted prompts share cached blocks only with prompts of the same salt; a block
+holding multimodal placeholders gets each item's identifier and offset; prompt embeddings their
+digest. Its ``BlockStored`` events carry these keys per block (``extra_keys``; the LoRA name first
+when the block belongs to an adapter). kvgate gives each key a u64 (:func:`cache_salt_key`,
+:func:`event_extra_keys`) and appends them, little-endian, to the block's token bytes before
+hashing it — as Dynamo does with multimodal item hashes — so a block hashes differently exactly
+when the engine's does. Blocks without extra keys hash as before.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any, NewType
 
@@ -48,6 +58,59 @@ def _splitter(block_bytes: int, blocks: int) -> struct.Struct:
     if found is None:
         found = _splitters[key] = struct.Struct(f"{block_bytes}s" * blocks)
     return found
+
+
+BlockExtras = Mapping[int, Sequence[int]]
+"""Extra keys by block index (counted from the first hashed block): u64s hashed with the block's
+tokens."""
+
+
+def _tagged_key(tag: bytes, data: bytes) -> int:
+    # A tag per kind of key: a salt never equals an identifier that happens to spell the same.
+    return _xxh3(tag + b"\0" + data)
+
+
+def cache_salt_key(salt: str) -> int:
+    """The u64 a ``cache_salt`` adds to the first block of a request."""
+    return _tagged_key(b"cache_salt", salt.encode("utf-8"))
+
+
+def salt_extras(salt: str | None) -> BlockExtras | None:
+    """The extra keys of a request with ``cache_salt`` ``salt`` (vLLM salts the first block)."""
+    return {0: (cache_salt_key(salt),)} if salt else None
+
+
+def event_extra_keys(keys: object, lora_name: str | None) -> tuple[int, ...]:
+    """One block's extra keys as a vLLM ``BlockStored`` event carries them, as u64s.
+
+    vLLM publishes them untagged, in this order: the LoRA name (when ``lora_name`` is set; the
+    hash seed already covers it), ``[identifier, offset]`` per multimodal item, the cache salt (a
+    string), prompt-embedding digests (bytes). A value of another shape still changes the block's
+    hash, so an unknown key never makes kvgate predict a hit the engine would not have.
+    """
+    if keys is None:
+        return ()
+    entries = list(keys) if isinstance(keys, list | tuple) else [keys]
+    if lora_name is not None and entries and entries[0] == lora_name:
+        entries = entries[1:]
+    out = []
+    for entry in entries:
+        if isinstance(entry, str):
+            out.append(cache_salt_key(entry))
+        elif isinstance(entry, bytes):
+            out.append(_tagged_key(b"prompt_embeds", entry))
+        elif (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and isinstance(entry[1], int)
+            and not isinstance(entry[1], bool)
+        ):
+            identifier = entry[0] if isinstance(entry[0], str | bytes) else repr(entry[0])
+            data = identifier.encode() if isinstance(identifier, str) else identifier
+            out.append(_tagged_key(b"mm", data + struct.pack("<q", entry[1])))
+        else:
+            out.append(_tagged_key(b"other", repr(entry).encode()))
+    return tuple(out)
 
 
 def lora_seed(lora_name: str | None) -> int:
@@ -153,14 +216,25 @@ def hash_blocks(
     block_size: int,
     seed: int = DYNAMO_HASH_SEED,
     parent: SequenceHash | None = None,
+    extras: BlockExtras | None = None,
 ) -> tuple[list[LocalHash], list[SequenceHash]]:
-    """Local and sequence hashes of every full block of ``tokens``, continuing from ``parent``."""
+    """Local and sequence hashes of every full block of ``tokens``, continuing from ``parent``;
+    the blocks named in ``extras`` are hashed with their extra keys."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if _native_hash_blocks is not None:
         local, seqs = _native_hash_blocks(tokens, block_size, seed, parent)
+    else:
+        local, seqs = hash_blocks_python(tokens, block_size, seed, parent)
+    if not extras:
         return local, seqs
-    return hash_blocks_python(tokens, block_size, seed, parent)
+    local = list(local)
+    for index, keys in extras.items():
+        if keys and 0 <= index < len(local):
+            start = index * block_size
+            data = _token_bytes(tokens[start : start + block_size], block_size)
+            local[index] = LocalHash(_xxh3(data + struct.pack(f"<{len(keys)}Q", *keys), seed))
+    return local, extend_sequence_hashes(parent, local)
 
 
 def sequence_hashes_of(
@@ -168,17 +242,24 @@ def sequence_hashes_of(
     block_size: int,
     seed: int = DYNAMO_HASH_SEED,
     parent: SequenceHash | None = None,
+    extras: BlockExtras | None = None,
 ) -> list[SequenceHash]:
     """Only the sequence hashes: what routing needs, without the cost of the local ones."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if extras:
+        return hash_blocks(tokens, block_size, seed, parent, extras)[1]
     if _native_hash_blocks is not None:
         return _native_hash_blocks(tokens, block_size, seed, parent, False)[1]
     return hash_blocks_python(tokens, block_size, seed, parent)[1]
 
 
 def block_hashes(
-    tokens: Sequence[int], block_size: int, lora_name: str | None = None
+    tokens: Sequence[int],
+    block_size: int,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
 ) -> tuple[list[LocalHash], list[SequenceHash]]:
-    """Dynamo-compatible local and sequence hashes of every full block of ``tokens``."""
-    return hash_blocks(tokens, block_size, lora_seed(lora_name))
+    """Dynamo-compatible local and sequence hashes of every full block of ``tokens``, the first
+    one salted with ``cache_salt`` as the engine salts it."""
+    return hash_blocks(tokens, block_size, lora_seed(lora_name), extras=salt_extras(cache_salt))

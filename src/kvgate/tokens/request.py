@@ -9,6 +9,10 @@ from kvgate.tokens.errors import RequestError, type_name
 
 RequestKind = Literal["chat", "completions"]
 
+# vLLM 0.33's limits on cache_salt (validate_cache_salt): it refuses the request otherwise.
+_MAX_CACHE_SALT_CHARS = 128
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\0")
+
 _KIND_BY_PATH: dict[str, RequestKind] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
@@ -117,3 +121,20 @@ def truncate(ids: list[int], body: Mapping[str, Any]) -> list[int]:
     if side == "right":
         return ids[:limit]
     return ids[len(ids) - limit :]
+
+
+def cache_salt(body: Mapping[str, Any]) -> str | None:
+    """The request's ``cache_salt``: vLLM hashes it into the prompt's first KV block, so only
+    requests with the same salt share cached prefixes. Checked as vLLM checks it (a non-empty
+    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL)."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise RequestError("cache_salt", f"expected a non-empty string, got {salt!r:.40}")
+    if len(salt) > _MAX_CACHE_SALT_CHARS or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        raise RequestError(
+            "cache_salt",
+            f"must be at most {_MAX_CACHE_SALT_CHARS} characters without '@', '/', '\\' or NUL",
+        )
+    return salt

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from tokenizers import AddedToken, Tokenizer
 
-from kvgate.tokens.chat import ChatDefaults, ChatTemplates, render_chat_body
+from kvgate.tokens.chat import ChatDefaults, ChatTemplates, render_chat_body, render_chat_prefix
 from kvgate.tokens.errors import RequestError, TokenizerLoadError, type_name
 from kvgate.tokens.request import (
     RequestKind,
@@ -71,6 +71,16 @@ _NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTokens:
+    """What a router can know of a request's prompt tokens."""
+
+    tokens: list[int]
+    complete: bool
+    """False: ``tokens`` are only a prefix of the engine's prompt (it holds media whose
+    placeholder tokens cannot be predicted, or prompt embeddings), possibly empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +298,29 @@ class ModelTokenizer:
             encode = self.encode if cached else self.encode_cold
             prompt = encode(prompt, add_special_tokens=special)
         return truncate(prompt, body)
+
+    def tokenize_for_routing(self, body: Mapping[str, Any], kind: RequestKind) -> RoutingTokens:
+        """The tokens a router can match for a request the engine accepts: all of them for
+        text, else the known prefix (see :func:`kvgate.tokens.chat.render_chat_prefix`) without
+        its last token, which may merge with what follows it in the engine's prompt. Nothing
+        when the request asks to truncate a prompt that is only partly known (the kept part is
+        unknown) or sends prompt embeddings instead of a prompt."""
+        body = _body(body)
+        if kind == "completions":
+            if body.get("prompt") is None and body.get("prompt_embeds") is not None:
+                return RoutingTokens([], complete=False)
+            return RoutingTokens(self.tokenize_completion(body), complete=True)
+        if kind != "chat":
+            raise ValueError(f"unknown request kind {kind!r}")
+        rendered = render_chat_prefix(
+            body, self._templates, self.special_tokens, self._chat_defaults
+        )
+        ids = self.encode(rendered.text, add_special_tokens=add_special_tokens(body, default=False))
+        if rendered.complete:
+            return RoutingTokens(truncate(ids, body), complete=True)
+        if body.get("truncate_prompt_tokens") is not None:
+            return RoutingTokens([], complete=False)
+        return RoutingTokens(ids[:-1], complete=False)
 
     def tokenize_request(self, body: Mapping[str, Any], kind: RequestKind) -> list[int]:
         """:meth:`tokenize_chat` or :meth:`tokenize_completion`, by ``kind``."""

@@ -32,6 +32,9 @@ renders is one whose picker can route. Messages name the value to set.
 {{- fail "inferencePool.failureMode FailOpen with dynamoBackend.frontendRouterMode direct: requests passing without the picker carry no worker id and a direct-mode frontend refuses them (400); run the frontends with --router-mode kv (or round-robin), or set FailClose" -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.epp.useDynamo (eq .Values.extension.flavor "gaie") -}}
+{{- fail "extension.flavor gaie with epp.useDynamo: KV-aware routing is kvgate's; set epp.useDynamo=false to run the upstream endpoint picker" -}}
+{{- end -}}
 {{- if and .Values.dynamo.replicaSync.enabled (not .Values.dynamo.replicaSync.natsUrl) -}}
 {{- fail "dynamo.replicaSync.natsUrl is required when dynamo.replicaSync.enabled (e.g. nats://nats:4222)" -}}
 {{- end -}}

@@ -7,6 +7,14 @@ uncached suffixes are cheaper to prefill on the decode worker itself. The uncach
 overlap (products of the KV scorer), otherwise the prompt's characters / 4. With ``threshold`` 0
 (the default) every request with a prefill profile is disaggregated.
 
+With ``decision: predicted`` (kvgate's policy) the prefill profile always runs, and the latency
+predictions decide instead (product ``LATENCY_PREDICTIONS`` of ``predicted-latency-scorer``): the
+request is prefilled remotely when the prefill worker's predicted TTFT plus the KV transfer
+(``transferFixedMs`` + ``transferMsPerToken`` × its uncached tokens) beats the decode worker's
+predicted TTFT for prefilling it locally — a decode worker busy decoding, or one without the
+prefix, loses to an idle prefill worker that has it. Without predictions (a request kvgate does
+not tokenize) the threshold rule applies.
+
 The result's primary profile is decode. The Dynamo routing headers say how the request is served:
 ``x-dynamo-routing-mode: disaggregated`` plus ``x-prefiller-host-port`` (the prefill worker's
 address), or ``aggregated`` when no prefill worker was chosen — including when the prefill profile
@@ -34,6 +42,12 @@ class PdProfileHandlerParams:
     """Uncached prompt tokens from which a request is prefilled on a separate worker."""
     decode_profile: str = "decode"
     prefill_profile: str = "prefill"
+    decision: Literal["threshold", "predicted"] = "threshold"
+    """How remote prefill is decided: the uncached-token threshold, or predicted latency."""
+    transfer_fixed_ms: Annotated[float, Range(ge=0)] = 2.0
+    """Fixed cost of handing a prefilled KV cache to the decode worker (``predicted``)."""
+    transfer_ms_per_token: Annotated[float, Range(ge=0)] = 0.005
+    """Per prompt token computed remotely: 112 KiB of KV per token (Qwen3-0.6B) at ~25 GB/s."""
     prefiller_header: Literal["instance-id", "address"] = "instance-id"
     """What ``x-prefiller-host-port`` carries: Dynamo backends (and the body transformer's
     ``nvext.prefill_worker_id``) need the prefill worker's integer instance id despite the
@@ -81,6 +95,7 @@ class PdProfileHandler(ProfileHandler):
             and results[decode].endpoints
             and (
                 self.params.threshold == 0
+                or self._predicts(request)
                 or uncached_tokens(request, results[decode].endpoints[0]) >= self.params.threshold
             )
         ):
@@ -100,6 +115,10 @@ class PdProfileHandler(ProfileHandler):
             and prefill.endpoints
             and decode.endpoints
             and prefill.endpoints[0].address != decode.endpoints[0].address
+            and (
+                not self._predicts(request)
+                or self._remote_is_faster(request, decode.endpoints[0], prefill.endpoints[0])
+            )
         ):
             chosen[self.params.prefill_profile] = prefill
             prefill_profile: str | None = self.params.prefill_profile
@@ -115,12 +134,26 @@ class PdProfileHandler(ProfileHandler):
             headers[ROUTING_MODE_HEADER] = "aggregated"
         return SchedulingResult(decode_name, chosen, prefill_profile)
 
+    def _predicts(self, request: LLMRequest) -> bool:
+        return self.params.decision == "predicted" and request.predictions is not None
 
-def uncached_tokens(request: LLMRequest, decode_worker: Endpoint) -> int:
-    """Prompt tokens ``decode_worker`` does not cache."""
+    def _remote_is_faster(self, request: LLMRequest, decode: Endpoint, prefill: Endpoint) -> bool:
+        predictions = request.predictions or {}
+        local, remote = predictions.get(decode.address), predictions.get(prefill.address)
+        if local is None or remote is None:
+            return False
+        transfer_ms = (
+            self.params.transfer_fixed_ms
+            + self.params.transfer_ms_per_token * uncached_tokens(request, prefill)
+        )
+        return remote.ttft_s + transfer_ms / 1000.0 < local.ttft_s
+
+
+def uncached_tokens(request: LLMRequest, worker: Endpoint) -> int:
+    """Prompt tokens ``worker`` does not cache."""
     if request.tokens is None:
         return prompt_chars(request.body) // CHARS_PER_TOKEN
     cached = 0
     if request.overlaps is not None and request.block_size is not None:
-        cached = request.overlaps.get(decode_worker.address, 0) * request.block_size
+        cached = request.overlaps.get(worker.address, 0) * request.block_size
     return max(0, len(request.tokens) - cached)

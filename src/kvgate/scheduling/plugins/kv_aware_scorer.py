@@ -4,9 +4,10 @@ It owns the gateway's view of the workers' KV caches and of the work it sent the
 available to every other plugin as products of the prepare phase:
 
 prepare     tokenize the request exactly as the engine will (chat template, tokenizer; long
-            prompts in the plugin's tokenizer thread), hash the tokens into KV blocks
-            (``TOKENS``), look up every candidate's cached prefix in the index
-            (``PREFIX_OVERLAPS``), and expose the in-flight bookkeeping (``IN_FLIGHT_LOAD``);
+            prompts in the plugin's tokenizer thread), hash the tokens into KV blocks as the
+            engine keys them (a ``cache_salt`` in the first block) (``TOKENS``), look up every
+            candidate's cached prefix in the index (``PREFIX_OVERLAPS``), and expose the
+            in-flight bookkeeping (``IN_FLIGHT_LOAD``);
 score       (when a profile references it) the reference router's cost function over the
             candidates: the router's choice scores 1, every other candidate less, ordered by
             cost (so fallbacks are the next-cheapest);
@@ -60,7 +61,8 @@ from kvgate.scheduling.request import (
 from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.scheduling.services import NO_METRICS, ActiveJournal, LoadOwner, SchedulingMetrics
 from kvgate.tokens import ModelTokenizer, RequestError
-from kvgate.tokens.hashing import lora_seed, sequence_hashes_of
+from kvgate.tokens.hashing import lora_seed, salt_extras, sequence_hashes_of
+from kvgate.tokens.request import cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,13 @@ class KvAwareScorer(Scorer):
         assert tokens is not None
         if request.block_hashes is None or request.block_size != block_size:
             started = time.perf_counter()
+            try:
+                # The engine salts the first block: salted prompts only match the same salt.
+                extras = salt_extras(cache_salt(request.body))
+            except RequestError as err:
+                raise SchedulingError(400, f"invalid request: {err}") from None
             request.block_hashes = sequence_hashes_of(
-                tokens, block_size, lora_seed(request.lora_name)
+                tokens, block_size, lora_seed(request.lora_name), extras=extras
             )
             request.block_size = block_size
             self.metrics.stage("hash", time.perf_counter() - started)
@@ -220,20 +227,22 @@ class KvAwareScorer(Scorer):
         started = time.perf_counter()
         try:
             if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
-                tokens = tokenizer.tokenize_request(body, kind)
+                routed = tokenizer.tokenize_for_routing(body, kind)
             else:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
                         max_workers=1, thread_name_prefix="kvgate-tokenize"
                     )
                 loop = asyncio.get_running_loop()
-                tokens = await loop.run_in_executor(
-                    self._executor, tokenizer.tokenize_request, body, kind
+                routed = await loop.run_in_executor(
+                    self._executor, tokenizer.tokenize_for_routing, body, kind
                 )
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
         self.metrics.stage("tokenize", time.perf_counter() - started)
-        request.tokens = tokens
+        # With media the engine's prompt is only partly known: its known prefix earns prefix
+        # credit and load, the rest is not predicted (never a refusal the engine would not give).
+        request.tokens = routed.tokens
         return True
 
     def _routing(self, request: LLMRequest) -> RoutingRequest:

@@ -7,9 +7,10 @@ prepare     for every candidate, predict the request's TTFT and ITL with the cal
             the work already booked there (``load``); the endpoint's scraped metrics add work the
             gateway did not book (requests waiting beyond its own) and the KV capacity;
 score       rank by routing cost = predicted TTFT + ``prefillWorkWeight`` × the request's own
-            uncached prefill time. The second term is the work this request adds to the worker:
-            every request queued behind it there waits for it, so a cache hit saves more than
-            this request's own time (1 = count it once more);
+            uncached prefill time. The second term (off by default) counts the work this
+            request adds to the worker once more, for the requests that will queue behind it:
+            it favours cache hits beyond what this request's own latency gains. Measured over
+            the benchmark families it traded tail latency for little hit rate, hence 0;
 pre_request remember the chosen endpoint's prediction (``predicted_ttft_s`` / ``_itl_s``);
 first chunk the observed TTFT calibrates that worker's model (streamed responses only: a buffered
             response's first chunk is its last);
@@ -28,7 +29,12 @@ from typing import Annotated, Any, ClassVar, Self
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.framework import PluginContext, Product, Range, Scorer
-from kvgate.scheduling.latency_model import CalibrationSettings, EngineCost, LatencyModel
+from kvgate.scheduling.latency_model import (
+    CalibrationSettings,
+    EngineCost,
+    LatencyModel,
+    Predictions,
+)
 from kvgate.scheduling.request import (
     LatencyPrediction,
     LLMRequest,
@@ -43,7 +49,7 @@ _PRIOR = EngineCost()
 
 @dataclass(frozen=True, slots=True)
 class PredictedLatencyParams:
-    prefill_work_weight: Annotated[float, Range(ge=0)] = 1.0
+    prefill_work_weight: Annotated[float, Range(ge=0)] = 0.0
     """Weight of the request's own uncached prefill time on top of its TTFT (0: TTFT alone)."""
     default_output_tokens: Annotated[int, Range(ge=1)] = _DEFAULT_OUTPUT_TOKENS
     """Output length assumed when the request sets no max_tokens."""
@@ -126,54 +132,55 @@ class PredictedLatencyScorer(Scorer):
             return
         started = time.perf_counter()
         isl = len(tokens)
-        request_blocks = -(-isl // block_size)
-        output = _output_tokens(request.body, self.params.default_output_tokens)
-        default_capacity = self.params.default_kv_blocks * block_size
-        predict = self.model.predict
-        predictions: dict[str, LatencyPrediction] = {}
-        for endpoint in endpoints:
-            address = endpoint.address
+        request_tokens = -(-isl // block_size) * block_size
+        default_blocks = self.params.default_kv_blocks
+        workers = [ep.address for ep in endpoints]
+        cached = overlaps.get
+        uncached = [isl - cached(w, 0) * block_size for w in workers]
+        pending, prefilling, in_flight, active = load.loads(workers)
+        capacity = [(ep.metrics.num_gpu_blocks or default_blocks) * block_size for ep in endpoints]
+        usage = [b * block_size / c for b, c in zip(active, capacity, strict=True)]
+        usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
+        for i, endpoint in enumerate(endpoints):
             metrics = endpoint.metrics
-            capacity = (
-                metrics.num_gpu_blocks * block_size if metrics.num_gpu_blocks else default_capacity
-            )
-            pending = load.prefill_tokens(address)
-            prefilling = load.prefilling(address)
-            if not metrics.stale and metrics.waiting > prefilling:
+            if metrics.waiting > prefilling[i] and not metrics.stale:
                 # Requests the engine holds that this gateway did not book (another gateway,
                 # direct clients): assume each brings a prompt of this request's size.
-                pending += (metrics.waiting - prefilling) * isl
-            active_tokens = load.active_blocks(address) * block_size
-            predictions[address] = predict(
-                address,
-                uncached_tokens=isl - overlaps.get(address, 0) * block_size,
-                pending_prefill_tokens=pending,
-                decoding=load.in_flight(address) - prefilling,
-                decode_usage=active_tokens / capacity,
-                usage_after=(active_tokens + request_blocks * block_size) / capacity,
-                expected_output_tokens=output,
-            )
-        request.predictions = predictions
+                pending[i] += (metrics.waiting - prefilling[i]) * isl
+        request.predictions = self.model.predict_many(
+            workers,
+            uncached=uncached,
+            pending=pending,
+            decoding=[f - p for f, p in zip(in_flight, prefilling, strict=True)],
+            usage=usage,
+            usage_after=usage_after,
+            expected_output_tokens=_output_tokens(request.body, self.params.default_output_tokens),
+        )
         self.metrics.stage("predict", time.perf_counter() - started)
 
     # -- score ----------------------------------------------------------------------------
 
     def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
         predictions = request.predictions
-        if not predictions or request.tokens is None or request.overlaps is None:
+        if not isinstance(predictions, Predictions) or request.tokens is None:
             return {}
-        weight = self.params.prefill_work_weight
-        cost = self.model.cost
-        bs = request.block_size or 1
-        isl = len(request.tokens)
-        overlaps = request.overlaps
+        ttft = predictions.ttft_ms
+        position = predictions.position
         costs: dict[str, float] = {}
+        weight = self.params.prefill_work_weight
+        if weight:
+            own_ms = self.model.cost.prefill_ms
+            isl, bs = len(request.tokens), request.block_size or 1
+            cached = (request.overlaps or {}).get
         for endpoint in endpoints:
-            prediction = predictions.get(endpoint.address)
-            if prediction is None:
+            address = endpoint.address
+            i = position(address)
+            if i is None:
                 continue
-            own = cost.prefill_ms(max(1, isl - overlaps.get(endpoint.address, 0) * bs))
-            costs[endpoint.address] = prediction.ttft_s * 1000.0 + weight * own
+            cost = ttft[i]
+            if weight:
+                cost += weight * own_ms(max(1, isl - cached(address, 0) * bs))
+            costs[address] = cost
         if not costs:
             return {}
         low = min(costs.values())
