@@ -80,7 +80,7 @@ unit-fast: $(STAMP) $(VLLM_STAMP)
 test-fast: lint unit-fast
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so microbench.json
+	rm -rf $(VENV) .cache build *.egg-info src/*.egg-info src/kvgate/tokens/*.so src/kvgate/index/*.so microbench.json
 
 # Container image (Docker or a compatible CLI). IMAGE_TAG defaults to the package version.
 IMAGE_REGISTRY ?= ghcr.io/kvgate

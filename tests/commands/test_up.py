@@ -23,41 +23,48 @@ pytestmark = pytest.mark.envoy
 
 def test_up_serves_then_ctrl_c_stops_every_process(qwen3_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "kvgate", "up", "--workers", "2", "--port", str(port),
          "--tokenizer", str(qwen3_dir), "--speedup", "20", "--run-dir", str(tmp_path),
          "--status-interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 90
-    while not any("Ctrl-C stops everything" in line for line in lines):
-        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-        lines.append(proc.stdout.readline())
-    banner = "".join(lines)
-    pids = [int(p) for p in re.findall(r"pid (\d+)", banner)]
-    assert len(pids) == 3, banner  # engines, epp, envoy
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(
-            {
-                "model": "Qwen/Qwen3-0.6B",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 3,
-            }
-        ).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=20) as resp:
-        assert resp.status == 200
-    status = proc.stdout.readline()
-    while "routed" not in status:
-        assert time.monotonic() < deadline, status
-        status = proc.stdout.readline()
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
-    proc.stdout.close()
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            lines: list[str] = []
+            deadline = time.monotonic() + 90
+            while not any("Ctrl-C stops everything" in line for line in lines):
+                assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+                lines.append(proc.stdout.readline())
+            banner = "".join(lines)
+            pids = [int(p) for p in re.findall(r"pid (\d+)", banner)]
+            assert len(pids) == 3, banner  # engines, epp, envoy
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=json.dumps(
+                    {
+                        "model": "Qwen/Qwen3-0.6B",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 3,
+                    }
+                ).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=20) as resp:
+                assert resp.status == 200
+            status = proc.stdout.readline()
+            while "routed" not in status:
+                assert time.monotonic() < deadline, status
+                status = proc.stdout.readline()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:  # a failed assertion must not leave the stack running
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     for pid in pids:
         try:
             os.kill(pid, 0)

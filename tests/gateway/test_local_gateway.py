@@ -4,6 +4,7 @@ sockets, requests from an HTTP client — the path `kvgate up` runs."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from kvgate.errors import StartupError
+from kvgate.gateway import local
 from kvgate.gateway.client import ChatResult
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
 from tests.gateway.utils import MODEL, get, metric_value, send
@@ -375,3 +377,27 @@ def test_lua_body_transformer_mode(qwen3_dir: Path, tmp_path: Path) -> None:
         result = send(running.url, {**body("lua nvext"), "nvext": dict(CLIENT_NVEXT)})
     assert result.status == 200, result.error
     assert result.received_nvext == {"backend_instance_id": result.instance_id, "ignore_eos": True}
+
+
+def test_engines_start_again_on_other_ports_when_one_was_taken(
+    qwen3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ports are checked free, not reserved: another process can take one before the engines
+    # bind it. The launcher must pick other ports instead of failing the whole start.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        picks = iter([local._free_block(2), taken_port - 2])  # replay ports start at events + n
+        real_free_block = local._free_block
+        monkeypatch.setattr(
+            local, "_free_block", lambda count: next(picks, None) or real_free_block(count)
+        )
+        config = LocalGatewayConfig(
+            workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0, run_dir=tmp_path
+        )
+        with LocalGateway(config) as running:
+            assert send(running.url, body("after a retry")).status == 200
+    log = (tmp_path / "engines.log").read_text()
+    assert "Address already in use" in log
+    assert log.count("ready workers=2") == 1

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+
 import aiohttp
 import pytest
+import zmq
 
 from kvgate.sim.engine import EngineConfig
 from kvgate.sim.fleet import Fleet, FleetConfig
 from kvgate.sim.http import INSTANCE_HEADER, WORKER_HEADER
 from kvgate.sim.prompts import TokensCodec
+from kvgate.sim.publisher import KvEventPublisher
 from kvgate.sim.timing import PolynomialTiming
 from tests.sim.utils import WORKER_LINE
 
@@ -50,3 +56,40 @@ async def test_fleet_workers_are_distinct(codec: TokensCodec) -> None:
                 seen.add(resp.headers[WORKER_HEADER])
     assert len(seen) == 3
     assert fleet.workers == []
+
+
+async def test_a_taken_replay_port_fails_the_start_and_releases_every_socket(
+    codec: TokensCodec,
+) -> None:
+    # The events port binds, the replay port is taken: the start must fail promptly and leave
+    # no socket open (an open one made the context's shutdown wait forever under `kvgate up`).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        replay_port = taken.getsockname()[1]
+        config = FleetConfig(
+            workers=1,
+            base_port=0,
+            events_base_port=0,
+            replay_base_port=replay_port,
+            engine=EngineConfig(num_gpu_blocks=256, max_model_len=2048),
+            timing=PolynomialTiming(speedup=50),
+        )
+        with pytest.raises(zmq.ZMQError, match="Address already in use"):
+            await asyncio.wait_for(Fleet(config, codec).__aenter__(), timeout=10)
+
+
+def test_a_publisher_whose_replay_bind_fails_closes_its_pub_socket() -> None:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(zmq.ZMQError):
+            KvEventPublisher(
+                context, "tcp://127.0.0.1:*", "t", replay_endpoint=f"tcp://127.0.0.1:{port}"
+            )
+    # term() returns only once every socket of the context is closed.
+    done = threading.Event()
+    threading.Thread(target=lambda: (context.term(), done.set()), daemon=True).start()
+    assert done.wait(5), "a socket of the failed publisher is still open"

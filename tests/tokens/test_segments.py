@@ -208,3 +208,59 @@ def test_shared_between_threads(qwen3: ModelTokenizer) -> None:
     expected = [qwen3.encode_cold(text) for text in texts]
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(qwen3.encode, texts)) == expected
+
+
+# -- plans: the cheap half on the event loop, the encoding in a thread ----------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=CHARS, max_size=12), max_size=6), st.booleans())
+def test_a_plan_finishes_with_the_ids_of_plain_encoding(texts: list[str], special: bool) -> None:
+    tokenizer = char_tokenizer(*OVERLAPPING)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[UNK] $A [UNK]", special_tokens=[("[UNK]", 0)]
+    )
+    encoder = encoder_for(tokenizer)
+    for text in texts:
+        plan = encoder.plan(text, add_special_tokens=special)
+        pieces, _ = AddedTokenSplitter(
+            {t.content: tokenizer.token_to_id(t.content) for t in OVERLAPPING}
+        ).split(text)
+        uncached = {p for p in pieces if p and encoder.cache.get_many([p]) == [None]}
+        if not special:  # (this post-processor's wrap is ambiguous: encoded whole, uncached)
+            assert plan.missing_chars == sum(len(p) for p in pieces if p in uncached)
+        assert plan.finish() == tokenizer.encode(text, add_special_tokens=special).ids
+        if not special:
+            # Finished, the plan's pieces are cached: the same text again leaves nothing.
+            assert encoder.plan(text, add_special_tokens=special).missing_chars == 0
+
+
+def test_without_the_cache_a_plan_encodes_the_whole_text() -> None:
+    tokenizer = char_tokenizer(AddedToken("ab", lstrip=True))
+    encoder = encoder_for(tokenizer)
+    plan = encoder.plan("xabab", add_special_tokens=False)
+    assert plan.missing_chars == 5
+    assert plan.finish() == tokenizer.encode("xabab", add_special_tokens=False).ids
+
+
+def test_routing_plans_match_tokenize_request(qwen3: ModelTokenizer) -> None:
+    system = "You route requests to the worker that caches their prefix. " * 20
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    bodies: list[tuple[dict[str, Any], Any]] = [
+        (chat, "chat"),
+        ({"prompt": "plan a completion " * 30, "truncate_prompt_tokens": 20}, "completions"),
+        ({"prompt": [1, 2, 3, 4]}, "completions"),
+    ]
+    for body, kind in bodies:
+        routed = qwen3.plan_for_routing(body, kind).finish()
+        assert routed.complete and routed.tokens == qwen3.tokenize_request(body, kind)
+    # The system prompt is cached now: a new question leaves only itself to encode.
+    follow_up = {"messages": [*chat["messages"][:1], {"role": "user", "content": "a new one"}]}
+    plan = qwen3.plan_for_routing(follow_up, "chat")
+    assert 0 < plan.missing_chars < 40
+    assert plan.finish().tokens == qwen3.tokenize_request(follow_up, "chat")
+    assert qwen3.plan_for_routing({"prompt": [5, 6]}, "completions").missing_chars == 0
+    embeds = qwen3.plan_for_routing({"prompt_embeds": "AAAA"}, "completions")
+    assert embeds.missing_chars == 0 and not embeds.finish().complete
+    with pytest.raises(ValueError, match="unknown request kind"):
+        qwen3.plan_for_routing(chat, "embeddings")  # type: ignore[arg-type]

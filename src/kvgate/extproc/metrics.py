@@ -174,6 +174,7 @@ class EppMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._stage_children: dict[str, Histogram] = {}
         self.decisions = Counter(
             "kvgate_decisions", "Routing decisions per endpoint", ["endpoint"], registry=r
         )
@@ -238,7 +239,12 @@ class EppMetrics:
     # -- what plugins report (kvgate.scheduling.services.SchedulingMetrics) -----------------
 
     def stage(self, stage: Stage, seconds: float) -> None:
-        self.stage_duration.labels(stage).observe(seconds)
+        # Several stages per request: the child looked up once per stage name (a handful, fixed)
+        # instead of through labels(), which validates and locks on every call.
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_duration.labels(stage)
+        child.observe(seconds)
 
     def picked(self, overlap_blocks: int, best_overlap_blocks: int, block_size: int) -> None:
         self.predicted_overlap.observe(overlap_blocks)

@@ -87,27 +87,25 @@ def streamed_body_responses(body: bytes, *, response: bool = False) -> list[pb.P
     """The body as ≤62,000-byte streamed chunks, ``end_of_stream`` on the last one."""
     chunks = [body[i : i + MAX_CHUNK_BYTES] for i in range(0, len(body), MAX_CHUNK_BYTES)] or [b""]
     out = []
+    last = len(chunks) - 1
     for i, chunk in enumerate(chunks):
-        mutation = pb.BodyMutation(
-            streamed_response=pb.StreamedBodyResponse(
-                body=chunk, end_of_stream=i == len(chunks) - 1
-            )
-        )
-        common = pb.CommonResponse(body_mutation=mutation)
-        if response:
-            out.append(pb.ProcessingResponse(response_body=pb.BodyResponse(response=common)))
-        else:
-            out.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))
+        answer = pb.ProcessingResponse()
+        phase = answer.response_body if response else answer.request_body
+        streamed = phase.response.body_mutation.streamed_response
+        streamed.body = chunk
+        streamed.end_of_stream = i == last
+        out.append(answer)
     return out
 
 
 def echo_response_chunk(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    mutation = pb.BodyMutation(
-        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
-    )
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
-    )
+    # Set through attribute paths: building the nested messages from keyword arguments costs
+    # ~4x as much, and this runs for every chunk of every streamed response.
+    answer = pb.ProcessingResponse()
+    streamed = answer.response_body.response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end_of_stream
+    return answer
 
 
 def buffered_body_response(
@@ -123,11 +121,9 @@ def buffered_body_response(
 
 def continue_response(kind: str) -> pb.ProcessingResponse:
     """An empty CONTINUE for the phase ``kind`` (a ProcessingResponse oneof field name)."""
-    if kind.endswith("trailers"):
-        return pb.ProcessingResponse(**{kind: pb.TrailersResponse()})
-    if kind.endswith("headers"):
-        return pb.ProcessingResponse(**{kind: pb.HeadersResponse()})
-    return pb.ProcessingResponse(**{kind: pb.BodyResponse()})
+    answer = pb.ProcessingResponse()
+    getattr(answer, kind).SetInParent()
+    return answer
 
 
 ERROR_TYPES = {

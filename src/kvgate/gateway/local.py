@@ -440,21 +440,35 @@ class LocalGateway:
         if tokenizer is None:
             raise StartupError("simulated engines need a tokenizer: pass --tokenizer DIR_OR_ID")
         n = cfg.workers
-        base = _free_block(n)
-        events = _free_block(2 * n)
-        args = [
-            "sim", "--workers", str(n), "--base-port", str(base), "--host", "127.0.0.1",
-            "--events-base-port", str(events), "--replay-base-port", str(events + n),
-            "--tokenizer", tokenizer, "--model", cfg.model, "--block-size", str(cfg.block_size),
-            "--speedup", f"{cfg.speedup:g}",
-        ]  # fmt: skip
-        if cfg.num_gpu_blocks is not None:
-            # A request must fit in the cache; the engine refuses a longer context at start.
-            max_len = min(40_960, cfg.num_gpu_blocks * cfg.block_size)
-            args += ["--num-gpu-blocks", str(cfg.num_gpu_blocks), "--max-model-len", str(max_len)]
-        sim = self.supervisor.start("engines", self._kvgate(*args))
+        for attempt in range(3):
+            base = _free_block(n)
+            events = _free_block(2 * n)
+            args = [
+                "sim", "--workers", str(n), "--base-port", str(base), "--host", "127.0.0.1",
+                "--events-base-port", str(events), "--replay-base-port", str(events + n),
+                "--tokenizer", tokenizer, "--model", cfg.model,
+                "--block-size", str(cfg.block_size), "--speedup", f"{cfg.speedup:g}",
+            ]  # fmt: skip
+            if cfg.num_gpu_blocks is not None:
+                # A request must fit in the cache; the engine refuses a longer context at start.
+                max_len = min(40_960, cfg.num_gpu_blocks * cfg.block_size)
+                args += [
+                    "--num-gpu-blocks",
+                    str(cfg.num_gpu_blocks),
+                    "--max-model-len",
+                    str(max_len),
+                ]
+            sim = self.supervisor.start("engines", self._kvgate(*args))
+            try:
+                self.supervisor.wait_ready(sim, functools.partial(_announced_ready, sim.log))
+                break
+            except StartupError:
+                # The ports were free when checked, not reserved: another process may take one
+                # in between. Pick other ports rather than fail the whole start.
+                if attempt == 2 or sim.alive() or "Address already in use" not in sim.tail():
+                    raise
+                self.supervisor.children.remove(sim)
         children["engines"] = sim
-        self.supervisor.wait_ready(sim, lambda: "ready workers=" in sim.log.read_text())
         entries = []
         for i in range(n):
             spec: dict[str, object] = {
@@ -470,10 +484,15 @@ class LocalGateway:
         return entries, [str(e["address"]) for e in entries]
 
 
+def _announced_ready(log: Path) -> bool:
+    return "ready workers=" in log.read_text()
+
+
 def _free_block(count: int) -> int:
     """A base port with ``count`` consecutive free ports (checked, not reserved)."""
     for _ in range(200):
-        base = random.randrange(20_000, 60_000 - count)
+        # Below Linux's ephemeral range, which port-0 binds and outgoing connections draw from.
+        base = random.randrange(10_000, 32_000 - count)
         if all(_port_free(base + i) for i in range(count)):
             return base
     raise StartupError(f"no block of {count} free ports found")

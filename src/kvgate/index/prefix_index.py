@@ -10,17 +10,21 @@ drops out, its overlap is the number of blocks walked so far. One dict lookup an
 operations per block, whatever the number of workers — and no per-node objects, so no per-node
 locks and no allocation per lookup.
 
-Per worker slot, a second dict maps the engine's opaque block id to our sequence hash: removal
-events name blocks only by engine id. The rare case of two engine ids naming the same prefix on one
-worker (possible with LoRA or salted prefixes) is kept in a sparse per-slot refcount dict, so a
-removal of one of them does not hide the other.
+Per worker slot, a second map takes the engine's opaque block id to our sequence hash: removal
+events name blocks only by engine id. It is a `BlockMap` (``_blockmap.c``: an insertion-ordered
+u64 → u64 table) where the extension is built, a dict otherwise or for a worker whose ids do not
+fit in 64 bits; both behave alike (property tests hold them equal). The rare case of two engine
+ids naming the same prefix on one worker (possible with LoRA or salted prefixes) is kept in a
+sparse per-slot refcount dict, so a removal of one of them does not hide the other.
 
-Memory: each (block, worker) entry costs one per-slot dict entry (key: the engine id, value: a
-reference to the sequence-hash int shared with the block dict), plus a share of the block dict
-entry. ``bytes_per_entry`` in ``kvgate microbench`` measures it (about 100 bytes). A cap on the
-number of entries bounds the whole index: when exceeded, the largest worker forgets its newest
-blocks in one batch (dict order is insertion order; the newest are leaves, so the prefixes that
-remain still match), which only costs routing quality — a missed hit — never correctness.
+Memory: each (block, worker) entry costs one per-slot map entry (~30 bytes in a BlockMap; a dict
+entry plus the engine id's int, ~80, without it), plus a share of the block dict entry (its slot
+and the sequence hash's int; the mask int is shared by every block held by the same workers, see
+`MaskIndex.share`). ``bytes_per_entry`` in ``kvgate microbench`` and ``benchmarks/bench_scale.py``
+measure it (~63 and ~73 bytes). A cap on the number of entries bounds the whole index: when
+exceeded, the largest worker forgets its newest blocks in one batch (both maps keep insertion
+order; the newest are leaves, so the prefixes that remain still match), which only costs routing
+quality — a missed hit — never correctness.
 
 Thread-safety: none. The index is owned by one asyncio loop (events and lookups both run there).
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvgate.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KvEvent
 from kvgate.index.mask_index import MaskIndex, WorkerId
@@ -41,7 +46,15 @@ from kvgate.tokens.hashing import (
     sequence_hashes_of,
 )
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "IndexStats", "PrefixIndex", "WorkerId"]
+_BlockMap: Any
+try:  # the compact per-worker map (`_blockmap.c`); optional, a dict behaves the same
+    from kvgate.index._blockmap import BlockMap as _BlockMap
+except ImportError:  # pragma: no cover - depends on the build
+    _BlockMap = None
+
+NATIVE_BLOCK_MAP = _BlockMap is not None
+
+__all__ = ["DEFAULT_MAX_ENTRIES", "NATIVE_BLOCK_MAP", "IndexStats", "PrefixIndex", "WorkerId"]
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +109,28 @@ class PrefixIndex(MaskIndex):
         self.block_size = block_size
         self.max_entries = max_entries
         self.stats = IndexStats()
-        self._by_engine: list[dict[int, int]] = []
+        # Per slot, engine block id → sequence hash: a `BlockMap` (u64 → u64, ~30 bytes an
+        # entry), or a dict once the worker used an id or hash outside [0, 2**64).
+        self._by_engine: list[Any] = []
+        self._native_maps = NATIVE_BLOCK_MAP
         self._dups: list[dict[int, int]] = []
         self._entries = 0
 
     def on_new_slot(self, slot: int) -> None:
         if slot == len(self._by_engine):
-            self._by_engine.append({})
+            self._by_engine.append(self._new_map())
             self._dups.append({})
+
+    def _new_map(self) -> Any:
+        return _BlockMap() if self._native_maps else {}
+
+    def _widen(self, slot: int) -> dict[int, int]:
+        """The worker's map as a dict (same entries, same order): it must hold a key or value
+        outside [0, 2**64), which only a dict can."""
+        by_engine = self._by_engine[slot]
+        if not isinstance(by_engine, dict):
+            by_engine = self._by_engine[slot] = dict(by_engine.items())
+        return by_engine
 
     @property
     def entries(self) -> int:
@@ -185,7 +212,8 @@ class PrefixIndex(MaskIndex):
         by_engine = self._by_engine[slot]
         masks = self.masks
         dups = self._dups[slot]
-        bit = 1 << slot
+        shared = self.shared_masks
+        bit = self.share(1 << slot)
         added = 0
         for engine_hash, seq in zip(engine_hashes, hashes, strict=True):
             previous = by_engine.get(engine_hash)
@@ -195,12 +223,19 @@ class PrefixIndex(MaskIndex):
                 # The engine reused an id for other content: forget the old meaning first.
                 self._unlink(slot, previous)
                 self._entries -= 1
-            by_engine[engine_hash] = seq
+            try:
+                by_engine[engine_hash] = seq
+            except (OverflowError, TypeError):
+                by_engine = self._widen(slot)
+                by_engine[engine_hash] = seq
             mask = masks.get(seq, 0)
             if mask & bit:
                 dups[seq] = dups.get(seq, 1) + 1
+            elif mask:
+                mask |= bit
+                masks[seq] = shared.get(mask) or self.share(mask)
             else:
-                masks[seq] = mask | bit
+                masks[seq] = bit  # the common case, a new block: one shared int per slot
             added += 1
         self._entries += added
         self.stats.stored_blocks += added
@@ -214,14 +249,29 @@ class PrefixIndex(MaskIndex):
             self.stats.unknown_removals += len(engine_hashes)
             return 0
         by_engine = self._by_engine[slot]
+        dups = self._dups[slot]
+        masks = self.masks
+        shared = self.shared_masks
+        keep = ~(1 << slot)
         removed = 0
         for engine_hash in engine_hashes:
             seq = by_engine.pop(engine_hash, None)
             if seq is None:
                 self.stats.unknown_removals += 1
                 continue
-            self._unlink(slot, seq)
             removed += 1
+            if dups and seq in dups:
+                self._unlink(slot, seq)
+                continue
+            # `_unlink` inline (its common case: the block held once): this runs for every
+            # block every engine evicts.
+            mask = masks.get(seq)
+            if mask is not None:
+                mask &= keep
+                if mask:
+                    masks[seq] = shared.get(mask) or self.share(mask)
+                else:
+                    del masks[seq]
         self._entries -= removed
         self.stats.removed_blocks += removed
         return removed
@@ -260,7 +310,7 @@ class PrefixIndex(MaskIndex):
         for seq in set(by_engine.values()):
             drop(seq, bit)
         self._entries -= len(by_engine)
-        self._by_engine[slot] = {}
+        self._by_engine[slot] = self._new_map()
         self._dups[slot] = {}
 
     def _trim(self) -> None:

@@ -101,7 +101,8 @@ class Fleet:
     async def aclose(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers))
         self.workers.clear()
-        self._zmq.term()
+        # destroy, not term: a socket still open somewhere must not hang shutdown.
+        self._zmq.destroy(linger=0)
 
     def describe(self) -> list[str]:
         """One line per worker: index, URL, events and replay endpoints, instance id, topic."""

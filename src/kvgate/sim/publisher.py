@@ -47,15 +47,20 @@ class KvEventPublisher:
         self._pub = context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(endpoint)
-        self.endpoint: str = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
-        if replay_endpoint is not None:
-            self._replay = zmq.asyncio.Context(context).socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.bind(replay_endpoint)
-            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self._pub.bind(endpoint)
+            self.endpoint: str = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            if replay_endpoint is not None:
+                self._replay = zmq.asyncio.Context(context).socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.bind(replay_endpoint)
+                self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            # A socket left open here would make the context's term() wait for it forever.
+            self.close()
+            raise
 
     @property
     def next_seq(self) -> int:

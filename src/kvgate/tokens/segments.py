@@ -216,34 +216,19 @@ class SegmentEncoder:
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """``Tokenizer.encode(text, add_special_tokens).ids``, reusing cached pieces."""
+        return self.plan(text, add_special_tokens=add_special_tokens).finish()
+
+    def plan(self, text: str, *, add_special_tokens: bool = False) -> EncodePlan:
+        """Split ``text`` and look its pieces up in the cache, encoding nothing yet: what is left
+        to encode (``missing_chars``) tells whether `EncodePlan.finish` is worth a thread."""
         splitter = self._splitter
         if splitter is None or (add_special_tokens and self._wrap is None):
-            return self.encode_cold(text, add_special_tokens=add_special_tokens)
+            return EncodePlan(self, text, add_special_tokens, pieces=None, token_ids=[], cached=[])
         pieces, token_ids = splitter.split(text)
-        out: list[int] = []
-        if add_special_tokens:
-            assert self._wrap is not None
-            out.extend(self._wrap[0])
-        fresh: dict[str, TokenIds] = {}
-        encode = self._tokenizer.encode
-        shared = self._ids.__getitem__
-        for index, cached in enumerate(self.cache.get_many(pieces)):
-            ids = cached
-            if ids is None:
-                piece = pieces[index]
-                ids = fresh.get(piece)
-                if ids is None:
-                    ids = tuple(map(shared, encode(piece, add_special_tokens=False).ids))
-                    fresh[piece] = ids
-            out.extend(ids)
-            if index < len(token_ids):
-                out.append(token_ids[index])
-        if add_special_tokens:
-            assert self._wrap is not None
-            out.extend(self._wrap[1])
-        if fresh:
-            self.cache.put_many(fresh.items())
-        return out
+        cached = self.cache.get_many(pieces)
+        return EncodePlan(
+            self, text, add_special_tokens, pieces=pieces, token_ids=token_ids, cached=cached
+        )
 
     def encode_cold(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Plain ``Tokenizer.encode``: the reference the cached path must equal."""
@@ -318,3 +303,73 @@ def _special_token_wrap(tokenizer: Tokenizer) -> tuple[TokenIds, TokenIds] | Non
         logger.debug("segment cache off with special tokens: the post-processor varies by input")
         return None
     return wraps.pop()
+
+
+class EncodePlan:
+    """A text cut at its added tokens, with the cached ids of its pieces; `finish` encodes the
+    pieces the cache missed and splices everything together.
+
+    Planning costs a regex split and dictionary lookups, so it runs where blocking matters (the
+    event loop); `finish` does the tokenizer's work and may run in another thread (the Rust
+    tokenizer releases the GIL while it encodes).
+    """
+
+    __slots__ = ("_add_special", "_cached", "_encoder", "_pieces", "_text", "_token_ids")
+
+    def __init__(
+        self,
+        encoder: SegmentEncoder,
+        text: str,
+        add_special_tokens: bool,
+        *,
+        pieces: list[str] | None,
+        token_ids: list[int],
+        cached: list[TokenIds | None],
+    ) -> None:
+        """``pieces`` None: encode ``text`` whole, without the cache."""
+        self._encoder = encoder
+        self._text = text
+        self._add_special = add_special_tokens
+        self._pieces = pieces
+        self._token_ids = token_ids
+        self._cached = cached
+
+    @property
+    def missing_chars(self) -> int:
+        """Characters the tokenizer still has to encode."""
+        pieces = self._pieces
+        if pieces is None:
+            return len(self._text)
+        return sum(len(pieces[i]) for i, ids in enumerate(self._cached) if ids is None)
+
+    def finish(self) -> list[int]:
+        encoder = self._encoder
+        pieces = self._pieces
+        if pieces is None:
+            return encoder.encode_cold(self._text, add_special_tokens=self._add_special)
+        token_ids = self._token_ids
+        wrap = encoder._wrap
+        out: list[int] = []
+        if self._add_special:
+            assert wrap is not None
+            out.extend(wrap[0])
+        fresh: dict[str, TokenIds] = {}
+        encode = encoder._tokenizer.encode
+        shared = encoder._ids.__getitem__
+        for index, cached in enumerate(self._cached):
+            ids = cached
+            if ids is None:
+                piece = pieces[index]
+                ids = fresh.get(piece)
+                if ids is None:
+                    ids = tuple(map(shared, encode(piece, add_special_tokens=False).ids))
+                    fresh[piece] = ids
+            out.extend(ids)
+            if index < len(token_ids):
+                out.append(token_ids[index])
+        if self._add_special:
+            assert wrap is not None
+            out.extend(wrap[1])
+        if fresh:
+            encoder.cache.put_many(fresh.items())
+        return out

@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ from kvgate.tokens.request import (
 from kvgate.tokens.segments import (
     DEFAULT_CACHE_MAX_BYTES,
     DEFAULT_MAX_PIECE_CHARS,
+    EncodePlan,
     SegmentCache,
     SegmentCacheStats,
     SegmentEncoder,
@@ -305,22 +307,34 @@ class ModelTokenizer:
         its last token, which may merge with what follows it in the engine's prompt. Nothing
         when the request asks to truncate a prompt that is only partly known (the kept part is
         unknown) or sends prompt embeddings instead of a prompt."""
+        return self.plan_for_routing(body, kind).finish()
+
+    def plan_for_routing(self, body: Mapping[str, Any], kind: RequestKind) -> RoutingPlan:
+        """:meth:`tokenize_for_routing` in two steps: this one renders the prompt and looks its
+        pieces up in the segment cache (cheap: it may run on an event loop); the plan's
+        ``finish`` encodes what the cache missed (``missing_chars``: the work a thread could
+        take) and returns what :meth:`tokenize_for_routing` returns."""
         body = _body(body)
         if kind == "completions":
             if body.get("prompt") is None and body.get("prompt_embeds") is not None:
-                return RoutingTokens([], complete=False)
-            return RoutingTokens(self.tokenize_completion(body), complete=True)
+                return RoutingPlan.ready(RoutingTokens([], complete=False))
+            prompt = completion_prompt(body, self.vocab_size)
+            special = add_special_tokens(body, default=True)
+            if not isinstance(prompt, str):
+                return RoutingPlan.ready(RoutingTokens(truncate(prompt, body), complete=True))
+            plan = self._encoder.plan(prompt, add_special_tokens=special)
+            return RoutingPlan(plan.missing_chars, plan, partial(_whole_prompt, body))
         if kind != "chat":
             raise ValueError(f"unknown request kind {kind!r}")
         rendered = render_chat_prefix(
             body, self._templates, self.special_tokens, self._chat_defaults
         )
-        ids = self.encode(rendered.text, add_special_tokens=add_special_tokens(body, default=False))
+        plan = self._encoder.plan(
+            rendered.text, add_special_tokens=add_special_tokens(body, default=False)
+        )
         if rendered.complete:
-            return RoutingTokens(truncate(ids, body), complete=True)
-        if body.get("truncate_prompt_tokens") is not None:
-            return RoutingTokens([], complete=False)
-        return RoutingTokens(ids[:-1], complete=False)
+            return RoutingPlan(plan.missing_chars, plan, partial(_whole_prompt, body))
+        return RoutingPlan(plan.missing_chars, plan, partial(_known_prefix, body))
 
     def tokenize_request(self, body: Mapping[str, Any], kind: RequestKind) -> list[int]:
         """:meth:`tokenize_chat` or :meth:`tokenize_completion`, by ``kind``."""
@@ -332,6 +346,34 @@ class ModelTokenizer:
 
     def __repr__(self) -> str:
         return f"ModelTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPlan:
+    """A request's routing tokens, rendered and looked up in the segment cache, not yet encoded."""
+
+    missing_chars: int
+    """Characters of prompt text the tokenizer still has to encode (0: nothing left to do)."""
+    _plan: EncodePlan | None
+    _done: Callable[[list[int]], RoutingTokens]
+
+    @classmethod
+    def ready(cls, tokens: RoutingTokens) -> RoutingPlan:
+        return cls(0, None, lambda _: tokens)
+
+    def finish(self) -> RoutingTokens:
+        """Encode what the cache missed (thread-safe: may run off the event loop)."""
+        return self._done(self._plan.finish() if self._plan is not None else [])
+
+
+def _whole_prompt(body: Mapping[str, Any], ids: list[int]) -> RoutingTokens:
+    return RoutingTokens(truncate(ids, body), complete=True)
+
+
+def _known_prefix(body: Mapping[str, Any], ids: list[int]) -> RoutingTokens:
+    if body.get("truncate_prompt_tokens") is not None:
+        return RoutingTokens([], complete=False)
+    return RoutingTokens(ids[:-1], complete=False)
 
 
 def _body(body: object) -> Mapping[str, Any]:

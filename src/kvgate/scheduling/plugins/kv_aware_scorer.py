@@ -63,13 +63,16 @@ from kvgate.scheduling.services import NO_METRICS, ActiveJournal, LoadOwner, Sch
 from kvgate.tokens import ModelTokenizer, RequestError
 from kvgate.tokens.hashing import lora_seed, salt_extras, sequence_hashes_of
 from kvgate.tokens.request import cache_salt
+from kvgate.tokens.tokenizer import RoutingTokens
 
 log = logging.getLogger(__name__)
 
 ROUTING_MODE_HEADER = "x-dynamo-routing-mode"
 INSTANCE_HEADER = "x-worker-instance-id"
-# Below this much prompt text, tokenizing inline is cheaper than a hop to the tokenizer thread.
+# Below this much text to encode, tokenizing inline is cheaper than a hop to the tokenizer thread.
 _INLINE_TOKENIZE_CHARS = 2048
+# Above this much prompt text even rendering the template is left to the thread.
+_PLAN_ON_LOOP_CHARS = 64 * 1024
 PREFILL_KEY_SUFFIX = "#prefill"
 """A disaggregated request's prefill booking is keyed ``<request id>#prefill``."""
 
@@ -226,17 +229,19 @@ class KvAwareScorer(Scorer):
         body = request.body
         started = time.perf_counter()
         try:
-            if prompt_chars(body) <= _INLINE_TOKENIZE_CHARS:
+            chars = prompt_chars(body)
+            if chars <= _INLINE_TOKENIZE_CHARS:
                 routed = tokenizer.tokenize_for_routing(body, kind)
+            elif chars > _PLAN_ON_LOOP_CHARS:
+                routed = await self._in_thread(tokenizer.tokenize_for_routing, body, kind)
             else:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="kvgate-tokenize"
-                    )
-                loop = asyncio.get_running_loop()
-                routed = await loop.run_in_executor(
-                    self._executor, tokenizer.tokenize_for_routing, body, kind
-                )
+                # Rendering and the segment-cache lookup are cheap; only encoding what the cache
+                # missed is worth the hop to the thread (a warm prompt has little left).
+                plan = tokenizer.plan_for_routing(body, kind)
+                if plan.missing_chars <= _INLINE_TOKENIZE_CHARS:
+                    routed = plan.finish()
+                else:
+                    routed = await self._in_thread(plan.finish)
         except RequestError as err:
             raise SchedulingError(400, f"invalid request: {err}") from None
         self.metrics.stage("tokenize", time.perf_counter() - started)
@@ -244,6 +249,11 @@ class KvAwareScorer(Scorer):
         # credit and load, the rest is not predicted (never a refusal the engine would not give).
         request.tokens = routed.tokens
         return True
+
+    async def _in_thread(self, fn: Callable[..., RoutingTokens], *args: Any) -> RoutingTokens:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _routing(self, request: LLMRequest) -> RoutingRequest:
         assert request.tokens is not None
