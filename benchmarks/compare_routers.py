@@ -178,7 +178,8 @@ class Proc:
 
 def _free_block(count: int) -> int:
     for _ in range(200):
-        base = random.randrange(20_000, 60_000 - count)
+        # Below Linux's ephemeral range, which port-0 binds and outgoing connections draw from.
+        base = random.randrange(10_000, 32_000 - count)
         if all(_port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError(f"no block of {count} free ports")
@@ -254,15 +255,27 @@ def sim_fleet(shape: FleetShape, run_dir: Path) -> Iterator[Fleet]:
     (~0.2 s for 30K tokens here, holding the GIL), which must not stall the other engines'
     steps and metrics as it would with all of them in one process."""
     n = shape.workers
-    base = _free_block(n)
-    events = _free_block(2 * n)
     procs: list[Proc] = []
     try:
-        for i in range(n):
-            argv = shape.sim_argv(base + i, events + i, events + n + i)
-            procs.append(Proc(f"kvgate sim {i}", argv, run_dir / f"sim-{i}.log"))
-        for proc in procs:
-            proc.wait_for_text("ready workers=", 120)
+        for attempt in range(3):
+            base = _free_block(n)
+            events = _free_block(2 * n)
+            for i in range(n):
+                argv = shape.sim_argv(base + i, events + i, events + n + i)
+                procs.append(Proc(f"kvgate sim {i}", argv, run_dir / f"sim-{i}.log"))
+            try:
+                for proc in procs:
+                    proc.wait_for_text("ready workers=", 120)
+                break
+            except RuntimeError:
+                # The ports were free when checked, not reserved: another process may take one
+                # in between. Start the fleet again on other ports rather than lose the run.
+                lost_port = any("address already in use" in p.text().lower() for p in procs)
+                if attempt == 2 or not lost_port:
+                    raise
+                for proc in procs:
+                    proc.stop()
+                procs.clear()
         entries = [
             {
                 "address": f"127.0.0.1:{base + i}",
