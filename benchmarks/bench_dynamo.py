@@ -34,10 +34,12 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, replace
@@ -54,6 +56,7 @@ from kvgate.gateway.local import (
     LocalGateway,
     LocalGatewayConfig,
     Routing,
+    RunningGateway,
     default_tokenizer,
     free_port,
 )
@@ -97,7 +100,7 @@ class Paths(AbstractContextManager["Paths"]):
             log_level="warn",
         )
         self.fleet = self._stack.enter_context(DynamoFleet(settings, self.run_dir / "fleet"))
-        self.gateway_urls: dict[Routing, str] = {}
+        self.gateways: dict[Routing, RunningGateway] = {}
         for routing in routings:
             config = LocalGatewayConfig(
                 backend="dynamo",
@@ -109,7 +112,7 @@ class Paths(AbstractContextManager["Paths"]):
                 tokenizer=default_tokenizer(),
                 run_dir=self.run_dir / f"gateway-{routing}",
             )
-            self.gateway_urls[routing] = self._stack.enter_context(LocalGateway(config)).url
+            self.gateways[routing] = self._stack.enter_context(LocalGateway(config))
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
@@ -143,8 +146,8 @@ def added_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
         runs = {
             "dynamo direct, pinned": (fleet.frontend("direct").url, pinned),
-            "kvgate": (paths.gateway_urls["kvgate"], lambda _i: {}),
-            "kvgate-reference": (paths.gateway_urls["dynamo"], lambda _i: {}),
+            "kvgate": (paths.gateways["kvgate"].url, lambda _i: {}),
+            "kvgate-reference": (paths.gateways["dynamo"].url, lambda _i: {}),
             "dynamo-kv": (fleet.frontend("kv").url, lambda _i: {}),
             "dynamo-rr": (fleet.frontend("round-robin").url, lambda _i: {}),
         }
@@ -159,11 +162,29 @@ def added_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         return result
 
 
-def replay(args: argparse.Namespace, name: str, trace: list[Any]) -> RunRecord:
+def epp_stage_ms(metrics_url: str) -> dict[str, float]:
+    """Mean time the EPP spent per request in each routing stage (``total``: parse to answer),
+    from its ``kvgate_stage_duration_seconds`` histogram."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    pattern = r'^kvgate_stage_duration_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)$'
+    for kind, stage, value in re.findall(pattern, text, re.M):
+        (sums if kind == "sum" else counts)[stage] = float(value)
+    return {k: 1000.0 * sums[k] / n for k, n in counts.items() if n and k in sums}
+
+
+def replay(
+    args: argparse.Namespace, name: str, trace: list[Any]
+) -> tuple[RunRecord, dict[str, float]]:
+    """One run on a fresh fleet: what the client measured, and the EPP's mean time per routing
+    stage (empty without a gateway)."""
     run = RUNS[name]
     routings = () if run.routing is None else (run.routing,)
     with Paths(args, (run.mode,), routings) as paths:
-        url = paths.gateway_urls[run.routing] if run.routing else paths.fleet.frontend(run.mode).url
+        gateway = paths.gateways.get(run.routing) if run.routing else None
+        url = gateway.url if gateway else paths.fleet.frontend(run.mode).url
         settings = BenchSettings(
             url=url,
             model=MODEL,
@@ -179,7 +200,7 @@ def replay(args: argparse.Namespace, name: str, trace: list[Any]) -> RunRecord:
         record.per_worker = {
             f"{i:x}": after[i] - before.get(i, 0) for i in after if after[i] > before.get(i, 0)
         }
-        return record
+        return record, epp_stage_ms(gateway.epp_metrics_url) if gateway else {}
 
 
 def pooled(records: Sequence[RunRecord]) -> PolicyMetrics:
@@ -261,18 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in names[shift:] + names[:shift]:
             load = os.getloadavg()[0]
             started = time.monotonic()
-            record = replay(args, name, trace)
+            record, stages = replay(args, name, trace)
             records[name].append(record)
             m = summarize(record)
             this_round[name] = {
+                "ttft_p50_ms": m.ttft_ms["p50"],
                 "ttft_p90_ms": m.ttft_ms["p90"],
                 "hit_rate": m.hit_rate,
+                "max_over_mean": m.load_max_over_mean,
                 "load_average_1m": load,
                 "wall_s": time.monotonic() - started,
+                **{f"epp_{stage}_ms": v for stage, v in stages.items()},
             }
+            epp = f", EPP {stages['total']:.1f} ms/decision" if "total" in stages else ""
             print(f"round {r + 1} {name}: TTFT p90 {m.ttft_ms['p90']:.1f} ms, hit "
-                  f"{m.hit_rate:.3f}, load {load:.1f}, {time.monotonic() - started:.0f} s",
-                  file=sys.stderr)  # fmt: skip
+                  f"{m.hit_rate:.3f}, max/mean {m.load_max_over_mean:.2f}{epp}, load "
+                  f"{load:.1f}, {time.monotonic() - started:.0f} s", file=sys.stderr)  # fmt: skip
         rounds.append(this_round)
     results = {name: pooled(rs) for name, rs in records.items()}
     minutes = (time.monotonic() - began) / 60
@@ -291,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         p90s = " / ".join(f"{rd[name]['ttft_p90_ms']:.0f}" for rd in rounds)
         loads = " / ".join(f"{rd[name]['load_average_1m']:.1f}" for rd in rounds)
-        print(f"{name}: TTFT p90 per round {p90s} ms; 1-min load average at start {loads}")
+        line = f"{name}: TTFT p90 per round {p90s} ms; 1-min load average at start {loads}"
+        if "epp_total_ms" in rounds[0][name]:
+            epp = " / ".join(f"{rd[name]['epp_total_ms']:.1f}" for rd in rounds)
+            line += f"; EPP ms per decision {epp}"
+        print(line)
     if "dynamo-kv" in names:
         for name in names:
             if name == "dynamo-kv":
