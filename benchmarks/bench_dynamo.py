@@ -11,8 +11,10 @@ started fresh for every run so that each begins with empty caches):
     dynamo-kv         client -> Dynamo frontend, --router-mode kv (Dynamo's Rust KV router)
     dynamo-rr         client -> Dynamo frontend, --router-mode round-robin
 
-The trace is replayed by `kvgate bench`'s client (`kvgate.bench.live.run_bench`): streamed
-completions, open loop at the trace's timestamps, TTFT / hit rate measured at the client. The
+The trace is replayed by `kvgate bench`'s client (`kvgate.bench.live.run_bench`): streamed,
+open loop at the trace's timestamps, TTFT / hit rate measured at the client; ``--prompts chat``
+(default) sends each prompt as text in one user message, ``--prompts tokens`` as token ids on
+/v1/completions, which neither the EPP nor Dynamo's frontend has to tokenize. The
 added latency of each path is measured separately, on one fleet with all three frontends: the
 median latency of short sequential requests (a prompt under one KV block, one output token)
 minus the same through a direct-mode frontend pinned to a worker (the shortest path into Dynamo).
@@ -21,7 +23,7 @@ pooled; each round's TTFT p90 and the machine's load average as each run started
 too (the machine may be shared), and each round's TTFT p90 over Dynamo's KV router's.
 
     python benchmarks/bench_dynamo.py [--workers 4] [--groups 16] [--per-group 12] \
-        [--rate 8] [--blocks 512] [--rounds 2] [--json out.json] \
+        [--rate 8] [--blocks 512] [--prompts chat|tokens] [--rounds 2] [--json out.json] \
         [--only kvgate,kvgate-reference,dynamo-kv,dynamo-rr]
 
 Loopback only; every load is bounded (request count and --duration). Re-run it after changing
@@ -77,6 +79,14 @@ RUNS: dict[str, Run] = {
     "kvgate-reference": Run("direct", "dynamo"),
     "dynamo-kv": Run("kv"),
     "dynamo-rr": Run("round-robin"),
+}
+
+
+PROMPTS: dict[str, dict[str, Any]] = {
+    # What clients send: the EPP and Dynamo's frontend both tokenize the text.
+    "chat": {"api": "chat", "prompt_format": "text"},
+    # Token ids on /v1/completions: nobody tokenizes; the router's own cost alone.
+    "tokens": {"api": "completions", "prompt_format": "tokens"},
 }
 
 
@@ -191,6 +201,7 @@ def replay(
             max_concurrency=args.max_concurrency,
             duration_s=args.duration,
             request_timeout_s=60.0,
+            **PROMPTS[args.prompts],
         )
         before = paths.fleet.requests_by_worker()
         record = asyncio.run(run_bench(trace, settings))
@@ -243,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(RUNS),
         help="comma-separated runs: kvgate (kvgate's routing), kvgate-reference (kvgate's EPP on "
         "the reference cost function), dynamo-kv, dynamo-rr",
+    )
+    p.add_argument(
+        "--prompts",
+        choices=list(PROMPTS),
+        default="chat",
+        help="chat: text in one user message (what clients send); tokens: token ids on "
+        "/v1/completions (no tokenizing on the way)",
     )
     p.add_argument("--rounds", type=int, default=1, help="repeat every run, order rotated, pooled")
     p.add_argument("--run-dir", type=Path, default=None, help="where fleets keep their logs")
