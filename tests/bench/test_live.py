@@ -87,6 +87,22 @@ async def test_every_api_and_prompt_format_reaches_the_engine(
         assert isl < record.prompt_tokens < isl + 20 * len(trace)
 
 
+async def test_one_message_per_block_reaches_the_engine_and_shares_prefixes(
+    worker: SimWorker,
+) -> None:
+    trace = requests()
+    settings = BenchSettings(url=worker.url, model=MODEL, messages="per-block")
+    record = await run_bench(trace, settings)
+    m = summarize(record)
+    assert (m.requests, m.errors) == (len(trace), 0)
+    # Each group's system block is a message of its own, cached for the group's later prompts.
+    assert m.hit_rate > 0.4
+    isl = sum(r.input_length for r in trace)
+    messages = sum(len(r.hash_ids) for r in trace)
+    # The template wraps every message in a few tokens of its own.
+    assert isl + 2 * messages < record.prompt_tokens < isl + 20 * messages
+
+
 def test_request_bodies_are_what_clients_send() -> None:
     trace = requests()[0]
     chat = RequestBuilder(BenchSettings(url="u", model=MODEL)).body(trace)
@@ -98,3 +114,10 @@ def test_request_bodies_are_what_clients_send() -> None:
     assert text["prompt"] == chat["messages"][0]["content"]
     with pytest.raises(ValueError, match="token-id prompts need the completions API"):
         BenchSettings(url="u", model=MODEL, prompt_format="tokens")
+    turns = RequestBuilder(BenchSettings(url="u", model=MODEL, messages="per-block")).body(trace)
+    blocks = turns["messages"]
+    assert len(blocks) == len(trace.hash_ids) == 2
+    assert {m["role"] for m in blocks} == {"user"}
+    assert "".join(m["content"] for m in blocks) == chat["messages"][0]["content"]
+    with pytest.raises(ValueError, match="messages per block need the chat API"):
+        BenchSettings(url="u", model=MODEL, api="completions", messages="per-block")

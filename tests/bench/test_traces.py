@@ -13,7 +13,9 @@ from kvgate.bench.traces import (
     ideal_hit_rate,
     load_mooncake,
     multi_turn,
+    sample_prefix_groups,
     shared_prefix,
+    whole_blocks,
     write_mooncake,
 )
 
@@ -179,3 +181,47 @@ def test_mooncake_synthetic_trace_loads() -> None:
     assert len(requests) == 3993
     # The reference quotes 0.64 for this trace; counting the cut last blocks exactly gives 0.65.
     assert ideal_hit_rate(requests) == pytest.approx(0.65, abs=0.01)
+
+
+def test_sample_prefix_groups_keeps_whole_groups_on_a_compressed_timeline() -> None:
+    def req(t: float, *ids: int) -> TraceRequest:
+        return TraceRequest(t, BT * len(ids), 4, ids)
+
+    # Groups by first block, in order of first arrival: 10 (rank 0), 20 (1), 30 (2), 40 (3).
+    trace = [
+        req(1000, 10, 11), req(2000, 20), req(3000, 10, 11, 12), req(4000, 30),
+        req(5000, 40, 41), req(6000, 20, 21), req(9000, 30, 31),
+    ]  # fmt: skip
+    assert sample_prefix_groups(trace, 2) == [
+        TraceRequest(0.0, 2 * BT, 4, (10, 11)),
+        TraceRequest(1000.0, 3 * BT, 4, (10, 11, 12)),
+        TraceRequest(1500.0, BT, 4, (30,)),
+        TraceRequest(4000.0, 2 * BT, 4, (30, 31)),
+    ]
+    odd = sample_prefix_groups(trace, 2, offset=1)
+    assert [r.hash_ids[0] for r in odd] == [20, 40, 20]
+    assert odd[0].timestamp_ms == 0.0
+    assert sample_prefix_groups(trace, 1) == [
+        TraceRequest(r.timestamp_ms - 1000, r.input_length, 4, r.hash_ids) for r in trace
+    ]
+    with pytest.raises(ValueError):
+        sample_prefix_groups(trace, 2, offset=2)
+
+
+def test_sampling_the_mooncake_trace_by_group_keeps_its_reuse_and_rate() -> None:
+    full = load_mooncake(MOONCAKE_TRACE)
+    sample = sample_prefix_groups(full, 16)
+    assert 0.05 * len(full) < len(sample) < 0.08 * len(full)
+    full_rate = len(full) / full[-1].timestamp_ms
+    sample_rate = len(sample) / sample[-1].timestamp_ms
+    assert 0.8 < sample_rate / full_rate < 1.25
+    assert abs(ideal_hit_rate(sample) - ideal_hit_rate(full)) < 0.1
+    assert ideal_hit_rate(full[::16]) < 0.5 * ideal_hit_rate(sample)
+
+
+def test_whole_blocks_grows_the_last_block() -> None:
+    trace = [TraceRequest(5.0, BT + 1, 3, (1, 2)), TraceRequest(6.0, 2 * BT, 3, (1, 3))]
+    assert whole_blocks(trace) == [
+        TraceRequest(5.0, 2 * BT, 3, (1, 2)),
+        TraceRequest(6.0, 2 * BT, 3, (1, 3)),
+    ]

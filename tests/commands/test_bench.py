@@ -109,3 +109,5 @@ def test_cli_refuses_token_prompts_on_chat(
     argv = ["--url", "http://127.0.0.1:1", "--trace", str(trace), "--model", MODEL]
     assert main([*argv, "--prompt-format", "tokens", "--quiet"]) == 2
     assert "need the completions API" in capsys.readouterr().err
+    assert main([*argv, "--api", "completions", "--messages", "per-block", "--quiet"]) == 2
+    assert "need the chat API" in capsys.readouterr().err

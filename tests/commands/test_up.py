@@ -86,3 +86,17 @@ def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
             main(["--epp-replicas", bad])
         assert err.value.code == 2
         assert "--epp-replicas" in capsys.readouterr().err
+
+
+def test_endpoints_file_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    args = build_parser().parse_args(["--endpoints-file", str(endpoints)])
+    assert args.endpoints_file == endpoints
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["--endpoints-file", str(endpoints), "--workers", "2"])
+    assert err.value.code == 2
+    assert main(["--endpoints-file", str(endpoints), "--backend", "dynamo"]) == 2
+    assert "drop --endpoint/--endpoints-file" in capsys.readouterr().err
+    endpoints.write_text("- address: 127.0.0.1:notaport\n")
+    assert main(["--endpoints-file", str(endpoints), "--run-dir", str(tmp_path / "run")]) == 1
+    assert "endpoints file:" in capsys.readouterr().err

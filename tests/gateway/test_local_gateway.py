@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kvgate.errors import StartupError
 from kvgate.gateway import local
 from kvgate.gateway.client import ChatResult
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
@@ -239,6 +240,59 @@ def test_killed_worker_is_no_longer_picked_and_its_state_goes(
             if sim.poll() is None:
                 sim.kill()
             sim.wait(timeout=10)
+
+
+def test_workers_from_an_endpoints_file_each_with_its_own_event_port(
+    qwen3_dir: Path, tmp_path: Path
+) -> None:
+    """Engines on one host publish KV events on different ports, which only an endpoints file
+    can say (``--endpoint-events-port`` is one port for every worker)."""
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    sims = [
+        _sim_process(str(qwen3_dir), http, ev, tmp_path / f"sim{i}.log")
+        for i, (http, ev) in enumerate(ports)
+    ]
+    try:
+        for i in range(2):
+            _wait_log(tmp_path / f"sim{i}.log", "ready workers=", sims[i])
+        endpoints = tmp_path / "endpoints.yaml"
+        endpoints.write_text(
+            "".join(
+                f"- address: 127.0.0.1:{http}\n  events: tcp://127.0.0.1:{ev}\n"
+                for http, ev in ports
+            )
+        )
+        config = LocalGatewayConfig(
+            endpoints_file=endpoints, port=free_port(), tokenizer=str(qwen3_dir),
+            run_dir=tmp_path / "gw",
+        )  # fmt: skip
+        with LocalGateway(config) as running:
+            assert running.workers == [f"127.0.0.1:{http}" for http, _ in ports]
+            assert not (tmp_path / "gw" / "endpoints.json").exists()  # the EPP reads the file
+            first = send(running.url, body("Which worker holds me?"))
+            assert first.status == 200, first.error
+            deadline = time.monotonic() + 10
+            second = send(running.url, body("And now?"))
+            while second.cached_tokens in (None, 0) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                second = send(running.url, body("And now?"))
+            assert second.worker == first.worker
+            assert second.cached_tokens is not None and second.cached_tokens > 1000
+    finally:
+        for sim in sims:
+            if sim.poll() is None:
+                sim.kill()
+            sim.wait(timeout=10)
+
+
+def test_an_invalid_endpoints_file_stops_start_up(qwen3_dir: Path, tmp_path: Path) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("- address: worker-0:8000\n")
+    config = LocalGatewayConfig(
+        endpoints_file=endpoints, port=free_port(), tokenizer=str(qwen3_dir), run_dir=tmp_path
+    )
+    with pytest.raises(StartupError, match=r"endpoints file: .*entry 0.*worker-0"):
+        LocalGateway(config).start()
 
 
 @pytest.mark.parametrize(("mode", "status_when_down"), [("FailClose", 500), ("FailOpen", 200)])

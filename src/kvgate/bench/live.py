@@ -5,7 +5,10 @@ Requests go out at the trace's timestamps (scaled by ``--time-scale``), at most
 latency, as a user's would). Each is what a real client sends: by default a streamed
 ``POST /v1/chat/completions`` with one user message whose text renders the request's hash ids
 (`kvgate.bench.prompts.TextSynth`: the same paragraph for the same id, so equal hash ids are
-equal text and, through any tokenizer, equal tokens); ``--api completions`` sends the text as a
+equal text and, through any tokenizer, equal tokens), or with ``--messages per-block`` one user
+message per hash id, as a multi-turn client sends its history: the earlier turns are messages
+seen before (a tokenizer's per-message cache then hits, as it would for a real conversation,
+where one message for the whole prompt is the worst case); ``--api completions`` sends the text as a
 completions ``prompt``, and ``--prompt-format tokens`` (completions only) the token ids of
 `TokenSynth` instead, for engines that take them. Every request asks for ``max_tokens`` = the
 trace's output length, ``ignore_eos`` and usage in the stream. The client records the time to the
@@ -40,6 +43,7 @@ WORKER_HEADER = "x-kvgate-worker"
 
 Api = Literal["chat", "completions"]
 PromptFormat = Literal["text", "tokens"]
+Messages = Literal["one", "per-block"]
 PATHS: Final[dict[Api, str]] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
@@ -130,6 +134,8 @@ class BenchSettings:
     seed: int = 0
     api: Api = "chat"
     prompt_format: PromptFormat = "text"
+    messages: Messages = "one"
+    """Chat only: the prompt as one user message, or one message per hash id."""
 
     def __post_init__(self) -> None:
         if self.api not in PATHS:
@@ -138,6 +144,10 @@ class BenchSettings:
             raise ValueError(f"prompt format must be text or tokens, got {self.prompt_format!r}")
         if self.prompt_format == "tokens" and self.api != "completions":
             raise ValueError("token-id prompts need the completions API (--api completions)")
+        if self.messages not in ("one", "per-block"):
+            raise ValueError(f"messages must be one or per-block, got {self.messages!r}")
+        if self.messages != "one" and self.api != "chat":
+            raise ValueError("messages per block need the chat API (--api chat)")
 
 
 class RequestBuilder:
@@ -151,7 +161,11 @@ class RequestBuilder:
     def body(self, request: TraceRequest) -> dict[str, Any]:
         s = self.settings
         body: dict[str, Any] = {"model": s.model}
-        if s.api == "chat":
+        if s.api == "chat" and s.messages == "per-block":
+            body["messages"] = [
+                {"role": "user", "content": block} for block in self._text.blocks(request)
+            ]
+        elif s.api == "chat":
             body["messages"] = [{"role": "user", "content": self._text.prompt(request)}]
         elif s.prompt_format == "tokens":
             body["prompt"] = self._tokens.tokens(request)

@@ -78,11 +78,15 @@ class TextSynth:
             return _END
         return words[0] + "".join(" " + w for w in words[1:]) + _END
 
-    def prompt(self, request: TraceRequest) -> str:
+    def blocks(self, request: TraceRequest) -> list[str]:
+        """The paragraphs of the request's hash ids, the last one cut to ``input_length``."""
         bt = self.block_tokens
         n = request.input_length
         ids = request.hash_ids[: -(-n // bt)]
         last = n - (len(ids) - 1) * bt
         parts = [self.block(h) for h in ids[:-1]]
         parts.append(self.block(ids[-1], last))
-        return "".join(parts)
+        return parts
+
+    def prompt(self, request: TraceRequest) -> str:
+        return "".join(self.blocks(request))

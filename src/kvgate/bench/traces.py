@@ -183,6 +183,46 @@ def _arrival(r: TraceRequest) -> float:
     return r.timestamp_ms
 
 
+def sample_prefix_groups(
+    requests: Sequence[TraceRequest], every: int, *, offset: int = 0
+) -> list[TraceRequest]:
+    """A smaller trace with the same reuse: every ``every``-th group of requests that share their
+    first block (a conversation, or the users of one system prompt), each group whole, on a
+    timeline compressed by ``every`` and starting at 0, so the arrival rate stays about the
+    original's. Groups are counted in order of first arrival, from ``offset``.
+
+    Keeping every k-th request instead breaks the groups: on the synthetic Mooncake trace the
+    ideal hit rate falls from 0.65 to 0.23 at k = 8, while whole groups keep it (0.67 at 16)."""
+    if every < 1 or not 0 <= offset < every:
+        raise ValueError(f"need every >= 1 and 0 <= offset < every, got {every}, {offset}")
+    ordered = sorted(requests, key=_arrival)
+    rank: dict[int, int] = {}
+    for r in ordered:
+        if r.hash_ids:
+            rank.setdefault(r.hash_ids[0], len(rank))
+    kept = [r for r in ordered if r.hash_ids and rank[r.hash_ids[0]] % every == offset]
+    if not kept:
+        return []
+    start = kept[0].timestamp_ms
+    return [
+        TraceRequest(
+            round((r.timestamp_ms - start) / every, 3), r.input_length, r.output_length, r.hash_ids
+        )
+        for r in kept
+    ]
+
+
+def whole_blocks(requests: Iterable[TraceRequest]) -> list[TraceRequest]:
+    """Each prompt grown to whole 512-token blocks (``input_length = 512 × len(hash_ids)``): what
+    clients that synthesise prompts block by block (aiperf) send, so both replay one trace."""
+    return [
+        TraceRequest(
+            r.timestamp_ms, MOONCAKE_BLOCK_TOKENS * len(r.hash_ids), r.output_length, r.hash_ids
+        )
+        for r in requests
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     requests: list[TraceRequest]

@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         help="text: each hash id as a fixed ~512-token paragraph (default); tokens: token ids "
         "(completions only; most routers cannot read them)",
     )
+    p.add_argument(
+        "--messages",
+        choices=["one", "per-block"],
+        default="one",
+        help="chat: the prompt as one user message (default), or one message per 512-token "
+        "hash id, as a multi-turn client sends its history",
+    )
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace timestamps")
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=600.0, help="stop after this many seconds")
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             api=args.api,
             prompt_format=args.prompt_format,
+            messages=args.messages,
         )
         progress = None if args.quiet else Progress(args.label, len(requests), sys.stderr)
         record = asyncio.run(run_bench(requests, settings, progress=progress))

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--endpoint", action="append", default=[], help="external worker URL (repeatable)"
     )
+    src.add_argument(
+        "--endpoints-file",
+        type=Path,
+        help="external workers as an EPP endpoints file (YAML/JSON: address, events, replay, "
+        "...; watched: edits add or remove workers while running)",
+    )
     p.add_argument("--endpoint-events-port", type=int, help="KV-event port of external workers")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="gateway listen address")
@@ -115,16 +121,19 @@ def _print_banner(running: RunningGateway) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.endpoint and not 1 <= args.workers <= 64:
+    external = bool(args.endpoint or args.endpoints_file)
+    if not external and not 1 <= args.workers <= 64:
         return fail(PROG, "--workers must be in 1..64", USAGE_ERROR)
-    if args.backend == "dynamo" and args.endpoint:
-        return fail(PROG, "--backend dynamo starts its workers; drop --endpoint", USAGE_ERROR)
+    if args.backend == "dynamo" and external:
+        drop = "drop --endpoint/--endpoints-file"
+        return fail(PROG, f"--backend dynamo starts its workers; {drop}", USAGE_ERROR)
     if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
         return fail(PROG, "--prefill-workers must leave at least one decode worker", USAGE_ERROR)
     config = LocalGatewayConfig(
         workers=args.workers,
         endpoints=args.endpoint,
         endpoint_events_port=args.endpoint_events_port,
+        endpoints_file=args.endpoints_file,
         port=args.port,
         host=args.host,
         mode=args.mode,

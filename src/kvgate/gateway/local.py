@@ -61,6 +61,9 @@ class LocalGatewayConfig:
     """For external workers: their KV-event port (``tcp://<ip>:<port>``)."""
     endpoint_entries: list[dict[str, object]] = field(default_factory=list)
     """External workers as full endpoints-file entries (address, events, replay, instance id)."""
+    endpoints_file: Path | None = None
+    """External workers listed in an endpoints file, which the EPP watches (entries without
+    ``events`` get ``endpoint_events_port`` on their own IP, when given)."""
     port: int = 8000
     host: str = "127.0.0.1"
     mode: Mode = "kv"
@@ -209,6 +212,12 @@ class LocalGateway:
             workers = dynamo.workers()
             source_args = dynamo.epp_args()
             fail_open_hosts = dynamo.fail_open_hosts()
+        elif cfg.endpoints_file is not None:
+            workers = self._endpoints_from_file(cfg.endpoints_file)
+            source_args = ["--endpoints-file", str(cfg.endpoints_file.resolve())]
+            if cfg.endpoint_events_port is not None:
+                source_args += ["--events-port", str(cfg.endpoint_events_port)]
+            fail_open_hosts = [_host_port(w) for w in workers]
         else:
             entries, workers = self._start_workers(tokenizer, children)
             endpoints_file = self.run_dir / "endpoints.json"
@@ -400,6 +409,17 @@ class LocalGateway:
                     if epp.alive()
                     else str(err)
                 ) from err
+
+    def _endpoints_from_file(self, path: Path) -> list[str]:
+        """The addresses in ``path`` (for FailOpen), checked now so a mistake stops start-up with
+        the EPP's own message; the EPP then watches the file for changes."""
+        from kvgate.fleet.sources import EndpointSpecError, load_endpoints_file
+
+        try:
+            endpoints = load_endpoints_file(path)
+        except (OSError, EndpointSpecError) as err:
+            raise StartupError(f"endpoints file: {err}") from err
+        return [e.address for e in endpoints]
 
     def _start_workers(
         self, tokenizer: str | None, children: dict[str, Child]
