@@ -53,12 +53,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -86,6 +84,7 @@ from kvgate.bench.traces import (
 )
 from kvgate.bench.workloads import generate
 from kvgate.gateway.local import default_tokenizer, free_port
+from kvgate.gateway.supervisor import free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
 MOONCAKE_TRACE = REPO / "benchmarks" / "traces" / "mooncake_synthetic.jsonl"
@@ -176,24 +175,6 @@ class Proc:
             os.killpg(self.process.pid, sig)
 
 
-def _free_block(count: int) -> int:
-    for _ in range(200):
-        # Below Linux's ephemeral range, which port-0 binds and outgoing connections draw from.
-        base = random.randrange(10_000, 32_000 - count)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no block of {count} free ports")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _get(url: str, timeout_s: float = 2.0) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
@@ -258,8 +239,8 @@ def sim_fleet(shape: FleetShape, run_dir: Path) -> Iterator[Fleet]:
     procs: list[Proc] = []
     try:
         for attempt in range(3):
-            base = _free_block(n)
-            events = _free_block(2 * n)
+            base = free_port_block(n)
+            events = free_port_block(2 * n)
             for i in range(n):
                 argv = shape.sim_argv(base + i, events + i, events + n + i)
                 procs.append(Proc(f"kvgate sim {i}", argv, run_dir / f"sim-{i}.log"))

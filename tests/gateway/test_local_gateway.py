@@ -388,10 +388,10 @@ def test_engines_start_again_on_other_ports_when_one_was_taken(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
-        picks = iter([local._free_block(2), taken_port - 2])  # replay ports start at events + n
-        real_free_block = local._free_block
+        picks = iter([local.free_port_block(2), taken_port - 2])  # replay ports start at events + n
+        real_free_block = local.free_port_block
         monkeypatch.setattr(
-            local, "_free_block", lambda count: next(picks, None) or real_free_block(count)
+            local, "free_port_block", lambda count: next(picks, None) or real_free_block(count)
         )
         config = LocalGatewayConfig(
             workers=2, port=free_port(), tokenizer=str(qwen3_dir), speedup=20.0, run_dir=tmp_path

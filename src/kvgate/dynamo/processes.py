@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import urllib.request
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from typing import Literal
 
 from kvgate.errors import StartupError
 from kvgate.fleet.prometheus_text import parse_labels, scan_samples
-from kvgate.gateway.supervisor import Child, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor, free_port_block
 
 __all__ = [
     "DynamoFleet",
@@ -56,7 +54,6 @@ EVENTS_PORT_OFFSET = 1
 REPLAY_PORT_OFFSET = 2
 _BOOTSTRAP_PORT_OFFSET = 3
 # DYN_SYSTEM_PORT is parsed as an i16 by the runtime.
-_PORT_RANGE = (20_000, 32_700)
 
 # The shape of Qwen3-0.6B; the mocker reads it to size its (simulated) KV cache and timing, the
 # frontend for the context length. No weights are involved.
@@ -270,7 +267,7 @@ class DynamoFleet:
         write_model_dir(self.model_dir, self.tokenizer_dir)
         self.store.mkdir(parents=True, exist_ok=True)
         for mode in s.router_modes:
-            port = _free_block(1, self._reserved)
+            port = free_port_block(1, self._reserved)
             child = self._supervisor.start(
                 f"dynamo-frontend-{mode}",
                 [
@@ -337,7 +334,7 @@ class DynamoFleet:
 
     def _launch(self, role: WorkerRole) -> MockerWorker:
         s = self.settings
-        base = _free_block(PORTS_PER_WORKER, self._reserved)
+        base = free_port_block(PORTS_PER_WORKER, self._reserved)
         name = f"dynamo-{role}-{self._serial}"
         self._serial += 1
         argv = [
@@ -397,25 +394,3 @@ def _get(url: str, timeout_s: float = 2.0) -> str:
 def _model_listed(url: str, model: str) -> bool:
     models = json.loads(_get(f"{url}/v1/models")).get("data") or []
     return any(m.get("id") == model for m in models)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_block(count: int, reserved: set[int]) -> int:
-    """A base port with ``count`` consecutive free ports below 32768, none in ``reserved``; they
-    are added to it (checked free now, bound later by the process they are for)."""
-    low, high = _PORT_RANGE
-    for _ in range(500):
-        base = random.randrange(low, high - count)
-        block = range(base, base + count)
-        if not reserved.intersection(block) and all(_port_free(port) for port in block):
-            reserved.update(block)
-            return base
-    raise StartupError(f"no block of {count} free ports in {low}..{high}")

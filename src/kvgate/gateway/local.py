@@ -23,7 +23,7 @@ from kvgate import epp_configs
 from kvgate.errors import StartupError
 from kvgate.gateway.bootstrap import BodyTransformer, FailureMode, GatewaySpec, bootstrap_yaml
 from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.supervisor import Child, Supervisor
+from kvgate.gateway.supervisor import Child, Supervisor, free_port_block
 
 if TYPE_CHECKING:
     from kvgate.dynamo.gateway import DynamoBackend
@@ -441,8 +441,8 @@ class LocalGateway:
             raise StartupError("simulated engines need a tokenizer: pass --tokenizer DIR_OR_ID")
         n = cfg.workers
         for attempt in range(3):
-            base = _free_block(n)
-            events = _free_block(2 * n)
+            base = free_port_block(n)
+            events = free_port_block(2 * n)
             args = [
                 "sim", "--workers", str(n), "--base-port", str(base), "--host", "127.0.0.1",
                 "--events-base-port", str(events), "--replay-base-port", str(events + n),
@@ -486,25 +486,6 @@ class LocalGateway:
 
 def _announced_ready(log: Path) -> bool:
     return "ready workers=" in log.read_text()
-
-
-def _free_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports (checked, not reserved)."""
-    for _ in range(200):
-        # Below Linux's ephemeral range, which port-0 binds and outgoing connections draw from.
-        base = random.randrange(10_000, 32_000 - count)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise StartupError(f"no block of {count} free ports found")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -111,3 +113,33 @@ def _signal(child: Child, sig: signal.Signals) -> None:
     if child.alive():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, sig)
+
+
+# Below Linux's ephemeral range (32768-60999), which port-0 binds and outgoing connections draw
+# from, so a port checked free here is not taken a moment later by some unrelated connect().
+PORT_RANGE = (10_000, 32_000)
+
+
+def free_port_block(count: int, reserved: set[int] | None = None) -> int:
+    """A base port with ``count`` consecutive ports free now (checked, not held: the process they
+    are for binds them later). With ``reserved``, none of them is in it and they are added."""
+    low, high = PORT_RANGE
+    for _ in range(500):
+        base = random.randrange(low, high - count)
+        block = range(base, base + count)
+        if reserved is not None and reserved.intersection(block):
+            continue
+        if all(_port_free(port) for port in block):
+            if reserved is not None:
+                reserved.update(block)
+            return base
+    raise StartupError(f"no block of {count} free ports in {low}..{high}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
