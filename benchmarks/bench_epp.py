@@ -43,6 +43,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from kvgate.gateway.supervisor import free_port_block, port_free
+
 REPO = Path(__file__).resolve().parents[1]
 # The seed's KV-aware config (the kv-aware-scorer deciding alone); --config picks another.
 CONFIG = REPO / "deploy" / "config" / "epp-config-dynamo.yaml"
@@ -68,16 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -511,7 +503,7 @@ def run_scaling(
     cores = os.cpu_count() or 1
     out: dict[str, Any] = {}
     try:
-        wait_ready(lambda: not ports_free([nats_port]), "nats-server")
+        wait_ready(lambda: not port_free(nats_port), "nats-server")
         n = 1
         while n <= args.epps:
             sync = (
@@ -620,13 +612,10 @@ def main() -> int:
     tokenizer = args.tokenizer or default_tokenizer()
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvgate-bench-epp-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        base = 20000 + random.randrange(20000)
-        events = base + 100
-        replay = events + args.workers
-        wanted = [*range(base, base + args.workers), *range(events, replay + args.workers)]
-        if ports_free(wanted):
-            break
+    reserved: set[int] = set()
+    base = free_port_block(args.workers, reserved)
+    events = free_port_block(2 * args.workers, reserved)
+    replay = events + args.workers
     sim = start(
         [sys.executable, "-m", "kvgate", "sim", "--workers", str(args.workers), "--base-port",
          str(base), "--events-base-port", str(events), "--replay-base-port", str(replay),

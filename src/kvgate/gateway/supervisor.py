@@ -129,14 +129,14 @@ def free_port_block(count: int, reserved: set[int] | None = None) -> int:
         block = range(base, base + count)
         if reserved is not None and reserved.intersection(block):
             continue
-        if all(_port_free(port) for port in block):
+        if all(port_free(port) for port in block):
             if reserved is not None:
                 reserved.update(block)
             return base
     raise StartupError(f"no block of {count} free ports in {low}..{high}")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
