@@ -8,15 +8,26 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling.active import ActiveSequences
 from kvgate.scheduling.latency_model import LatencyModel, Predictions
-from kvgate.scheduling.plugins.predicted_latency_scorer import PredictedLatencyScorer
+from kvgate.scheduling.plugins.predicted_latency_scorer import (
+    CacheChurn,
+    PredictedLatencyParams,
+    PredictedLatencyScorer,
+)
 from kvgate.scheduling.plugins.slo_aware_picker import SloAwarePicker, SloAwarePickerParams
-from kvgate.scheduling.request import LatencyPrediction, LLMRequest, ScoredEndpoint
+from kvgate.scheduling.request import (
+    LatencyPrediction,
+    LLMRequest,
+    ProfileResult,
+    SchedulingResult,
+    ScoredEndpoint,
+)
 from tests.scheduling.utils import endpoint, request
 
 BLOCK = 16
@@ -180,3 +191,100 @@ def test_a_filtered_candidate_list_is_scored_among_itself() -> None:
     assert scores[ADDRESSES[2]] == 0.0
     without_best: list[Endpoint] = endpoints[1:]
     assert scorer.score(llm, without_best) == {ADDRESSES[1]: 1.0, ADDRESSES[2]: 0.0}
+
+
+# -- near ties ------------------------------------------------------------------------------------
+
+
+def route(
+    scorer: PredictedLatencyScorer,
+    picker: SloAwarePicker,
+    endpoints: list[Endpoint],
+    *,
+    isl: int,
+    overlaps: Mapping[str, int],
+) -> str:
+    """One request through prepare, score, pick and pre_request; the worker chosen."""
+    llm = request(
+        tokens=list(range(isl)),
+        block_size=BLOCK,
+        overlaps=dict(overlaps),
+        load=ActiveSequences(BLOCK),
+    )
+    run(scorer.prepare(llm, endpoints))
+    scores = scorer.score(llm, endpoints)
+    chosen = picker.pick(llm, [ScoredEndpoint(e, scores[e.address]) for e in endpoints])[0]
+    scorer.pre_request(llm, SchedulingResult("p", {"p": ProfileResult("p", [chosen])}))
+    return chosen.address
+
+
+def idle_fleet_with_one_worker_calibrated_a_hair_faster(
+    tolerance: float,
+) -> tuple[PredictedLatencyScorer, list[Endpoint]]:
+    scorer = PredictedLatencyScorer("p", PredictedLatencyParams(ttft_tolerance=tolerance))
+    endpoints = [endpoint(a, num_gpu_blocks=4096) for a in ADDRESSES]
+    for e in endpoints:
+        scorer.model.fit(e.address)
+    scorer.model.fit(ADDRESSES[3]).theta_token = 0.995
+    return scorer, endpoints
+
+
+def test_new_prompts_on_an_idle_fleet_spread_instead_of_following_calibration_noise() -> None:
+    # Nothing cached, nothing queued: every worker is as good as the next but for θ noise.
+    picked: dict[float, Counter[str]] = {}
+    for tolerance in (0.0, 0.05):
+        scorer, endpoints = idle_fleet_with_one_worker_calibrated_a_hair_faster(tolerance)
+        picker = SloAwarePicker("pick", rng=random.Random(1))
+        picked[tolerance] = Counter(
+            route(scorer, picker, endpoints, isl=4000, overlaps={}) for _ in range(32)
+        )
+    assert picked[0.0] == {ADDRESSES[3]: 32}
+    # Each goes where the least was added lately: round after round, one per worker.
+    assert picked[0.05] == dict.fromkeys(ADDRESSES, 4)
+
+
+def test_a_near_tie_goes_to_the_worker_that_holds_the_prompt() -> None:
+    scorer = PredictedLatencyScorer("p")
+    picker = SloAwarePicker("pick", rng=random.Random(1))
+    endpoints = [endpoint(a, num_gpu_blocks=4096) for a in ADDRESSES[:2]]
+    # The cached worker predicts a hair slower (its θ), within the tolerance.
+    scorer.model.fit(ADDRESSES[0]).theta_token = 1.03
+    scorer.model.fit(ADDRESSES[0]).theta_fixed = 1.03
+    llm = request(
+        tokens=list(range(4000)),
+        block_size=BLOCK,
+        overlaps={ADDRESSES[0]: 4},
+        load=ActiveSequences(BLOCK),
+    )
+    run(scorer.prepare(llm, endpoints))
+    assert llm.predictions is not None
+    ttft = {a: llm.predictions[a].ttft_s for a in ADDRESSES[:2]}
+    assert ttft[ADDRESSES[1]] < ttft[ADDRESSES[0]] <= ttft[ADDRESSES[1]] * 1.05
+    assert route(scorer, picker, endpoints, isl=4000, overlaps={ADDRESSES[0]: 4}) == ADDRESSES[0]
+
+
+def test_costs_beyond_the_tolerance_keep_their_order() -> None:
+    scorer = PredictedLatencyScorer("p")
+    endpoints = [endpoint(a, num_gpu_blocks=4096) for a in ADDRESSES[:3]]
+    # Worker 0 caches most of the prompt: far cheaper than the two others, which tie.
+    llm = request(
+        tokens=list(range(4000)),
+        block_size=BLOCK,
+        overlaps={ADDRESSES[0]: 200},
+        load=ActiveSequences(BLOCK),
+    )
+    run(scorer.prepare(llm, endpoints))
+    scores = scorer.score(llm, endpoints)
+    assert scores[ADDRESSES[0]] == 1.0
+    assert scores[ADDRESSES[1]] == scores[ADDRESSES[2]] == 0.0
+
+
+def test_recent_additions_halve_every_half_life() -> None:
+    churn = CacheChurn(half_life_s=10.0)
+    churn.add("w", 100, now=0.0)
+    assert churn.recent("w", 10.0) == pytest.approx(50.0)
+    churn.add("w", 50, now=10.0)
+    assert churn.recent("w", 20.0) == pytest.approx(50.0)
+    assert churn.recent("other", 20.0) == 0.0
+    churn.forget("w")
+    assert churn.recent("w", 20.0) == 0.0

@@ -10,8 +10,11 @@ score       rank by routing cost = predicted TTFT + ``prefillWorkWeight`` × the
             uncached prefill time. The second term (off by default) counts the work this
             request adds to the worker once more, for the requests that will queue behind it:
             it favours cache hits beyond what this request's own latency gains. Measured over
-            the benchmark families it traded tail latency for little hit rate, hence 0;
-pre_request remember the chosen endpoint's prediction (``predicted_ttft_s`` / ``_itl_s``);
+            the benchmark families it traded tail latency for little hit rate, hence 0.
+            Costs within ``ttftTolerance`` of the best are near ties (`settle_near_ties`):
+            among them the cost prefers the worker where the request evicts least;
+pre_request remember the chosen endpoint's prediction (``predicted_ttft_s`` / ``_itl_s``) and
+            count the blocks the request adds to its cache (`CacheChurn`);
 first chunk the observed TTFT calibrates that worker's model (streamed responses only: a buffered
             response's first chunk is its last);
 complete    the observed inter-token latency calibrates the worker's ITL.
@@ -22,6 +25,7 @@ stale metrics the model runs on the gateway's own bookkeeping alone and a defaul
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +56,11 @@ _PRIOR = EngineCost()
 class PredictedLatencyParams:
     prefill_work_weight: Annotated[float, Range(ge=0)] = 0.0
     """Weight of the request's own uncached prefill time on top of its TTFT (0: TTFT alone)."""
+    ttft_tolerance: Annotated[float, Range(ge=0, lt=1)] = 0.05
+    """Routing costs within this fraction of the best are near ties, settled by where the
+    request evicts least (0: the lowest cost always wins)."""
+    churn_half_life_s: Annotated[float, Range(gt=0)] = 20.0
+    """Half-life of the count of blocks recently added to each worker's cache."""
     default_output_tokens: Annotated[int, Range(ge=1)] = _DEFAULT_OUTPUT_TOKENS
     """Output length assumed when the request sets no max_tokens."""
     default_kv_blocks: Annotated[int, Range(ge=1)] = 37_500
@@ -114,6 +123,7 @@ class PredictedLatencyScorer(Scorer):
         )
         self.clock = clock
         self.metrics = metrics
+        self.churn = CacheChurn(p.churn_half_life_s)
         self._sent: dict[str, _Sent] = {}
 
     @classmethod
@@ -147,9 +157,11 @@ class PredictedLatencyScorer(Scorer):
 
     def score(self, request: LLMRequest, endpoints: list[Endpoint]) -> dict[str, float]:
         predictions = request.predictions
-        if not isinstance(predictions, Predictions) or request.tokens is None:
+        tokens = request.tokens
+        if not isinstance(predictions, Predictions) or tokens is None:
             return {}
         weight = self.params.prefill_work_weight
+        candidates: Sequence[Endpoint]
         if (
             not weight
             and predictions.candidates is endpoints
@@ -157,14 +169,29 @@ class PredictedLatencyScorer(Scorer):
         ):
             # The candidates prepare predicted, in its order (no filter ran): the TTFT column is
             # the cost column.
-            return min_max_scores(predictions.workers, predictions.ttft_ms)
+            candidates, addresses, costs = endpoints, predictions.workers, predictions.ttft_ms
+        else:
+            candidates, addresses, costs = self._costs(request, predictions, endpoints, weight)
+        if self.params.ttft_tolerance and len(costs) > 1:
+            costs = self.settle_near_ties(request, candidates, addresses, costs)
+        return min_max_scores(list(addresses), costs)
+
+    def _costs(
+        self,
+        request: LLMRequest,
+        predictions: Predictions,
+        endpoints: list[Endpoint],
+        weight: float,
+    ) -> tuple[list[Endpoint], list[str], list[float]]:
+        """The routing cost of every endpoint that was predicted for, in ``endpoints``' order."""
         ttft = predictions.ttft_ms
         position = predictions.position
-        costs: dict[str, float] = {}
-        if weight:
-            own_ms = self.model.cost.prefill_ms
-            isl, bs = len(request.tokens), request.block_size or 1
-            cached = (request.overlaps or {}).get
+        own_ms = self.model.cost.prefill_ms
+        isl, bs = len(request.tokens or ()), request.block_size or 1
+        cached = (request.overlaps or {}).get
+        kept: list[Endpoint] = []
+        addresses: list[str] = []
+        costs: list[float] = []
         for endpoint in endpoints:
             address = endpoint.address
             i = position(address)
@@ -173,8 +200,55 @@ class PredictedLatencyScorer(Scorer):
             cost = ttft[i]
             if weight:
                 cost += weight * own_ms(max(1, isl - cached(address, 0) * bs))
-            costs[address] = cost
-        return min_max_scores(list(costs), list(costs.values()))
+            kept.append(endpoint)
+            addresses.append(address)
+            costs.append(cost)
+        return kept, addresses, costs
+
+    def settle_near_ties(
+        self,
+        request: LLMRequest,
+        endpoints: Sequence[Endpoint],
+        addresses: Sequence[str],
+        costs: list[float],
+    ) -> list[float]:
+        """``costs`` (parallel to ``endpoints``), with the near ties of the best reordered by
+        the eviction each would cause; a new list when any changed.
+
+        Predictions a few percent apart are within the model's error, and a difference that
+        small is mostly calibration noise: left to decide, it sends every such choice (e.g. a
+        new prompt on an idle fleet) to the one worker whose θ came out a hair lower, which
+        then takes most new content while the other caches sit unused — the fleet caches far
+        less than it could. So among the costs within ``ttftTolerance`` of the best, the cost
+        is instead ordered by where the request does the least harm to what is cached: the
+        blocks it adds to a worker's cache, times how much was added there recently, over the
+        cache's size. An LRU cache filled faster evicts younger, likelier reused blocks, so
+        this favours the worker already holding the prompt and, among equals, the one with
+        the oldest (cheapest to lose) least recently used blocks. The near ties' costs stay
+        below every other cost, so nothing outside them changes order."""
+        best = min(costs)
+        band = best * (1.0 + self.params.ttft_tolerance)
+        near = [i for i, cost in enumerate(costs) if cost <= band]
+        if len(near) < 2 or band <= best:
+            return costs
+        now = self.clock()
+        recent = self.churn.recent
+        blocks = max(1, len(request.tokens or ()) // (request.block_size or 1))
+        cached = (request.overlaps or {}).get
+        default_capacity = self.params.default_kv_blocks
+        harm: list[float] = []
+        for i in near:
+            address = addresses[i]
+            added = max(1, blocks - cached(address, 0))
+            capacity = endpoints[i].metrics.num_gpu_blocks or default_capacity
+            harm.append(added * (recent(address, now) + added) / capacity)
+        worst = max(harm)
+        settled = list(costs)
+        # Spread over the band's width but short of its edge (0.999), ordered by harm.
+        width = (band - best) * 0.999 / worst
+        for i, h in zip(near, harm, strict=True):
+            settled[i] = best + width * h
+        return settled
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -185,6 +259,10 @@ class PredictedLatencyScorer(Scorer):
             return
         request.predicted_ttft_s = chosen.ttft_s
         request.predicted_itl_s = chosen.itl_s
+        if request.tokens is not None:
+            blocks = len(request.tokens) // (request.block_size or 1)
+            cached = (request.overlaps or {}).get(worker, 0)
+            self.churn.add(worker, max(0, blocks - cached), self.clock())
         request.note_decision(_explain(worker, request.predictions or {}, result))
         if request.stream:
             self._sent[request.request_id] = _Sent(worker, chosen, self.clock())
@@ -220,6 +298,31 @@ class PredictedLatencyScorer(Scorer):
     def on_endpoints_changed(self, joined: list[Endpoint], left: list[Endpoint]) -> None:
         for endpoint in left:
             self.model.forget(endpoint.address)
+            self.churn.forget(endpoint.address)
+
+
+class CacheChurn:
+    """Per worker, the KV blocks recently added to its cache by requests routed there: a count
+    that halves every ``half_life_s`` (what KV events would say, known without them)."""
+
+    __slots__ = ("_counts", "_decay_per_s")
+
+    def __init__(self, half_life_s: float) -> None:
+        self._decay_per_s = math.log(2.0) / half_life_s
+        self._counts: dict[str, tuple[float, float]] = {}
+
+    def recent(self, worker: str, now: float) -> float:
+        entry = self._counts.get(worker)
+        if entry is None:
+            return 0.0
+        count, at = entry
+        return count * math.exp(-self._decay_per_s * max(0.0, now - at))
+
+    def add(self, worker: str, blocks: int, now: float) -> None:
+        self._counts[worker] = (self.recent(worker, now) + blocks, now)
+
+    def forget(self, worker: str) -> None:
+        self._counts.pop(worker, None)
 
 
 _EXPLAINED_CANDIDATES = 8
