@@ -10,6 +10,7 @@ from kvgate.bench.bounds import (
     fleet_bounds,
     floor_ttft_s,
     infinite_cache_hits,
+    pooled_cache_hits,
     pooled_hit_rate,
 )
 from kvgate.bench.traces import TokenSynth, TraceRequest, ideal_hit_rate
@@ -140,3 +141,20 @@ def test_fleet_bounds_of_a_homogeneous_fleet() -> None:
     expected = np.percentile(floors_ms, (50, 90, 99))
     assert [bounds.floor_ttft_ms[p] for p in ("p50", "p90", "p99")] == pytest.approx(expected)
     assert bounds.pooled_hit_rate == pooled_hit_rate(trace, 4000, BS)
+
+
+def test_pooled_hits_per_request_follow_the_lru_and_time_the_pooled_floor() -> None:
+    a = TraceRequest(0.0, 1024, 1, (1, 2))
+    b = TraceRequest(1.0, 1024, 1, (3, 4))
+    a_again = TraceRequest(2.0, 1024, 1, (1, 2))
+    # Given out of arrival order, answered in the order given.
+    assert pooled_cache_hits([a_again, b, a], 128, BS) == [1008, 0, 0]
+    assert pooled_cache_hits([a, b, a_again], 64, BS) == [0, 0, 0]
+    config = EngineConfig(block_size=BS, num_gpu_blocks=128, max_model_len=2048)
+    fleet = [WorkerModel(config, PolynomialTiming())]
+    small = floor_ttft_s([a, b, a_again], fleet, pooled_cache_hits([a, b, a_again], 64, BS))
+    large = floor_ttft_s([a, b, a_again], fleet, pooled_cache_hits([a, b, a_again], 128, BS))
+    # Only the third request differs: evicted in the small cache, a hit in the large one.
+    assert small[:2] == large[:2]
+    assert small[2] is not None and large[2] is not None and large[2] < small[2]
+    assert floor_ttft_s([a, b, a_again], fleet) == large

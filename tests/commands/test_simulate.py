@@ -63,6 +63,9 @@ def test_cli_writes_the_json_schema(tmp_path: Path) -> None:
     assert 0.0 < floor["p50"] <= entry["ttft_ms"]["p50"] * (1 + 1e-9)
     assert floor["p90"] <= entry["ttft_ms"]["p90"] * (1 + 1e-9)
     assert entry["hit_rate"] <= report["pooled_hit_rate"] <= report["ideal_hit_rate"]
+    # The pooled cache holds less than the infinite one: its floor is no lower.
+    pooled_floor = report["pooled_floor_ttft_ms"]
+    assert all(pooled_floor[p] >= floor[p] for p in ("p50", "p90", "p99"))
     # kvgate's policy predicts TTFT; the other config (the reference cost) does not.
     assert set(entry["prediction_error"]) == {"p50", "p90"}
     assert 0.0 <= entry["prediction_error"]["p50"] <= entry["prediction_error"]["p90"]
@@ -78,6 +81,7 @@ def test_cli_generates_workloads_with_their_fleet(
     assert main([*argv, "--jobs", "1", "--quiet"]) == 0
     printed = capsys.readouterr()
     assert "floor TTFT (idle worker, infinite cache)" in printed.out
+    assert "pooled floor TTFT (idle worker, that pooled cache)" in printed.out
     assert "4 workers (heterogeneous)" in printed.err
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["trace"] == "workload:hetero:sessions_per_worker=4 load=1.5 seed=0"

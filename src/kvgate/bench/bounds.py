@@ -18,6 +18,13 @@ blocks, the last token always computed). Prompt blocks are inserted back to fron
 a request's blocks, so a prompt's tail is evicted before its head; generated tokens are not
 stored (they never match a later trace prompt).
 
+**Pooled floor TTFT.** The floor TTFT with the pooled cache's hits instead of the infinite
+cache's: each request alone on an idle worker that serves what one LRU cache of the fleet's size
+would. With the capacity paid for and queueing left out, it is what a router could hope for
+when it made the fleet's caches work as one (a reference, not a bound: a router could keep
+better blocks than LRU does, and queueing is real). When it is close to a policy's TTFT, the
+cache's size, not the routing, sets that TTFT.
+
 Both walk the trace at KV-block granularity. A block is named by the trace node holding its last
 token (a path of hash ids from the root: equal paths are equal tokens) and its end offset in that
 512-token trace block, so partial trace blocks count exactly as far as they are shared.
@@ -115,6 +122,16 @@ def pooled_hit_rate(
     requests: Sequence[TraceRequest], capacity_blocks: int, block_size: int
 ) -> float:
     """Cached prompt tokens / prompt tokens of one LRU cache of ``capacity_blocks`` KV blocks."""
+    total = sum(r.input_length for r in requests)
+    hits = pooled_cache_hits(requests, capacity_blocks, block_size)
+    return sum(hits) / total if total else 0.0
+
+
+def pooled_cache_hits(
+    requests: Sequence[TraceRequest], capacity_blocks: int, block_size: int
+) -> list[int]:
+    """Per request (in the order given): the prompt tokens one LRU cache of
+    ``capacity_blocks`` KV blocks serves it, fed the prompts in arrival order."""
     if capacity_blocks < 1:
         raise ValueError(f"capacity must be >= 1 block, got {capacity_blocks}")
     if _BT % block_size:
@@ -124,7 +141,7 @@ def pooled_hit_rate(
 
 def _pooled_by_node(
     requests: Sequence[TraceRequest], capacity_blocks: int, block_size: int
-) -> float:
+) -> list[int]:
     # KV blocks tile each 512-token trace block, so the cache is kept per trace node as the
     # number of its leading KV blocks held. Blocks of a prompt are touched back to front, so
     # within a node the tail is always the least recent part: eviction trims a node from its
@@ -133,18 +150,19 @@ def _pooled_by_node(
     # node's tail too.)
     trie = _TraceTrie()
     held: OrderedDict[int, int] = OrderedDict()
-    size = hits = total = 0
-    for r in sorted(requests, key=_arrival):
+    size = 0
+    hits = [0] * len(requests)
+    for i in sorted(range(len(requests)), key=lambda i: _arrival(requests[i])):
+        r = requests[i]
         nodes = trie.path(r.hash_ids)
         need = [min(_BT, r.input_length - j * _BT) // block_size for j in range(len(nodes))]
-        total += r.input_length
         got = 0
         for node, n in zip(nodes, need, strict=True):
             h = min(held.get(node, 0), n)
             got += h
             if h < n:
                 break
-        hits += min(got, (r.input_length - 1) // block_size) * block_size
+        hits[i] = min(got, (r.input_length - 1) // block_size) * block_size
         for node, n in zip(reversed(nodes), reversed(need), strict=True):
             before = held.get(node, 0)
             if n > before:
@@ -161,25 +179,25 @@ def _pooled_by_node(
             else:
                 held[node] = n - excess
                 size -= excess
-    return hits / total if total else 0.0
+    return hits
 
 
 def _pooled_by_block(
     requests: Sequence[TraceRequest], capacity_blocks: int, block_size: int
-) -> float:
+) -> list[int]:
     """The same, one LRU entry per KV block: for block sizes that do not tile 512 tokens."""
     trie = _TraceTrie()
     lru: OrderedDict[int, None] = OrderedDict()
-    hits = total = 0
-    for r in sorted(requests, key=_arrival):
+    hits = [0] * len(requests)
+    for i in sorted(range(len(requests)), key=lambda i: _arrival(requests[i])):
+        r = requests[i]
         keys = list(_block_keys(trie.path(r.hash_ids), r.input_length, block_size))
-        total += r.input_length
         got = 0
         for key in keys[: (r.input_length - 1) // block_size]:
             if key not in lru:
                 break
             got += 1
-        hits += got * block_size
+        hits[i] = got * block_size
         for key in reversed(keys):
             if key in lru:
                 lru.move_to_end(key)
@@ -187,7 +205,7 @@ def _pooled_by_block(
                 lru[key] = None
         while len(lru) > capacity_blocks:
             lru.popitem(last=False)
-    return hits / total if total else 0.0
+    return hits
 
 
 def prefill_seconds(
@@ -215,15 +233,20 @@ class WorkerModel:
 
 
 def floor_ttft_s(
-    requests: Sequence[TraceRequest], fleet: Sequence[WorkerModel]
+    requests: Sequence[TraceRequest],
+    fleet: Sequence[WorkerModel],
+    hits: Sequence[int] | None = None,
 ) -> list[float | None]:
-    """Per request: the floor TTFT (see the module docs); None when no worker can hold it."""
+    """Per request: the floor TTFT (see the module docs); None when no worker can hold it.
+    ``hits``: the cached tokens per request, instead of the infinite cache's (e.g. the pooled
+    cache's, `pooled_cache_hits`)."""
     if not fleet:
         raise ValueError("the fleet is empty")
     sizes = {w.config.block_size for w in fleet}
     if len(sizes) != 1:
         raise ValueError(f"workers disagree on the block size: {sorted(sizes)}")
-    hits = infinite_cache_hits(requests, sizes.pop())
+    if hits is None:
+        hits = infinite_cache_hits(requests, sizes.pop())
     floors: list[float | None] = []
     for r, cached in zip(requests, hits, strict=True):
         best: float | None = None
@@ -238,18 +261,24 @@ def floor_ttft_s(
 
 
 def fleet_bounds(requests: Sequence[TraceRequest], fleet: Sequence[WorkerModel]) -> Bounds:
-    """The floor TTFT percentiles and the pooled hit rate of ``requests`` on ``fleet``."""
+    """The floor TTFT percentiles, the pooled hit rate and the pooled floor's percentiles of
+    ``requests`` on ``fleet``."""
     # Workers that share sizing and timing give the same floor: time each kind once.
     kinds = list({(w.config, w.timing): w for w in fleet}.values())
-    floors = [f for f in floor_ttft_s(requests, kinds) if f is not None]
-    if floors:
-        values = np.percentile(np.asarray(floors) * 1000.0, (50, 90, 99))
-        floor_ms = {f"p{p}": float(v) for p, v in zip((50, 90, 99), values, strict=True)}
-    else:
-        floor_ms = {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
     capacity = sum(w.config.num_gpu_blocks for w in fleet)
     block_size = fleet[0].config.block_size
+    pooled = pooled_cache_hits(requests, capacity, block_size)
+    total = sum(r.input_length for r in requests)
     return Bounds(
-        floor_ttft_ms=floor_ms,
-        pooled_hit_rate=pooled_hit_rate(requests, capacity, block_size),
+        floor_ttft_ms=_percentiles_ms(floor_ttft_s(requests, kinds)),
+        pooled_hit_rate=sum(pooled) / total if total else 0.0,
+        pooled_floor_ttft_ms=_percentiles_ms(floor_ttft_s(requests, kinds, pooled)),
     )
+
+
+def _percentiles_ms(seconds: Sequence[float | None]) -> dict[str, float]:
+    known = [s for s in seconds if s is not None]
+    if not known:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    values = np.percentile(np.asarray(known) * 1000.0, (50, 90, 99))
+    return {f"p{p}": float(v) for p, v in zip((50, 90, 99), values, strict=True)}

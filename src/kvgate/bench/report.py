@@ -4,9 +4,10 @@
 `PolicyMetrics` that both commands print and write, so the two share one schema:
 
 ``{"trace": ..., "ideal_hit_rate": x, "floor_ttft_ms": {"p50", "p90", "p99"},
-"pooled_hit_rate": x, "policies": {NAME: {"ttft_ms": {"p50", "p90", "p99", "mean"},
-"itl_ms": {"p50", "p90"}, "e2e_ms": {"p50", "p90"}, "hit_rate": x, "throughput_tok_s": x,
-"load_max_over_mean": x, "requests": n, "prediction_error": {"p50", "p90"} | null, ...}}}``
+"pooled_hit_rate": x, "pooled_floor_ttft_ms": {"p50", "p90", "p99"},
+"policies": {NAME: {"ttft_ms": {"p50", "p90", "p99", "mean"}, "itl_ms": {"p50", "p90"},
+"e2e_ms": {"p50", "p90"}, "hit_rate": x, "throughput_tok_s": x, "load_max_over_mean": x,
+"requests": n, "prediction_error": {"p50", "p90"} | null, ...}}}``
 
 The bounds (`kvgate.bench.bounds`) are written only when known (simulation); a policy's
 ``prediction_error`` is null when none of its requests carried a predicted TTFT.
@@ -132,11 +133,14 @@ class Bounds:
     """p50, p90, p99 of each request's TTFT on an idle worker holding an infinite cache."""
     pooled_hit_rate: float
     """Hit rate of one LRU cache with the whole fleet's capacity."""
+    pooled_floor_ttft_ms: dict[str, float]
+    """p50, p90, p99 of each request's TTFT on an idle worker holding that pooled cache."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "floor_ttft_ms": _clean(self.floor_ttft_ms),
             "pooled_hit_rate": _finite(self.pooled_hit_rate),
+            "pooled_floor_ttft_ms": _clean(self.pooled_floor_ttft_ms),
         }
 
 
@@ -266,6 +270,11 @@ def table(
         )
         pooled = bounds.pooled_hit_rate
         lines.append(f"pooled hit rate (one LRU cache of the fleet's size): {pooled:.3f}")
+        f = bounds.pooled_floor_ttft_ms
+        lines.append(
+            f"pooled floor TTFT (idle worker, that pooled cache): p50 {f['p50']:.1f}  "
+            f"p90 {f['p90']:.1f}  p99 {f['p99']:.1f}"
+        )
     if ideal_hit_rate is not None:
         lines.append(f"ideal hit rate (one infinite cache): {ideal_hit_rate:.3f}")
     for name, m in results.items():
