@@ -3,16 +3,17 @@
 For every cell (workload family x load x workers) each policy is replayed in virtual time
 (`kvgate.bench.simulate`, the EPP's own scheduler against simulated engines), and the cell's
 bounds are computed (`kvgate.bench.bounds`: floor TTFT on an idle worker with an infinite cache,
-hit rate of one LRU cache of the fleet's size). Families: ``synthetic`` (the Mooncake synthetic
-trace, at its own rate: load divides its timestamps) and the generated ones of
-`kvgate.bench.workloads` (their rates are per worker, so load 1 is the same pressure on any fleet).
+hit rate of one LRU cache of the fleet's size, and the floor with that pooled cache's hits).
+Families: ``synthetic`` (the Mooncake synthetic trace, at its own rate: load divides its
+timestamps) and the generated ones of `kvgate.bench.workloads` (their rates are per worker, so
+load 1 is the same pressure on any fleet).
 
-Per cell and policy the report gives TTFT p50/p90/p99, hit rate, the floor's p90 and the pooled
-hit rate, and against ``dynamo`` (the reference cost function): the TTFT p90 and p50 ratios, the
-hit-rate ratio and the share of dynamo's excess over the floor the policy closes at p90,
-``(dynamo p90 - policy p90) / (dynamo p90 - floor p90)`` (1 = at the floor, 0 = no better than
-dynamo, < 0 = worse; left out where dynamo is within 1% of the floor). Everything is seeded:
-the same command gives the same numbers, whatever ``--jobs``.
+Per cell and policy the report gives TTFT p50/p90/p99, hit rate, the floor's p90, the pooled
+hit rate and the pooled floor's p90, and against ``dynamo`` (the reference cost function): the
+TTFT p90 and p50 ratios, the hit-rate ratio and the share of dynamo's excess over the floor the
+policy closes at p90, ``(dynamo p90 - policy p90) / (dynamo p90 - floor p90)`` (1 = at the
+floor, 0 = no better than dynamo, < 0 = worse; left out where dynamo is within 1% of the floor).
+Everything is seeded: the same command gives the same numbers, whatever ``--jobs``.
 
     python benchmarks/sweep_policies.py --quick                       # all cells, small workloads
     python benchmarks/sweep_policies.py --family rag --load 1 --workers 8 --policies kv,dynamo
@@ -215,11 +216,12 @@ def _f(x: float | None, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     head = (
         "| family | load | workers | policy | TTFT p50 | p90 | p99 | hit | floor p90 | pooled hit"
-        " | p90 / dyn | p50 / dyn | hit / dyn | p90 gap closed |"
+        " | pooled floor p90 | p90 / dyn | p50 / dyn | hit / dyn | p90 gap closed |"
     )
     lines = [
         f"Policies against `{REFERENCE}`; times in ms; floor = idle worker with an infinite "
-        "cache; pooled = one LRU cache of the fleet's size.",
+        "cache; pooled = one LRU cache of the fleet's size; pooled floor = idle worker with "
+        "that pooled cache.",
         "",
         head,
         "|" + " --- |" * (head.count("|") - 1),
@@ -233,6 +235,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{' (het)' if cell['heterogeneous'] else ''} | {name} | {_f(t['p50'])} "
                 f"| {_f(t['p90'])} | {_f(t['p99'])} | {_f(m['hit_rate'], 3)} "
                 f"| {_f(cell['floor_ttft_ms']['p90'])} | {_f(cell['pooled_hit_rate'], 3)} "
+                f"| {_f((cell.get('pooled_floor_ttft_ms') or {}).get('p90'))} "
                 f"| {_f(r.get('ttft_p90_ratio'), 3)} | {_f(r.get('ttft_p50_ratio'), 3)} "
                 f"| {_f(r.get('hit_rate_ratio'), 3)} | {_f(r.get('p90_gap_closed'), 3)} |"
             )
@@ -285,6 +288,9 @@ def plot(path: Path, report: dict[str, Any], policies: list[str]) -> None:
         for name in policies:
             ax.plot(xs, [c["policies"][name]["ttft_ms"]["p90"] for c in cells], "o-", label=name)
         ax.plot(xs, [c["floor_ttft_ms"]["p90"] for c in cells], "k--", label="floor")
+        pooled = [(c.get("pooled_floor_ttft_ms") or {}).get("p90") for c in cells]
+        if all(v is not None for v in pooled):
+            ax.plot(xs, pooled, "k:", label="pooled floor")
         ax.set_xticks(list(xs), labels, rotation=45, fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("load × workers")
