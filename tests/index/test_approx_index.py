@@ -84,11 +84,13 @@ def test_cap_prunes_to_80_percent_earliest_expiring_first() -> None:
     index.record("a", [1], now=2.0)  # refreshed: now expires after b's blocks
     assert index.entries == 10
     index.record("b", [11], now=3.0)
-    # 11 > 10 → prune to 8: drop the 3 earliest-expiring entries, a's 2, 3, 4.
+    # 11 > 10 → prune to 8: drop the 3 earliest-expiring entries, a's 2..5 expiring together,
+    # tail first (a prompt's blocks are touched back to front): 5, 4, 3.
     assert index.entries == 8
     assert index.sizes() == {"a": 2, "b": 6}
-    for h, holder in [(1, {"a": 1}), (2, {}), (4, {}), (5, {"a": 1}), (6, {"b": 1})]:
+    for h, holder in [(1, {"a": 1}), (2, {"a": 1}), (3, {}), (5, {}), (6, {"b": 1})]:
         assert index.find_matches_at([h], now=3.0) == holder
+    assert index.find_matches_at([1, 2, 3], now=3.0) == {"a": 2}
     assert index.find_matches_at([6, 7, 8, 9, 10, 11], now=3.0) == {"b": 6}
 
 
@@ -145,25 +147,38 @@ def test_invalid_construction(kwargs: dict[str, float]) -> None:
         max_size=25,
     ),
     max_blocks=st.integers(4, 40),
+    capacities=st.fixed_dictionaries(
+        {w: st.one_of(st.none(), st.integers(1, 8)) for w in ("a", "b", "c")}
+    ),
 )
-def test_matches_a_simple_model(ops: list[tuple[str, list[int], float]], max_blocks: int) -> None:
-    """Model: (worker, hash) → expiry; expired entries dropped at each step, then, over the cap,
-    the earliest-expiring down to int(0.8 * cap). Time steps of >= 1 s keep the index's 1 s sweep
-    throttle out of the comparison."""
+def test_matches_a_simple_model(
+    ops: list[tuple[str, list[int], float]],
+    max_blocks: int,
+    capacities: dict[str, int | None],
+) -> None:
+    """Model: (worker, hash) → expiry, in the order last routed (a prompt back to front);
+    expired entries dropped at each step; over a worker's capacity (when given), its least
+    recently routed; then, over the cap, the earliest-expiring down to int(0.8 * cap). Time
+    steps of >= 1 s keep the index's 1 s sweep throttle out of the comparison."""
     index = ApproxPrefixIndex(ttl_s=120.0, max_blocks=max_blocks)
     model: dict[tuple[str, int], float] = {}
     now = 0.0
     for worker, hashes, step in ops:
         now += max(step, 1.0)
         model = {k: t for k, t in model.items() if t > now}
-        for h in hashes:
+        for h in reversed(hashes):
             model.pop((worker, h), None)
             model[(worker, h)] = now + 120.0
+        capacity = capacities[worker]
+        held = [k for k in model if k[0] == worker]
+        if capacity is not None and len(held) > capacity:
+            for k in held[: len(held) - capacity]:
+                del model[k]
         if len(model) > max_blocks:
             keep = sorted(model.items(), key=lambda kv: kv[1])[len(model) - int(max_blocks * 0.8) :]
             # Equal expiries are pruned in insertion order; the dict keeps it, sorted() is stable.
             model = dict(keep)
-        index.record(worker, hashes, now)
+        index.record(worker, hashes, now, capacity)
         assert index.entries == len(model)
         for probe in ([1, 2, 3, 4], hashes, [5, 6, 7, 8, 9, 10, 11, 12]):
             expected = {
@@ -172,3 +187,22 @@ def test_matches_a_simple_model(ops: list[tuple[str, list[int], float]], max_blo
                 if (n := leading({h for (mw, h) in model if mw == w}, probe))
             }
             assert index.find_matches(probe) == expected
+
+
+def test_a_known_capacity_evicts_the_least_recently_routed_tail_first() -> None:
+    index = ApproxPrefixIndex()
+    index.record("a", [1, 2, 3], now=0.0, capacity=5)
+    index.record("b", [1, 2, 3], now=0.0)  # capacity unknown: the TTL alone
+    index.record("a", [7, 8, 9], now=1.0)  # 6 > 5: a's least recent block, 3 (a tail), goes
+    assert index.find_matches_at([1, 2, 3], now=2.0) == {"a": 2, "b": 3}
+    assert index.sizes() == {"a": 5, "b": 3}
+    index.record("a", [1, 2], now=3.0)  # refreshed: now more recent than 7, 8, 9
+    index.record("a", [4], now=4.0)  # evicts 9, the least recent
+    assert index.find_matches_at([7, 8, 9], now=5.0) == {"a": 2}
+    assert index.find_matches_at([1, 2], now=5.0) == {"a": 2, "b": 2}
+    # The capacity is kept until told again, and forgotten with the worker.
+    index.record("a", [20, 21, 22, 23, 24, 25], now=6.0)
+    assert index.sizes()["a"] == 5
+    index.remove_worker("a")
+    index.record("a", [30, 31, 32, 33, 34, 35], now=7.0)
+    assert index.sizes()["a"] == 6

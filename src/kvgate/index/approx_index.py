@@ -5,6 +5,12 @@ The router assumes the worker it picked will cache the request's blocks for ``tt
 capped (2^20 block entries by default) and, when full, pruned to 0.8 of the cap, earliest-expiring
 first.
 
+When a worker's KV capacity is known (``record(..., capacity=)``, from its metrics), the guess
+also follows the engine's eviction: a worker holds at most that many blocks, least recently
+routed evicted first, and a prompt's blocks are touched back to front (as vLLM frees them) so
+its tail goes before its head. A TTL alone claims blocks long evicted from a busy worker's cache
+and keeps routing to them.
+
 Expiry order comes for free: every entry lives in one dict keyed by ``(sequence hash, slot)``
 packed into one int, and because the TTL is constant and time only moves forward, re-inserting on
 refresh keeps that dict sorted by expiry. Expiring and pruning therefore pop from the front in
@@ -44,14 +50,17 @@ class ApproxPrefixIndex(MaskIndex):
         self.ttl_s = ttl_s
         self.max_blocks = max_blocks
         self._expiry: dict[int, float] = {}
-        self._per_slot: list[int] = []
+        # Per slot: its block hashes, least recently routed first (dict order).
+        self._recency: list[dict[int, None]] = []
+        self._capacity: list[int | None] = []
         self._next_sweep = 0.0
 
     def on_new_slot(self, slot: int) -> None:
         if slot >= 1 << _SLOT_BITS:
             raise ValueError(f"approximate index supports at most {1 << _SLOT_BITS} workers")
-        if slot == len(self._per_slot):
-            self._per_slot.append(0)
+        if slot == len(self._recency):
+            self._recency.append({})
+            self._capacity.append(None)
 
     @property
     def entries(self) -> int:
@@ -59,29 +68,48 @@ class ApproxPrefixIndex(MaskIndex):
 
     def size(self, worker: WorkerId) -> int:
         slot = self.slot_of(worker)
-        return 0 if slot is None else self._per_slot[slot]
+        return 0 if slot is None else len(self._recency[slot])
 
     def sizes(self) -> dict[WorkerId, int]:
-        return {w: self._per_slot[s] for w, s in self.slots()}
+        return {w: len(self._recency[s]) for w, s in self.slots()}
 
-    def record(self, worker: WorkerId, hashes: Sequence[int], now: float) -> None:
-        """The request with these block hashes was routed to ``worker`` at ``now``."""
+    def record(
+        self, worker: WorkerId, hashes: Sequence[int], now: float, capacity: int | None = None
+    ) -> None:
+        """The request with these block hashes was routed to ``worker`` at ``now``;
+        ``capacity``: the worker's KV cache size in blocks, if known (kept until told again)."""
         self.expire(now)
         slot = self.slot(worker)
+        if capacity is not None and capacity > 0:
+            self._capacity[slot] = capacity
         bit = 1 << slot
         expires = now + self.ttl_s
         expiry = self._expiry
+        recency = self._recency[slot]
         masks = self.masks
-        fresh = 0
-        for h in hashes:
+        for h in reversed(hashes):
             key = (h << _SLOT_BITS) | slot
             if expiry.pop(key, None) is None:
                 masks[h] = masks.get(h, 0) | bit
-                fresh += 1
+            else:
+                del recency[h]
             expiry[key] = expires
-        self._per_slot[slot] += fresh
+            recency[h] = None
+        limit = self._capacity[slot]
+        if limit is not None and len(recency) > limit:
+            self._evict(slot, len(recency) - limit)
         if len(expiry) > self.max_blocks:
             self._pop_oldest(len(expiry) - int(self.max_blocks * PRUNE_TO))
+
+    def _evict(self, slot: int, count: int) -> None:
+        """Drop ``slot``'s ``count`` least recently routed blocks (its cache is full)."""
+        recency = self._recency[slot]
+        expiry = self._expiry
+        bit = 1 << slot
+        for h in list(islice(recency, count)):
+            del recency[h]
+            del expiry[(h << _SLOT_BITS) | slot]
+            self.drop_bit(h, bit)
 
     def expire(self, now: float) -> None:
         if now < self._next_sweep:
@@ -98,29 +126,33 @@ class ApproxPrefixIndex(MaskIndex):
     def _pop_oldest(self, count: int) -> None:
         expiry = self._expiry
         mask_low = (1 << _SLOT_BITS) - 1
+        recency = self._recency
         for key in list(islice(expiry, count)):
             del expiry[key]
             slot = key & mask_low
-            self._per_slot[slot] -= 1
-            self.drop_bit(key >> _SLOT_BITS, 1 << slot)
+            h = key >> _SLOT_BITS
+            del recency[slot][h]
+            self.drop_bit(h, 1 << slot)
 
     def find_matches_at(self, hashes: Sequence[int], now: float) -> dict[WorkerId, int]:
         self.expire(now)
         return self.find_matches(hashes)
 
     def remove_worker(self, worker: WorkerId) -> None:
+        slot = self.slot_of(worker)
         self.clear_worker(worker)
+        if slot is not None:
+            self._capacity[slot] = None
         self.release_slot(worker)
 
     def clear_worker(self, worker: WorkerId) -> None:
         slot = self.slot_of(worker)
         if slot is None:
             return
-        mask_low = (1 << _SLOT_BITS) - 1
         bit = 1 << slot
         expiry = self._expiry
-        # Rare (a worker leaves): one pass over the entries is acceptable here.
-        for key in [k for k in expiry if k & mask_low == slot]:
-            del expiry[key]
-            self.drop_bit(key >> _SLOT_BITS, bit)
-        self._per_slot[slot] = 0
+        recency = self._recency[slot]
+        for h in recency:
+            del expiry[(h << _SLOT_BITS) | slot]
+            self.drop_bit(h, bit)
+        recency.clear()

@@ -190,12 +190,15 @@ class KvRouter:
         hashes: Sequence[int],
         prefill_tokens: int,
         now: float,
+        *,
+        capacity_blocks: int | None = None,
     ) -> None:
         """Book a request routed here or, keyed ``(router_id, request_id)``, by another replica:
-        both count in the worker's load, and both teach the approximate index."""
+        both count in the worker's load, and both teach the approximate index (which evicts as
+        a cache of ``capacity_blocks``, the worker's KV capacity, when known)."""
         self.active.add(key, worker, hashes, prefill_tokens, now)
         if isinstance(self.index, ApproxPrefixIndex):
-            self.index.record(worker, hashes, now)
+            self.index.record(worker, hashes, now, capacity_blocks)
 
     def route(
         self, request: RoutingRequest, candidates: Sequence[Candidate], now: float

@@ -311,19 +311,15 @@ class KvAwareScorer(Scorer):
         prefill_worker = result.prefill_endpoint
         if prefill_worker is None:
             overlap = overlaps.get(chosen.address, 0)
-            self._book(request.request_id, chosen.address, routing, overlap, now)
+            self._book(request.request_id, chosen, routing, overlap, now)
         else:
             # The prefill worker computes the prompt (minus what it caches) and hands the KV
             # over; the decode worker then holds the blocks with no prefill of its own.
             overlap = overlaps.get(prefill_worker.address, 0)
             self._book(
-                request.request_id + PREFILL_KEY_SUFFIX,
-                prefill_worker.address,
-                routing,
-                overlap,
-                now,
+                request.request_id + PREFILL_KEY_SUFFIX, prefill_worker, routing, overlap, now
             )
-            self._book(request.request_id, chosen.address, routing, None, now)
+            self._book(request.request_id, chosen, routing, None, now)
         best = max((overlaps.get(a, 0) for a in result.primary.scores), default=overlap)
         request.predicted_overlap_blocks = overlap
         request.note_decision(
@@ -337,18 +333,20 @@ class KvAwareScorer(Scorer):
     def _book(
         self,
         key: str,
-        worker: str,
+        endpoint: Endpoint,
         routing: RoutingRequest,
         overlap_blocks: int | None,
         now: float,
     ) -> None:
-        """Book ``routing`` on ``worker`` with its uncached prompt as pending prefill, or none
+        """Book ``routing`` on ``endpoint`` with its uncached prompt as pending prefill, or none
         when ``overlap_blocks`` is None (the prompt is prefilled elsewhere)."""
         if overlap_blocks is None:
             prefill = 0
         else:
             prefill = self.router.uncached_tokens(routing.isl, overlap_blocks)
-        self.router.book_key(key, worker, routing.hashes, prefill, now)
+        worker = endpoint.address
+        capacity = endpoint.metrics.num_gpu_blocks
+        self.router.book_key(key, worker, routing.hashes, prefill, now, capacity_blocks=capacity)
         if self.journal is not None:
             self.journal.added(self.name, key, worker, routing.hashes, prefill)
 
