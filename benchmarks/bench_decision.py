@@ -12,6 +12,8 @@ and the fixture cancel out):
 ``dynamo`` policy); ``kvgate`` is kvgate's policy (hashing and prefix match, then
 predicted-latency-scorer's prepare and score and slo-aware-picker's pick). Both are exactly what
 the microbench times. Without valgrind it prints the CPU time per decision.
+``--ttft-tolerance 0`` turns predicted-latency-scorer's near-tie settling off, to count what it
+adds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import random
 import time
 
 from kvgate.bench.microbench import VOCAB, _build, _decision, _policy_decision
+from kvgate.scheduling.plugins.predicted_latency_scorer import PredictedLatencyParams
 
 
 def main() -> None:
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=1 << 20, help="indexed blocks")
+    parser.add_argument("--ttft-tolerance", type=float, default=None, help="kvgate policy only")
     args = parser.parse_args()
     rng = random.Random(1)
     # As the microbench: the prompt is the start of a longer one cached to different depths.
@@ -42,7 +46,14 @@ def main() -> None:
     if args.policy == "cost-fn":
         decide = _decision(fixture.router, fixture.candidates, tokens, args.block_size)
     else:
-        decide = _policy_decision(fixture.router, fixture.endpoints, tokens, args.block_size)
+        params = (
+            None
+            if args.ttft_tolerance is None
+            else PredictedLatencyParams(ttft_tolerance=args.ttft_tolerance)
+        )
+        decide = _policy_decision(
+            fixture.router, fixture.endpoints, tokens, args.block_size, params
+        )
     decide()
     started = time.process_time()
     for _ in range(args.decisions):

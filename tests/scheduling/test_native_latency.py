@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling import latency_model
-from kvgate.scheduling._latency import min_max_scores, predict, top_scored
+from kvgate.scheduling._latency import min_max_scores, near_ties, predict, top_scored
 from kvgate.scheduling.latency_model import (
     EngineCost,
     LatencyModel,
@@ -23,6 +23,7 @@ from kvgate.scheduling.latency_model import (
     min_max_scores_python,
 )
 from kvgate.scheduling.plugins import slo_aware_picker
+from kvgate.scheduling.plugins.predicted_latency_scorer import near_ties_python
 from kvgate.scheduling.plugins.slo_aware_picker import top_scored_python
 from kvgate.scheduling.request import LoadTables, ScoredEndpoint
 from tests.scheduling.utils import endpoint
@@ -267,3 +268,23 @@ def test_top_scored_declines_what_it_cannot_compare_as_floats() -> None:
     assert top_scored([ep]) is None  # type: ignore[list-item]  # no score slot
     with pytest.raises(AttributeError):  # and the Python says why
         slo_aware_picker.top_scored([ep])  # type: ignore[list-item]
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([0.0, -0.0, 100.0, 104.99, 105.0, 105.01, float("inf")]),
+            st.floats(0.0, 1e6, allow_nan=False),
+        )
+    ),
+    st.sampled_from([0.0, 0.05, 0.5]),
+)
+def test_near_ties_equal_the_python(costs: list[float], tolerance: float) -> None:
+    assert near_ties(costs, tolerance) == near_ties_python(costs, tolerance)
+
+
+def test_near_ties_declines_what_it_cannot_compare_as_floats() -> None:
+    assert near_ties([1.0, 2], 0.05) is None
+    assert near_ties([1.0, math.nan], 0.05) is None
+    assert near_ties((1.0,), 0.05) is None  # type: ignore[arg-type]

@@ -44,7 +44,10 @@ from kvgate.events.types import BlockStored, EngineHash
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics
 from kvgate.index.prefix_index import PrefixIndex
 from kvgate.scheduling.kv_router import Candidate, KvRouter, RoutingRequest
-from kvgate.scheduling.plugins.predicted_latency_scorer import PredictedLatencyScorer
+from kvgate.scheduling.plugins.predicted_latency_scorer import (
+    PredictedLatencyParams,
+    PredictedLatencyScorer,
+)
 from kvgate.scheduling.plugins.slo_aware_picker import SloAwarePicker
 from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
 from kvgate.scheduling.router_config import KvRouterConfig
@@ -249,11 +252,15 @@ def _decision(
 
 
 def _policy_decision(
-    router: KvRouter, endpoints: list[Endpoint], tokens: list[int], block_size: int
+    router: KvRouter,
+    endpoints: list[Endpoint],
+    tokens: list[int],
+    block_size: int,
+    params: PredictedLatencyParams | None = None,
 ) -> Callable[[], list[Endpoint]]:
     """kvgate's policy, plugin by plugin as the scheduler runs it, on the router's index and
     load (what ``kv-aware-scorer`` shares with ``predicted-latency-scorer``)."""
-    scorer = PredictedLatencyScorer("predicted-latency-scorer")
+    scorer = PredictedLatencyScorer("predicted-latency-scorer", params)
     picker = SloAwarePicker("slo-aware-picker", rng=random.Random(0))
     counter = iter(range(1 << 62))
 

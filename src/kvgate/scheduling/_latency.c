@@ -371,6 +371,42 @@ static PyObject *min_max_scores(PyObject *self, PyObject *args) {
     return scores;
 }
 
+/* near_ties(costs, tolerance) -> [index, ...] | None: where the costs within ``tolerance`` of the
+ * lowest are (cost <= low * (1 + tolerance)), in list order. None unless ``costs`` is a list of
+ * floats, none NaN. */
+static PyObject *near_ties(PyObject *self, PyObject *args) {
+    PyObject *costs;
+    double tolerance;
+    if (!PyArg_ParseTuple(args, "Od", &costs, &tolerance)) return NULL;
+    if (!PyList_CheckExact(costs)) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(costs);
+    double low = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cost = PyList_GET_ITEM(costs, i);
+        if (!PyFloat_CheckExact(cost)) Py_RETURN_NONE;
+        double c = PyFloat_AS_DOUBLE(cost);
+        if (c != c) Py_RETURN_NONE;
+        if (i == 0 || c < low) low = c;
+    }
+    double band = low * (1.0 + tolerance);
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= band) count++;
+    PyObject *found = PyList_New(count);
+    if (found == NULL) return NULL;
+    for (Py_ssize_t i = 0, k = 0; k < count; i++) {
+        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= band) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL) {
+                Py_DECREF(found);
+                return NULL;
+            }
+            PyList_SET_ITEM(found, k++, index);
+        }
+    }
+    return found;
+}
+
 /* top_scored(scored) -> [index, ...] | None: where the highest ``score`` is in a list of scored
  * endpoints, in list order. None unless it is a non-empty list whose scores are all floats and
  * none is NaN. */
@@ -421,6 +457,8 @@ static PyMethodDef methods[] = {
      "isl, block_size, default_kv_blocks, cost) -> (addresses, ttft_ms, columns) | None"},
     {"min_max_scores", min_max_scores, METH_VARARGS,
      "min_max_scores(addresses, costs) -> {address: score} | None: the cheapest 1, the dearest 0"},
+    {"near_ties", near_ties, METH_VARARGS,
+     "near_ties(costs, tolerance) -> [index] | None: where costs <= lowest * (1 + tolerance)"},
     {"top_scored", top_scored, METH_O,
      "top_scored(scored) -> [index] | None: where the highest score is, in list order"},
     {NULL, NULL, 0, NULL},

@@ -48,6 +48,12 @@ from kvgate.scheduling.request import (
 )
 from kvgate.scheduling.services import NO_METRICS, SchedulingMetrics
 
+_native_near_ties: Callable[[list[float], float], list[int] | None] | None
+try:  # `_latency.c`; optional, the Python gives the same answer
+    from kvgate.scheduling._latency import near_ties as _native_near_ties
+except ImportError:  # pragma: no cover - depends on the build
+    _native_near_ties = None
+
 _DEFAULT_OUTPUT_TOKENS = 256
 _PRIOR = EngineCost()
 
@@ -174,7 +180,7 @@ class PredictedLatencyScorer(Scorer):
             candidates, addresses, costs = self._costs(request, predictions, endpoints, weight)
         if self.params.ttft_tolerance and len(costs) > 1:
             costs = self.settle_near_ties(request, candidates, addresses, costs)
-        return min_max_scores(list(addresses), costs)
+        return min_max_scores(addresses if type(addresses) is list else list(addresses), costs)
 
     def _costs(
         self,
@@ -226,26 +232,31 @@ class PredictedLatencyScorer(Scorer):
         this favours the worker already holding the prompt and, among equals, the one with
         the oldest (cheapest to lose) least recently used blocks. The near ties' costs stay
         below every other cost, so nothing outside them changes order."""
-        best = min(costs)
-        band = best * (1.0 + self.params.ttft_tolerance)
-        near = [i for i, cost in enumerate(costs) if cost <= band]
-        if len(near) < 2 or band <= best:
+        tolerance = self.params.ttft_tolerance
+        near = near_ties(costs, tolerance)
+        if len(near) < 2:
             return costs
-        now = self.clock()
-        recent = self.churn.recent
+        best = costs[near[0]]
+        for i in near:
+            best = min(best, costs[i])
+        band = best * (1.0 + tolerance)
+        if band <= best:
+            return costs
+        counts, scale = self.churn.counts(self.clock())
+        recent = counts.get
         blocks = max(1, len(request.tokens or ()) // (request.block_size or 1))
         cached = (request.overlaps or {}).get
         default_capacity = self.params.default_kv_blocks
         harm: list[float] = []
         for i in near:
             address = addresses[i]
-            added = max(1, blocks - cached(address, 0))
+            added = blocks - cached(address, 0)
+            added = max(added, 1)
             capacity = endpoints[i].metrics.num_gpu_blocks or default_capacity
-            harm.append(added * (recent(address, now) + added) / capacity)
-        worst = max(harm)
+            harm.append(added * (recent(address, 0.0) * scale + added) / capacity)
         settled = list(costs)
         # Spread over the band's width but short of its edge (0.999), ordered by harm.
-        width = (band - best) * 0.999 / worst
+        width = (band - best) * 0.999 / max(harm)
         for i, h in zip(near, harm, strict=True):
             settled[i] = best + width * h
         return settled
@@ -301,25 +312,57 @@ class PredictedLatencyScorer(Scorer):
             self.churn.forget(endpoint.address)
 
 
+def near_ties(costs: list[float], tolerance: float) -> list[int]:
+    """Where the costs within ``tolerance`` of the lowest are, in list order."""
+    if _native_near_ties is not None:
+        found = _native_near_ties(costs, tolerance)
+        if found is not None:
+            return found
+    return near_ties_python(costs, tolerance)
+
+
+def near_ties_python(costs: list[float], tolerance: float) -> list[int]:
+    if not costs:
+        return []
+    band = min(costs) * (1.0 + tolerance)
+    return [i for i, cost in enumerate(costs) if cost <= band]
+
+
 class CacheChurn:
     """Per worker, the KV blocks recently added to its cache by requests routed there: a count
-    that halves every ``half_life_s`` (what KV events would say, known without them)."""
+    that halves every ``half_life_s`` (what KV events would say, known without them).
 
-    __slots__ = ("_counts", "_decay_per_s")
+    Counts are kept scaled to a common epoch, so that reading every worker's at one instant
+    takes one exponential, not one per worker (`counts`)."""
+
+    __slots__ = ("_counts", "_epoch", "_rate")
+
+    # Rebase the epoch before the scale factor of a new count could overflow a float.
+    _MAX_GROWTH = 1e150
 
     def __init__(self, half_life_s: float) -> None:
-        self._decay_per_s = math.log(2.0) / half_life_s
-        self._counts: dict[str, tuple[float, float]] = {}
+        self._rate = math.log(2.0) / half_life_s
+        self._counts: dict[str, float] = {}
+        self._epoch: float | None = None
+
+    def counts(self, now: float) -> tuple[Mapping[str, float], float]:
+        """The scaled counts and the factor that turns them into recent blocks at ``now``."""
+        if self._epoch is None:
+            return self._counts, 0.0
+        return self._counts, math.exp(-self._rate * (now - self._epoch))
 
     def recent(self, worker: str, now: float) -> float:
-        entry = self._counts.get(worker)
-        if entry is None:
-            return 0.0
-        count, at = entry
-        return count * math.exp(-self._decay_per_s * max(0.0, now - at))
+        counts, scale = self.counts(now)
+        return counts.get(worker, 0.0) * scale
 
     def add(self, worker: str, blocks: int, now: float) -> None:
-        self._counts[worker] = (self.recent(worker, now) + blocks, now)
+        if self._epoch is None:
+            self._epoch = now
+        growth = math.exp(self._rate * (now - self._epoch))
+        if growth > self._MAX_GROWTH:
+            self._counts = {w: c / growth for w, c in self._counts.items()}
+            self._epoch, growth = now, 1.0
+        self._counts[worker] = self._counts.get(worker, 0.0) + blocks * growth
 
     def forget(self, worker: str) -> None:
         self._counts.pop(worker, None)
