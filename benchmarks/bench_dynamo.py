@@ -185,6 +185,24 @@ def epp_stage_ms(metrics_url: str) -> dict[str, float]:
     return {k: 1000.0 * sums[k] / n for k, n in counts.items() if n and k in sums}
 
 
+def ttft_prediction_accuracy(metrics_url: str) -> dict[str, float]:
+    """How far the EPP's TTFT predictions were from what it observed (its
+    ``kvgate_ttft_prediction_error_ratio`` histogram, (observed − predicted) / predicted): the
+    share within ±25% and the share more than 2× slower than predicted; empty without
+    predictions (the reference cost function makes none)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = r'^kvgate_ttft_prediction_error_ratio_bucket\{le="([^"]+)"\} (\S+)$'
+    buckets = {le: float(count) for le, count in re.findall(pattern, text, re.M)}
+    total = buckets.get("+Inf", 0.0)
+    if not total or not {"-0.25", "0.25", "1.0"} <= buckets.keys():
+        return {}
+    return {
+        "ttft_predicted_within_25pct": (buckets["0.25"] - buckets["-0.25"]) / total,
+        "ttft_over_2x_predicted": (total - buckets["1.0"]) / total,
+    }
+
+
 def replay(
     args: argparse.Namespace, name: str, trace: list[Any]
 ) -> tuple[RunRecord, dict[str, float]]:
@@ -211,7 +229,10 @@ def replay(
         record.per_worker = {
             f"{i:x}": after[i] - before.get(i, 0) for i in after if after[i] > before.get(i, 0)
         }
-        return record, epp_stage_ms(gateway.epp_metrics_url) if gateway else {}
+        if gateway is None:
+            return record, {}
+        url = gateway.epp_metrics_url
+        return record, {**epp_stage_ms(url), **ttft_prediction_accuracy(url)}
 
 
 def pooled(records: Sequence[RunRecord]) -> PolicyMetrics:
@@ -310,9 +331,14 @@ def main(argv: list[str] | None = None) -> int:
                 "max_over_mean": m.load_max_over_mean,
                 "load_average_1m": load,
                 "wall_s": time.monotonic() - started,
-                **{f"epp_{stage}_ms": v for stage, v in stages.items()},
+                **{(k if k.startswith("ttft_") else f"epp_{k}_ms"): v for k, v in stages.items()},
             }
             epp = f", EPP {stages['total']:.1f} ms/decision" if "total" in stages else ""
+            if "ttft_predicted_within_25pct" in stages:
+                epp += (
+                    f", TTFT predicted within ±25% for {stages['ttft_predicted_within_25pct']:.0%}"
+                    f", >2x slower for {stages['ttft_over_2x_predicted']:.0%}"
+                )
             print(f"round {r + 1} {name}: TTFT p90 {m.ttft_ms['p90']:.1f} ms, hit "
                   f"{m.hit_rate:.3f}, max/mean {m.load_max_over_mean:.2f}{epp}, load "
                   f"{load:.1f}, {time.monotonic() - started:.0f} s", file=sys.stderr)  # fmt: skip
@@ -338,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         if "epp_total_ms" in rounds[0][name]:
             epp = " / ".join(f"{rd[name]['epp_total_ms']:.1f}" for rd in rounds)
             line += f"; EPP ms per decision {epp}"
+        if "ttft_predicted_within_25pct" in rounds[0][name]:
+            near = " / ".join(f"{rd[name]['ttft_predicted_within_25pct']:.0%}" for rd in rounds)
+            far = " / ".join(f"{rd[name]['ttft_over_2x_predicted']:.0%}" for rd in rounds)
+            line += f"; TTFT predicted within ±25% {near}, >2x slower {far}"
         print(line)
     if "dynamo-kv" in names:
         for name in names:

@@ -93,8 +93,12 @@ def test_file_store_records_give_ids_roles_and_system_servers(tmp_path: Path) ->
     pd_store(tmp_path)
     workers = {w.instance_id: w for w in read_file_store(tmp_path)}
     assert workers == {
-        PREFILL_ID: DynamoWorker(PREFILL_ID, "prefill", "127.0.0.1", "127.0.0.1:31110", "prefill"),
-        DECODE_ID: DynamoWorker(DECODE_ID, "backend", "127.0.0.1", "127.0.0.1:31130", "decode"),
+        PREFILL_ID: DynamoWorker(
+            PREFILL_ID, "prefill", "127.0.0.1", "127.0.0.1:31110", "prefill", 2000
+        ),
+        DECODE_ID: DynamoWorker(
+            DECODE_ID, "backend", "127.0.0.1", "127.0.0.1:31130", "decode", 2000
+        ),
     }
     assert read_file_store(tmp_path, namespace="other") == []
     assert read_file_store(tmp_path / "absent") == []
@@ -127,6 +131,19 @@ def test_endpoints_name_the_worker_and_route_to_the_frontend(tmp_path: Path) -> 
         "127.0.0.1:31130",
         "127.0.0.1:8000",
     )
+    # The card's KV capacity stands in for the metrics Dynamo's workers do not serve.
+    assert (decode.kv_blocks, decode.metrics.num_gpu_blocks) == (2000, 2000)
+
+
+def test_a_card_without_a_usable_kv_capacity_leaves_it_unknown(tmp_path: Path) -> None:
+    for config in ({}, {"total_kv_blocks": None}, {"total_kv_blocks": 0}, {"total_kv_blocks": "9"}):
+        card = card_record(DECODE_ID, "backend", "127.0.0.1:31130", "aggregated")
+        card["card_json"]["runtime_config"] = config
+        write_store(tmp_path, {"instances": [instance_record(DECODE_ID, "backend")], "mdc": [card]})
+        (worker,) = read_file_store(tmp_path)
+        assert worker.kv_blocks is None
+        (ep,) = endpoints_for([worker], WorkerAddressing(), ["127.0.0.1:8000"])
+        assert ep.metrics.num_gpu_blocks is None
 
 
 HEALTH = {

@@ -39,6 +39,8 @@ def test_file_store_and_frontend_list_the_workers_that_run(agg_fleet: DynamoFlee
     stored = read_file_store(agg_fleet.store)
     assert {w.instance_id: w.system_address for w in stored} == workers
     assert {w.component for w in stored} == {"backend"}
+    # The capacity the latency model needs, which the workers' /metrics do not state.
+    assert {w.kv_blocks for w in stored} == {agg_fleet.settings.num_gpu_blocks}
     for mode in ("direct", "kv"):
         health = parse_health(json.loads(get(f"{agg_fleet.frontend(mode).url}/health")))  # type: ignore[arg-type]
         assert {w.instance_id for w in health} == set(workers)

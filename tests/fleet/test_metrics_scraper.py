@@ -108,6 +108,19 @@ async def test_scrape_once_reads_each_engine(
     assert set(request["names"]) == set(ENGINE_METRICS[engine].names)
 
 
+async def test_a_capacity_stated_by_discovery_stays_when_the_scrape_has_none(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    # TensorRT-LLM (like a Dynamo worker's system server) serves no cache configuration.
+    server = await serve(stack, EngineState(engine="trtllm"))
+    endpoint = Endpoint(server.address, engine="trtllm", kv_blocks=1024)
+    assert endpoint.metrics.num_gpu_blocks == 1024
+    scr = await scraper(stack, EndpointSet([endpoint]), start=False)
+    await scr.scrape_once()
+    assert not endpoint.metrics.stale
+    assert endpoint.metrics.num_gpu_blocks == 1024
+
+
 async def test_an_unfiltered_server_works_the_same(stack: contextlib.AsyncExitStack) -> None:
     server = await serve(stack, EngineState(waiting=[9]))
     server.filter_mode = "ignore"

@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from kvgate.fleet.endpoint import Endpoint, EndpointMetrics
+from kvgate.scheduling.active import ActiveSequences
 from kvgate.scheduling.latency_model import CalibrationSettings, EngineCost, LatencyModel
 from kvgate.scheduling.request import LatencyPrediction
 from kvgate.sim.engine import Engine, EngineConfig, SimRequest
@@ -123,3 +125,65 @@ def test_itl_calibration_follows_the_observed_cadence() -> None:
     for _ in range(60):
         model.observe_itl("w", predict(model, 100), target)
     assert predict(model, 100).itl_s == pytest.approx(target, rel=0.05)
+
+
+def _replay(eng: Engine, arrivals: list[tuple[float, SimRequest]], until: float) -> float:
+    """Step ``eng`` through ``arrivals`` (time, request) and stop at the first step boundary at
+    or after ``until``; returns that time."""
+    now, pending = 0.0, sorted(arrivals, key=lambda a: a[0])
+    while now < until:
+        while pending and pending[0][0] <= now:
+            eng.add_request(pending.pop(0)[1], now)
+        now = eng.step(now).end if eng.has_work else pending[0][0] if pending else until
+    return now
+
+
+def _prompt(seed: int, tokens: int) -> list[int]:
+    return [seed * 1_000_003 + j for j in range(tokens)]
+
+
+def test_a_request_that_does_not_fit_in_the_cache_waits_for_running_ones() -> None:
+    # The long-prompt benchmark's shape: 1,024 blocks, prompts of 272 blocks, 32 output tokens.
+    # Three run, staggered; a fourth would take the cache past its size, so it is admitted only
+    # once the first of them ends.
+    prompt, output = 4352, 32
+    config = EngineConfig(block_size=BLOCK, num_gpu_blocks=1024, max_model_len=8192)
+    eng = Engine(config, timing=PolynomialTiming())
+    running = [SimRequest(f"r{i}", _prompt(i, prompt), output, ignore_eos=True) for i in range(3)]
+    arrivals = [(0.35 * i, r) for i, r in enumerate(running)]
+    now = _replay(eng, arrivals, until=0.8)
+    assert all(r.first_token_time is not None and r.finish_time is None for r in running)
+
+    active = ActiveSequences(BLOCK)
+    for r in running:
+        hashes = [hash((r.request_id, b)) for b in range(prompt // BLOCK)]
+        active.add(r.request_id, "w", hashes, prompt, 0.0)
+        active.mark_prefill_complete(r.request_id)
+    newcomer = SimRequest("new", _prompt(9, prompt), output, ignore_eos=True)
+    new_hashes = [hash(("new", b)) for b in range(prompt // BLOCK)]
+
+    def predicted(num_gpu_blocks: int, held: int = 0) -> float:
+        ep = Endpoint("w", metrics=EndpointMetrics(num_gpu_blocks=num_gpu_blocks))
+        made = LatencyModel().predict_endpoints(
+            [ep],
+            isl=prompt,
+            block_size=BLOCK,
+            overlaps={},
+            load=active.tables(),
+            default_kv_blocks=37_500,
+            expected_output_tokens=output,
+            active_overlaps={"w": held} if held else active.active_overlaps(new_hashes),
+        )
+        return made["w"].ttft_s
+
+    eng.add_request(newcomer, now)
+    while newcomer.first_token_time is None:
+        now = eng.step(now).end
+    observed = newcomer.first_token_time - newcomer.arrival_time
+    # With a cache of the default size it would fit at once: the prefill terms alone.
+    assert predicted(37_500) < 0.4 * observed
+    # The gateway does not know how far each running request is; the model takes them spread
+    # evenly (here the first ends 8 decode steps later: 0.28 s observed, 0.40 s predicted).
+    assert 0.5 * observed < predicted(1024) < 2 * observed
+    # Blocks the running requests already hold need no room: a request sharing their prefix fits.
+    assert predicted(1024, held=prompt // BLOCK - 1) < 0.6 * observed

@@ -40,6 +40,7 @@ def test_the_native_predictor_is_built() -> None:
 class Case:
     endpoints: list[Endpoint]
     overlaps: dict[str, int]
+    active_overlaps: dict[str, int]
     load: LoadTables
     fits: dict[str, tuple[float, float, float, int]]
     cost: EngineCost
@@ -70,12 +71,14 @@ class Case:
         made = predict(
             self.endpoints,
             self.overlaps,
+            self.active_overlaps,
             *self.load,
             model.fits,
             model.fit,
             self.isl,
             self.block_size,
             self.default_kv_blocks,
+            self.output_tokens,
             terms,
         )
         return made is None
@@ -90,6 +93,7 @@ class Case:
             load=self.load,
             default_kv_blocks=self.default_kv_blocks,
             expected_output_tokens=self.output_tokens,
+            active_overlaps=self.active_overlaps,
         )
 
 
@@ -127,6 +131,7 @@ def cases(draw: st.DrawFn, count: st.SearchStrategy[int] = counts) -> Case:
     return Case(
         endpoints=endpoints,
         overlaps=table(count),
+        active_overlaps=table(count),
         load=(table(count), table(st.integers(0, 50)), table(st.integers(0, 80)), table(count)),
         fits=draw(st.dictionaries(st.sampled_from(ADDRESSES), fit, max_size=6)),
         cost=cost,
@@ -179,13 +184,20 @@ def test_what_the_native_code_declines() -> None:
     empty: dict[str, int] = {}
     tables = (empty, empty, empty, empty)
 
-    def run(*, overlaps: Mapping[str, object] = empty, cost: tuple[object, ...] = terms) -> object:
-        return predict(ep, overlaps, *tables, model.fits, model.fit, 100, 16, 10, cost)  # type: ignore[arg-type]
+    def run(
+        *,
+        overlaps: Mapping[str, object] = empty,
+        held: Mapping[str, object] = empty,
+        cost: tuple[object, ...] = terms,
+    ) -> object:
+        return predict(ep, overlaps, held, *tables, model.fits, model.fit, 100, 16, 10, 8, cost)  # type: ignore[arg-type]
 
     assert run() is not None
     assert run(overlaps={"10.0.0.1:8000": 1 << 53}) is None  # beyond exact doubles
     assert run(overlaps={"10.0.0.1:8000": 2.0}) is None  # not an int
     assert run(overlaps=DictSubclass({"10.0.0.1:8000": 1})) is None  # not exactly a dict
+    assert run(held={"10.0.0.1:8000": 1 << 53}) is None
+    assert run(held=DictSubclass()) is None
     assert run(cost=(16, *terms[1:])) is None  # an int coefficient: Python computes in ints
     ep[0].metrics.waiting = 1.5  # type: ignore[assignment]
     assert run() is None
@@ -206,14 +218,16 @@ def test_bad_arguments_raise_instead_of_crashing() -> None:
         empty,
         empty,
         empty,
+        empty,
         model.fits,
         model.fit,
         10,
         16,
         5,
+        8,
         terms,
     )
-    for position, bad in ((0, 5), (11, (1.0,)), (11, "x"), (0, [object()]), (7, None)):
+    for position, bad in ((0, 5), (13, (1.0,)), (13, "x"), (0, [object()]), (8, None)):
         args = list(good)
         args[position] = bad
         with pytest.raises((TypeError, AttributeError)):

@@ -288,3 +288,36 @@ def test_recent_additions_halve_every_half_life() -> None:
     assert churn.recent("other", 20.0) == 0.0
     churn.forget("w")
     assert churn.recent("w", 20.0) == 0.0
+
+
+def test_a_worker_whose_cache_cannot_take_the_request_loses_its_cache_hit() -> None:
+    # Worker 0 caches the request's 256-block prefix, but three other 272-block prompts run
+    # there and its cache holds 1,024 blocks: the request waits for one of them to finish.
+    prompt, prefix = 4352, 256
+    scorer = PredictedLatencyScorer("p")
+    endpoints = [endpoint(w, num_gpu_blocks=1024) for w in ADDRESSES[:2]]
+    hashes = list(range(prompt // BLOCK))
+    load = ActiveSequences(BLOCK)
+    for i in range(3):
+        load.add(f"other-{i}", ADDRESSES[0], [10_000 * (i + 1) + b for b in hashes], 0, 0.0)
+        load.mark_prefill_complete(f"other-{i}")
+
+    def pick() -> str:
+        llm: LLMRequest = request(
+            {"model": "m", "prompt": "x", "max_tokens": 32},
+            tokens=list(range(prompt)),
+            block_size=BLOCK,
+            block_hashes=hashes,
+            overlaps={ADDRESSES[0]: prefix},
+            load=load,
+        )
+        run(scorer.prepare(llm, endpoints))
+        scores = scorer.score(llm, endpoints)
+        return max(scores, key=lambda a: scores[a])
+
+    assert pick() == ADDRESSES[1]
+    # One of the running requests shares the prefix: its blocks need no room, the hit wins.
+    load.add("sibling", ADDRESSES[0], hashes[:prefix], 0, 0.0)
+    load.mark_prefill_complete("sibling")
+    load.free("other-2")
+    assert pick() == ADDRESSES[0]

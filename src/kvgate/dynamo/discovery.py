@@ -23,6 +23,9 @@ What kvgate needs per worker, and where it comes from
     - the role: ``prefill`` for the prefill component; ``decode`` for a backend worker whose card
       says so or, when the card is not at hand, for every backend worker of a fleet that has
       prefill workers; otherwise unlabelled (both);
+    - the KV capacity, for the latency model: the card's ``runtime_config.total_kv_blocks``
+      (the worker's ``/metrics`` has no ``vllm:cache_config_info``); without a card (the
+      frontend's ``/health``), the predicted-latency scorer's default;
     - the vLLM-format KV events and their replay socket (``--zmq-kv-events-ports`` /
       ``--zmq-replay-ports`` of the mocker, ``--kv-events-config`` of vLLM): Dynamo does not
       record them, so they follow a convention, ports relative to the system port (default +1 and
@@ -97,6 +100,8 @@ class DynamoWorker:
     """``ip:port`` of its system server, when Dynamo records it (the model card's file URLs)."""
     worker_type: str | None = None
     """``aggregated``, ``prefill`` or ``decode``, from the model card."""
+    kv_blocks: int | None = None
+    """Its KV cache in blocks, from the model card (``runtime_config.total_kv_blocks``)."""
 
 
 def _instance_id(value: object) -> int:
@@ -134,6 +139,15 @@ def _system_address(card: object) -> str | None:
     return None
 
 
+def _kv_blocks(card: object) -> int | None:
+    """``runtime_config.total_kv_blocks`` of a model card: the worker's KV capacity, which its
+    ``/metrics`` does not state (the mocker and Dynamo's vLLM workers serve no
+    ``vllm:cache_config_info``)."""
+    config = card.get("runtime_config") if isinstance(card, Mapping) else None
+    blocks = config.get("total_kv_blocks") if isinstance(config, Mapping) else None
+    return blocks if type(blocks) is int and blocks > 0 else None
+
+
 def _load_records(directory: Path) -> list[dict[str, Any]]:
     if not directory.is_dir():
         return []
@@ -158,7 +172,7 @@ def read_file_store(
 ) -> list[DynamoWorker]:
     """The ``generate`` workers of ``namespace`` registered in a file discovery store."""
     root = Path(root)
-    cards: dict[int, tuple[str | None, str | None]] = {}
+    cards: dict[int, tuple[str | None, str | None, int | None]] = {}
     for record in _load_records(root / "v1" / "mdc"):
         if record.get("namespace") != namespace or record.get("endpoint") != GENERATE:
             continue
@@ -167,13 +181,14 @@ def read_file_store(
         cards[_instance_id(record.get("instance_id"))] = (
             _system_address(card),
             worker_type if isinstance(worker_type, str) else None,
+            _kv_blocks(card),
         )
     workers: list[DynamoWorker] = []
     for record in _load_records(root / "v1" / "instances"):
         if record.get("namespace") != namespace or record.get("endpoint") != GENERATE:
             continue
         instance = _instance_id(record.get("instance_id"))
-        system, worker_type = cards.get(instance, (None, None))
+        system, worker_type, kv_blocks = cards.get(instance, (None, None, None))
         workers.append(
             DynamoWorker(
                 instance,
@@ -181,6 +196,7 @@ def read_file_store(
                 _host_of(record.get("transport")),
                 system,
                 worker_type,
+                kv_blocks,
             )
         )
     return workers
@@ -267,6 +283,7 @@ class WorkerAddressing:
             if self.replay is None
             else events_endpoint_for(address, self.replay.port(system_port)),
             destination=destination,
+            kv_blocks=worker.kv_blocks,
         )
 
 

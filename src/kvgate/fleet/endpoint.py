@@ -58,6 +58,14 @@ class Endpoint:
     """``ip:port`` Envoy sends this worker's requests to when that is not the worker itself: a
     Dynamo frontend, which forwards to the worker named by ``x-worker-instance-id``. None: the
     address. Not part of the identity: a new destination keeps the worker's state."""
+    kv_blocks: int | None = None
+    """KV capacity (blocks) the discovery source states (a Dynamo worker's model card), for
+    engines whose metrics do not say it: the scraper keeps it in ``metrics.num_gpu_blocks``
+    when a scrape has none. Not part of the identity."""
+
+    def __post_init__(self) -> None:
+        if self.metrics.num_gpu_blocks is None:
+            self.metrics.num_gpu_blocks = self.kv_blocks
 
     @property
     def route_address(self) -> str:
@@ -146,6 +154,7 @@ class EndpointSet:
             current = self._by_address.get(address)
             if current is not None and current.same_spec(ep):
                 current.destination = ep.destination
+                current.kv_blocks = ep.kv_blocks
                 merged[address] = current
                 continue
             if current is not None:

@@ -299,6 +299,8 @@ class MetricsScraper(Service):
             stats.consecutive_failures = 0
         metrics.updated_at = time.monotonic()
         metrics.stale = False
+        if metrics.num_gpu_blocks is None:
+            metrics.num_gpu_blocks = target.endpoint.kv_blocks
         target.endpoint.metrics = metrics
         for name in missing:
             if name not in target.missing_reported:

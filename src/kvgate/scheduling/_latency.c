@@ -2,8 +2,8 @@
  * prefix, the load booked on it, its scraped metrics, its calibration) and predict its TTFT, in
  * one call and one loop, with no object made per candidate beyond the TTFT float.
  *
- * predict(endpoints, overlaps, pending, prefilling, in_flight, active_blocks, fits, new_fit,
- *         isl, block_size, default_kv_blocks, cost)
+ * predict(endpoints, overlaps, active_overlaps, pending, prefilling, in_flight, active_blocks,
+ *         fits, new_fit, isl, block_size, default_kv_blocks, output_tokens, cost)
  *     -> (addresses: list[str], ttft_ms: list[float], columns: bytes) | None
  *
  * ``columns`` holds 5 x n doubles, column after column: fixed_ms, token_ms, pending prefill
@@ -139,8 +139,8 @@ static int sub(long long a, long long b, long long *r) {
 typedef struct {
     double a, b, c, d0, d1, d2, floor;
     long long budget;
-    long long isl, block_size, default_blocks, request_tokens;
-    PyObject *overlaps, *pending, *prefilling, *in_flight, *active_blocks, *fits, *new_fit;
+    long long isl, block_size, default_blocks, request_tokens, output_tokens;
+    PyObject *overlaps, *held, *pending, *prefilling, *in_flight, *active_blocks, *fits, *new_fit;
 } Inputs;
 
 typedef struct {
@@ -181,9 +181,10 @@ static int thetas_of(PyObject *address, const Inputs *in, double *fixed, double 
 }
 
 static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, Prediction *p) {
-    long long cached, pending, prefilling, in_flight, active, capacity, uncached, decoding;
+    long long cached, held, pending, prefilling, in_flight, active, capacity, uncached, decoding;
     int rc;
     if ((rc = table_int(in->overlaps, address, &cached)) != OK) return rc;
+    if ((rc = table_int(in->held, address, &held)) != OK) return rc;
     if ((rc = table_int(in->pending, address, &pending)) != OK) return rc;
     if ((rc = table_int(in->prefilling, address, &prefilling)) != OK) return rc;
     if ((rc = table_int(in->in_flight, address, &in_flight)) != OK) return rc;
@@ -222,6 +223,23 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
     p->pending = (double)pending;
     p->decoding = (double)decoding;
 
+    /* _kv_wait_steps: decode steps until the request's blocks fit in the cache. */
+    long long held_tokens, lacking;
+    if (!mul(held, in->block_size, &held_tokens) ||
+        !add(active_tokens, in->request_tokens, &lacking) || !sub(lacking, held_tokens, &lacking) ||
+        !sub(lacking, capacity, &lacking))
+        return OUTSIDE;
+    double wait = 0.0;
+    if (lacking > 0 && active_tokens > 0 && in_flight > 0) {
+        long long product, finishing, steps_num;
+        if (!mul(lacking, in_flight, &product) || !add(product, active_tokens - 1, &product))
+            return OUTSIDE;
+        finishing = product / active_tokens; /* both positive: the ceiling of the exact ratio */
+        if (finishing > in_flight) finishing = in_flight;
+        if (!mul(finishing, in->output_tokens, &steps_num)) return OUTSIDE;
+        wait = (double)steps_num / (double)(in_flight + 1);
+    }
+
     /* LatencyModel.predict_many's loop body. */
     long long total, chunk, full, rest, steps, sq, chunk_sq, rest_sq;
     if (!add(pending > 0 ? pending : 0, uncached > 0 ? uncached : 1, &total)) return OUTSIDE;
@@ -237,14 +255,15 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
         !add(chunk_sq, rest_sq, &sq))
         return OUTSIDE;
     double fixed;
+    double u = usage < 0 ? 0.0 : usage > 1 ? 1.0 : usage;
+    double decode_now = in->d0 + in->d1 * u + in->d2 * u * u;
+    decode_now = decode_now > in->floor ? decode_now : in->floor;
     if (decoding > 0) {
-        double u = usage < 0 ? 0.0 : usage > 1 ? 1.0 : usage;
-        double decode_now = in->d0 + in->d1 * u + in->d2 * u * u;
-        decode_now = decode_now > in->floor ? decode_now : in->floor;
         fixed = (double)steps * (in->a + decode_now) + 0.5 * decode_now;
     } else {
         fixed = (double)steps * in->a;
     }
+    if (wait > 0) fixed += wait * decode_now;
     double token = in->b * (double)total + in->c * (double)sq;
     double theta_fixed, theta_token;
     if ((rc = thetas_of(address, in, &theta_fixed, &theta_token)) != OK) return rc;
@@ -257,9 +276,10 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
 static PyObject *predict(PyObject *self, PyObject *args) {
     PyObject *endpoints, *cost;
     Inputs in;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOLLLO!", &endpoints, &in.overlaps, &in.pending,
-                          &in.prefilling, &in.in_flight, &in.active_blocks, &in.fits, &in.new_fit,
-                          &in.isl, &in.block_size, &in.default_blocks, &PyTuple_Type, &cost))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOLLLLO!", &endpoints, &in.overlaps, &in.held,
+                          &in.pending, &in.prefilling, &in.in_flight, &in.active_blocks, &in.fits,
+                          &in.new_fit, &in.isl, &in.block_size, &in.default_blocks,
+                          &in.output_tokens, &PyTuple_Type, &cost))
         return NULL;
     if (PyTuple_GET_SIZE(cost) != 8) {
         PyErr_SetString(PyExc_TypeError, "cost must be a tuple of 8 numbers");
@@ -275,13 +295,14 @@ static PyObject *predict(PyObject *self, PyObject *args) {
     int rc = exact_int(PyTuple_GET_ITEM(cost, 7), &in.budget);
     if (rc == FAILED) return NULL;
     if (rc == OUTSIDE) Py_RETURN_NONE;
-    if (!PyDict_CheckExact(in.overlaps) || !PyDict_CheckExact(in.pending) ||
+    if (!PyDict_CheckExact(in.overlaps) || !PyDict_CheckExact(in.held) ||
+        !PyDict_CheckExact(in.pending) ||
         !PyDict_CheckExact(in.prefilling) || !PyDict_CheckExact(in.in_flight) ||
         !PyDict_CheckExact(in.active_blocks) || !PyDict_CheckExact(in.fits))
         Py_RETURN_NONE;
     long long blocks;
     if (!in_range(in.isl) || in.isl < 0 || in.block_size <= 0 || !in_range(in.block_size) ||
-        !in_range(in.default_blocks) ||
+        !in_range(in.default_blocks) || !in_range(in.output_tokens) ||
         !add(in.isl, in.block_size - 1, &blocks) ||
         !mul(blocks / in.block_size, in.block_size, &in.request_tokens))
         Py_RETURN_NONE;

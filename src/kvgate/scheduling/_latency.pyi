@@ -4,6 +4,7 @@ from typing import Any
 def predict(
     endpoints: Sequence[Any],
     overlaps: object,
+    active_overlaps: object,
     pending: object,
     prefilling: object,
     in_flight: object,
@@ -13,6 +14,7 @@ def predict(
     isl: int,
     block_size: int,
     default_kv_blocks: int,
+    output_tokens: int,
     cost: tuple[float, float, float, float, float, float, float, int],
 ) -> tuple[list[str], list[float], bytes] | None: ...
 def min_max_scores(addresses: list[str], costs: list[float]) -> dict[str, float] | None: ...

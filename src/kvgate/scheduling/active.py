@@ -162,6 +162,10 @@ class ActiveSequences:
         candidate, natively when it can)."""
         return self.prefill, self._prefilling, self._in_flight, self.blocks.per_worker
 
+    def active_overlaps(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
+        """Per worker, the leading run of ``hashes`` among its in-flight requests' blocks."""
+        return self.blocks.find_matches(hashes)
+
     def add(
         self,
         request_id: RequestKey,

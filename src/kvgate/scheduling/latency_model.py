@@ -21,6 +21,19 @@ decoding the chunk is ``C = M − D`` tokens, so ``P + U`` tokens take ``k = ⌈
     token_ms = prefill_per_token·(P+U) + prefill_per_token²·(⌊(P+U)/C⌋·C² + ((P+U) mod C)²)
     TTFT     = θ_fixed·fixed_ms + θ_token·token_ms
 
+**Waiting for KV space.** The engine admits a request only when its blocks fit in the cache
+beside those of the requests it runs (prefix caching evicts idle cached blocks, never running
+ones). A request of ``R`` blocks, ``S`` of them (a leading run) already held by requests in
+flight on ``w``, next to ``A`` active blocks in a cache of ``K`` blocks, lacks
+``E = A + R − S − K`` blocks; with ``n`` requests in flight (``A/n`` blocks each on average) it
+waits for ``j = min(⌈E·n/A⌉, n)`` of them to finish. Their remaining decode steps taken as spread
+evenly over this request's expected output ``O``, the ``j``-th ends after ``j·O/(n+1)`` steps::
+
+    fixed_ms += j·O/(n+1) · decode(u)
+
+(``A``, ``n``: what the gateway booked; ``K``: the endpoint's ``num_gpu_blocks``. A small cache
+full of long prompts queues requests for whole decodes, which the prefill terms alone miss.)
+
 **ITL.** ``θ_itl · (decode(u') + prefill interference)``: ``u'`` counts this request's blocks
 too; the interference spreads the time of the prompt work queued on ``w`` over the tokens the
 request will generate.
@@ -229,6 +242,15 @@ class Predictions(Mapping[str, LatencyPrediction]):
         return len(self.workers)
 
 
+def _kv_wait_steps(lacking: int, active: int, in_flight: int, output_tokens: int) -> float:
+    """Decode steps until ``lacking`` KV tokens are freed by requests finishing (the module
+    docstring's ``j·O/(n+1)``); ``active``: the in-flight requests' KV tokens."""
+    if lacking <= 0 or active <= 0 or in_flight <= 0:
+        return 0.0
+    finishing = min(-(-(lacking * in_flight) // active), in_flight)
+    return finishing * output_tokens / (in_flight + 1)
+
+
 def min_max_scores(addresses: Sequence[str], costs: Sequence[float]) -> dict[str, float]:
     """Scores from costs (parallel sequences), min-max: the cheapest 1, the dearest 0."""
     if _native_scores is not None and type(addresses) is list and type(costs) is list:
@@ -336,10 +358,20 @@ class LatencyModel:
         usage_after: Sequence[float],
         expected_output_tokens: int,
         candidates: Sequence[Endpoint] | None = None,
+        kv_wait_steps: Sequence[float] | None = None,
     ) -> Predictions:
         """`predict` for many workers at once (parallel sequences); ``candidates``: the endpoints
-        behind ``workers``, in their order, when the predictions are made from endpoints."""
-        ttft, fixed_ms, token_ms = self._ttft_columns(workers, uncached, pending, decoding, usage)
+        behind ``workers``, in their order, when the predictions are made from endpoints;
+        ``kv_wait_steps``: decode steps each worker makes before the request's blocks fit in
+        its cache (none when absent)."""
+        ttft, fixed_ms, token_ms = self._ttft_columns(
+            workers,
+            uncached,
+            pending,
+            decoding,
+            usage,
+            kv_wait_steps=[0.0] * len(workers) if kv_wait_steps is None else kv_wait_steps,
+        )
         return Predictions(
             self,
             workers,
@@ -359,26 +391,32 @@ class LatencyModel:
         load: LoadTables,
         default_kv_blocks: int,
         expected_output_tokens: int,
+        active_overlaps: Mapping[str, int] | None = None,
     ) -> Predictions:
         """Predict a request of ``isl`` prompt tokens on each of ``endpoints``: the routing hot
         path, one native call when `_latency.c` is built (`predict_endpoints_python` otherwise,
         and whenever a value is outside what the native code computes exactly).
 
         Each endpoint's inputs: the blocks of the request it caches (``overlaps``), the work the
-        gateway booked there (``load``), and its scraped metrics: its KV capacity
-        (``num_gpu_blocks``, else ``default_kv_blocks``) and, unless stale, the requests it holds
-        beyond those booked here (another gateway's, direct clients'), each assumed to bring a
-        prompt of this request's size."""
+        gateway booked there (``load``), the request's leading blocks that requests in flight
+        there already hold (``active_overlaps``: they need no new space), and its scraped
+        metrics: its KV capacity (``num_gpu_blocks``, else ``default_kv_blocks``) and, unless
+        stale, the requests it holds beyond those booked here (another gateway's, direct
+        clients'), each assumed to bring a prompt of this request's size."""
+        if active_overlaps is None:
+            active_overlaps = {}
         if _native_predict is not None:
             made = _native_predict(
                 endpoints,
                 overlaps,
+                active_overlaps,
                 *load,
                 self.fits,
                 self.fit,
                 isl,
                 block_size,
                 default_kv_blocks,
+                expected_output_tokens,
                 self._cost_terms,
             )
             if made is not None:
@@ -399,6 +437,7 @@ class LatencyModel:
             load=load,
             default_kv_blocks=default_kv_blocks,
             expected_output_tokens=expected_output_tokens,
+            active_overlaps=active_overlaps,
         )
 
     def predict_endpoints_python(
@@ -411,21 +450,34 @@ class LatencyModel:
         load: LoadTables,
         default_kv_blocks: int,
         expected_output_tokens: int,
+        active_overlaps: Mapping[str, int] | None = None,
     ) -> Predictions:
         """`predict_endpoints` in Python (what the native code must equal)."""
         request_tokens = -(-isl // block_size) * block_size
         workers = [ep.address for ep in endpoints]
         cached = overlaps.get
+        held = (active_overlaps or {}).get
         uncached = [isl - cached(w, 0) * block_size for w in workers]
         booked, prefilling_on, in_flight_on, active_on = (t.get for t in load)
         pending = [booked(w, 0) for w in workers]
         prefilling = [prefilling_on(w, 0) for w in workers]
-        decoding = [in_flight_on(w, 0) - p for w, p in zip(workers, prefilling, strict=True)]
+        in_flight = [in_flight_on(w, 0) for w in workers]
+        decoding = [n - p for n, p in zip(in_flight, prefilling, strict=True)]
         capacity = [
             (ep.metrics.num_gpu_blocks or default_kv_blocks) * block_size for ep in endpoints
         ]
-        usage = [active_on(w, 0) * block_size / c for w, c in zip(workers, capacity, strict=True)]
+        active = [active_on(w, 0) * block_size for w in workers]
+        usage = [a / c for a, c in zip(active, capacity, strict=True)]
         usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
+        kv_wait = [
+            _kv_wait_steps(
+                active[i] + request_tokens - held(w, 0) * block_size - capacity[i],
+                active[i],
+                in_flight[i],
+                expected_output_tokens,
+            )
+            for i, w in enumerate(workers)
+        ]
         for i, endpoint in enumerate(endpoints):
             metrics = endpoint.metrics
             if metrics.waiting > prefilling[i] and not metrics.stale:
@@ -439,6 +491,7 @@ class LatencyModel:
             usage_after=usage_after,
             expected_output_tokens=expected_output_tokens,
             candidates=endpoints,
+            kv_wait_steps=kv_wait,
         )
 
     def _ttft_columns(
@@ -448,6 +501,8 @@ class LatencyModel:
         pending: Sequence[int],
         decoding: Sequence[int],
         usage: Sequence[float],
+        *,
+        kv_wait_steps: Sequence[float],
     ) -> tuple[list[float], list[float], list[float]]:
         """Calibrated TTFT, fixed_ms and token_ms per worker (the module docstring's formulas;
         `_latency.c` repeats this loop operation for operation)."""
@@ -464,21 +519,23 @@ class LatencyModel:
         ttft: list[float] = []
         fixed_ms: list[float] = []
         token_ms: list[float] = []
-        for worker, fresh, ahead, dec, used in zip(
-            workers, uncached, pending, decoding, usage, strict=True
+        for worker, fresh, ahead, dec, used, wait in zip(
+            workers, uncached, pending, decoding, usage, kv_wait_steps, strict=True
         ):
             total = (ahead if ahead > 0 else 0) + (fresh if fresh > 0 else 1)
             chunk = budget - dec if dec < budget else 1
             full, rest = divmod(total, chunk)
+            u = 0.0 if used < 0 else 1.0 if used > 1 else used
+            decode_now = d0 + d1 * u + d2 * u * u
+            decode_now = decode_now if decode_now > floor else floor
             if dec > 0:
-                u = 0.0 if used < 0 else 1.0 if used > 1 else used
-                decode_now = d0 + d1 * u + d2 * u * u
-                decode_now = decode_now if decode_now > floor else floor
                 # A decode step is under way: on average half of it remains. (A prefill step
                 # under way needs no term: its tokens are still counted in the pending work.)
                 fixed = (full + (1 if rest else 0)) * (a + decode_now) + 0.5 * decode_now
             else:
                 fixed = (full + (1 if rest else 0)) * a
+            if wait > 0:
+                fixed += wait * decode_now
             token = b * total + c * (full * chunk * chunk + rest * rest)
             fit = fits.get(worker) or self.fit(worker)
             ttft.append(fit.theta_fixed * fixed + fit.theta_token * token)

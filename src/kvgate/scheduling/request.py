@@ -51,6 +51,11 @@ class LoadView(Protocol):
         candidate's load in one pass."""
         ...
 
+    def active_overlaps(self, hashes: Sequence[int]) -> Mapping[str, int]:
+        """Per worker, the leading blocks of ``hashes`` that requests in flight there already
+        hold (blocks a request sent there would not need to allocate); absent: none."""
+        ...
+
 
 @dataclass(slots=True)
 class LatencyPrediction:

@@ -4,8 +4,10 @@ predicted to see there.
 prepare     for every candidate, predict the request's TTFT and ITL with the calibrated engine
             model of `kvgate.scheduling.latency_model` (product ``LATENCY_PREDICTIONS``), from
             the KV scorer's products: the tokens, the endpoint's cached prefix (``overlaps``) and
-            the work already booked there (``load``); the endpoint's scraped metrics add work the
-            gateway did not book (requests waiting beyond its own) and the KV capacity;
+            the work already booked there (``load``, and which of the request's blocks the
+            requests in flight there hold); the endpoint's scraped metrics add work the gateway
+            did not book (requests waiting beyond its own) and the KV capacity (unknown:
+            ``default_kv_blocks``): a request that does not fit waits for running ones to end;
 score       rank by routing cost = predicted TTFT + ``prefillWorkWeight`` × the request's own
             uncached prefill time. The second term (off by default) counts the work this
             request adds to the worker once more, for the requests that will queue behind it:
@@ -148,6 +150,7 @@ class PredictedLatencyScorer(Scorer):
         if tokens is None or overlaps is None or load is None or block_size is None:
             return
         started = time.perf_counter()
+        hashes = request.block_hashes
         request.predictions = self.model.predict_endpoints(
             endpoints,
             isl=len(tokens),
@@ -156,6 +159,7 @@ class PredictedLatencyScorer(Scorer):
             load=load.tables(),
             default_kv_blocks=self.params.default_kv_blocks,
             expected_output_tokens=_output_tokens(request.body, self.params.default_output_tokens),
+            active_overlaps=load.active_overlaps(hashes) if hashes else None,
         )
         self.metrics.stage("predict", time.perf_counter() - started)
 
