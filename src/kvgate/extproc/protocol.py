@@ -26,10 +26,14 @@ DESTINATION_SERVED_KEY = headers.SERVED
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = headers.SUBSET
 LB_NAMESPACE = "envoy.lb"
+OBSERVER_NAMESPACE = "kvgate.epp"
+"""Dynamic metadata the routing answer sets for an observe-only ext_proc filter to forward."""
+OBSERVER_KEY = "request"
 MAX_CHUNK_BYTES = 62_000
 
 BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 BUFFERED_MODES = frozenset(
     {
         processing_mode_pb2.ProcessingMode.BUFFERED,
@@ -64,10 +68,15 @@ def header_mutation(
     )
 
 
-def lb_metadata(destinations: Sequence[str]) -> struct_pb2.Struct:
-    """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``."""
+def lb_metadata(
+    destinations: Sequence[str], *, observer_key: str | None = None
+) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``, and with
+    ``observer_key`` ``{"kvgate.epp": {"request": key}}`` for the observer filter."""
     meta = struct_pb2.Struct()
     meta.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(destinations)}})
+    if observer_key is not None:
+        meta.update({OBSERVER_NAMESPACE: {OBSERVER_KEY: observer_key}})
     return meta
 
 
