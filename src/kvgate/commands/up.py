@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="EPP replicas share in-flight load through a local nats-server "
         "(default: on when --epp-replicas > 1 in kv mode)",
     )
+    p.add_argument(
+        "--response-phase",
+        choices=["observer", "inline"],
+        help="how the EPP sees responses: an observe-only ext_proc filter that Envoy does not "
+        "wait for (default with one EPP replica), or in the routing filter's path, each chunk "
+        "a round trip (default with several replicas)",
+    )
     p.add_argument("--status-interval", type=float, default=5.0, help="seconds; 0 = quiet")
     return p
 
@@ -151,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         prefill_workers=args.prefill_workers,
         epp_replicas=args.epp_replicas,
         replica_sync=args.replica_sync,
+        response_observer=None
+        if args.response_phase is None
+        else args.response_phase == "observer",
     )
     # The gateway's children are processes supervised from this thread: no event loop here.
     stop = threading.Event()

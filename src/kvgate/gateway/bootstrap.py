@@ -14,6 +14,13 @@
 - The EPP gets request and response headers and both bodies in FULL_DUPLEX_STREAMED mode (the GAIE
   reference), so it sees first token and completion. The body transformer is configured as the
   seed configures it: request headers SEND, request body BUFFERED, responses skipped.
+- With ``response_observer`` the routing filter gets no response phase; a second ext_proc filter
+  to the same EPP, just before the router, runs in ``observability_mode``: Envoy sends it the
+  response headers, each body chunk (STREAMED) and trailers and waits for nothing, so no response
+  chunk waits for Python. It forwards the ``kvgate.epp`` dynamic metadata the routing answer set
+  (the request's server-side id; clients cannot set metadata), which ties its stream to the
+  routed request. The EPP sets no response headers, so observability mode's ignored mutations
+  lose nothing. Its stream must reach the replica that routed, so it needs a single EPP host.
 - Failure mode: ``FailClose`` rejects when the EPP is unreachable; ``FailOpen`` passes the request
   on, to a round-robin cluster of the workers (the destination header is then absent, and a
   second route catches that case). Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so
@@ -34,12 +41,14 @@ from typing import Any, Literal
 
 import yaml
 
-from kvgate.extproc import headers
+from kvgate.extproc import headers, protocol
 
 DESTINATION_HEADER = headers.DESTINATION
 UPSTREAM_HEADER = "x-kvgate-upstream-endpoint"
 """The one address the ORIGINAL_DST cluster connects to: the first entry of the destination."""
 STRIPPED_HEADERS = (*headers.GATEWAY_INTERNAL, UPSTREAM_HEADER)
+OBSERVER_NAMESPACE = protocol.OBSERVER_NAMESPACE
+OBSERVER_FILTER = "envoy.filters.http.ext_proc.epp_response_observer"
 # Envoy's Lua has no string split; the first comma-separated entry, blanks trimmed.
 FIRST_ENDPOINT_LUA = f"""
 function envoy_on_request(handle)
@@ -62,6 +71,9 @@ _HCM = (
 )
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_EXT_PROC_PER_ROUTE = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+)
 _LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 _HEADER_MUTATION = (
     "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
@@ -92,6 +104,8 @@ class GatewaySpec:
     """Every EPP replica; empty: just ``epp_address``."""
     epp_health_ports: Sequence[int] = ()
     """The gRPC health port of each replica in ``epp_addresses``: Envoy health-checks them."""
+    response_observer: bool = False
+    """The EPP sees responses through an observe-only filter instead of in the request path."""
 
     def epp_hosts(self) -> list[tuple[str, int]]:
         return list(self.epp_addresses) or [self.epp_address]
@@ -167,7 +181,13 @@ def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dic
 
 
 def _ext_proc(
-    cluster: str, *, full_duplex: bool, fail_open: bool, responses: bool, retries: int = 0
+    cluster: str,
+    *,
+    full_duplex: bool,
+    fail_open: bool,
+    responses: bool,
+    retries: int = 0,
+    observed: bool = False,
 ) -> dict[str, Any]:
     body_mode = "FULL_DUPLEX_STREAMED" if full_duplex else "BUFFERED"
     # Envoy cannot fail open once body chunks went to the processor in full-duplex mode (it
@@ -190,15 +210,43 @@ def _ext_proc(
             "num_retries": retries,
             "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.25s"},
         }
+    config: dict[str, Any] = {
+        "@type": _EXT_PROC,
+        "grpc_service": grpc_service,
+        "processing_mode": mode,
+        "message_timeout": "1000s",
+        "failure_mode_allow": fail_open,
+        "allow_mode_override": False,
+    }
+    if observed:
+        # The routing answer's request id, for the observer filter to forward.
+        config["metadata_options"] = {"receiving_namespaces": {"untyped": [OBSERVER_NAMESPACE]}}
+    return {"name": f"envoy.filters.http.ext_proc.{cluster}", "typed_config": config}
+
+
+def _response_observer(cluster: str) -> dict[str, Any]:
     return {
-        "name": f"envoy.filters.http.ext_proc.{cluster}",
+        "name": OBSERVER_FILTER,
         "typed_config": {
             "@type": _EXT_PROC,
-            "grpc_service": grpc_service,
-            "processing_mode": mode,
-            "message_timeout": "1000s",
-            "failure_mode_allow": fail_open,
-            "allow_mode_override": False,
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+            "observability_mode": True,
+            # Envoy closes the stream this long after the HTTP stream ends, so that messages
+            # still on their way are not cut off; the EPP completes the request at the end of
+            # the response (or at the routing stream's end plus its grace) before that.
+            "deferred_close_timeout": "5s",
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                # The only body mode observability mode sends.
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SEND",
+            },
+            "metadata_options": {"forwarding_namespaces": {"untyped": [OBSERVER_NAMESPACE]}},
+            # Observing must never fail a request.
+            "failure_mode_allow": True,
         },
     }
 
@@ -213,6 +261,10 @@ def _lua(name: str, code: str) -> dict[str, Any]:
 def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     fail_open = spec.failure_mode == "FailOpen"
     epp_hosts = spec.epp_hosts()
+    if spec.response_observer and len(epp_hosts) > 1:
+        raise ValueError(
+            "the response observer needs one EPP host: it must reach the one that routed"
+        )
     filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.header_mutation",
@@ -227,8 +279,9 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
             "epp",
             full_duplex=not fail_open,
             fail_open=fail_open,
-            responses=True,
+            responses=not spec.response_observer,
             retries=len(epp_hosts) if len(epp_hosts) > 1 else 0,
+            observed=spec.response_observer,
         ),
         _lua("kvgate.first_endpoint", FIRST_ENDPOINT_LUA),
     ]
@@ -262,6 +315,8 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         if not spec.lua_code:
             raise ValueError("Lua code required for --body-transformer lua")
         filters.append(_lua("envoy.filters.http.lua", spec.lua_code))
+    if spec.response_observer:
+        filters.append(_response_observer("epp"))
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
     timeout = f"{spec.request_timeout_s:g}s"
     routes: list[dict[str, Any]] = [
@@ -278,12 +333,16 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         }
     ]
     if fail_open and spec.workers:
-        routes.append(
-            {
-                "match": {"prefix": "/"},
-                "route": {"cluster": "fail_open_workers", "timeout": timeout},
+        fallback: dict[str, Any] = {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "fail_open_workers", "timeout": timeout},
+        }
+        if spec.response_observer:
+            # Not routed by the EPP: nothing to observe.
+            fallback["typed_per_filter_config"] = {
+                OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}
             }
-        )
+        routes.append(fallback)
     hcm = {
         "@type": _HCM,
         "stat_prefix": "kvgate",

@@ -84,6 +84,10 @@ class LocalGatewayConfig:
     replica_sync: bool | None = None
     """Replicas share in-flight load over a local nats-server; None: on iff ``epp_replicas > 1``
     (and ``mode`` is "kv": standard mode has no KV scorer, so nothing to share)."""
+    response_observer: bool | None = None
+    """The EPP sees responses through an observe-only ext_proc filter (no response chunk waits
+    for it) instead of in the request path; None: on iff ``epp_replicas == 1`` (the observer's
+    stream must reach the replica that routed)."""
     sync_timeout_s: float = 30.0
     """With replica sync: how long to wait for every replica to connect and see all its peers."""
     backend: Backend = "sim"
@@ -99,6 +103,11 @@ class LocalGatewayConfig:
         if self.replica_sync is None:
             return self.epp_replicas > 1 and self.mode == "kv"
         return self.replica_sync
+
+    def observer_enabled(self) -> bool:
+        if self.response_observer is None:
+            return self.epp_replicas == 1
+        return self.response_observer
 
     def epp_config_name(self) -> str:
         """The shipped EndpointPickerConfig for this mode, routing and fleet shape."""
@@ -202,6 +211,11 @@ class LocalGateway:
         cfg = self.config
         if cfg.epp_replicas < 1:
             raise StartupError(f"epp_replicas must be >= 1, got {cfg.epp_replicas}")
+        if cfg.response_observer and cfg.epp_replicas > 1:
+            raise StartupError(
+                "the response observer needs one EPP replica (its stream must reach the one "
+                "that routed); use the inline response phase with several"
+            )
         envoy = find_envoy()
         tokenizer = cfg.tokenizer or default_tokenizer()
         if cfg.mode == "kv" and tokenizer is None:
@@ -275,6 +289,7 @@ class LocalGateway:
             body_transformer=cfg.body_transformer,
             body_transformer_address=bt_address,
             lua_code=lua_code,
+            response_observer=cfg.observer_enabled(),
         )
         envoy_config = self.run_dir / "envoy.yaml"
         envoy_config.write_text(bootstrap_yaml(spec))
