@@ -92,7 +92,7 @@ async def test_the_observer_reports_first_chunk_usage_and_end_and_gets_no_answer
     stack: Stack,
 ) -> None:
     routing, key, booking = await route_without_responses(stack, "observe me")
-    assert key != "client-chosen"  # the server-side id, never the client's
+    assert key != "client-chosen"  # the picker's own key, never the client's
     assert stack.runtime.director.awaiting_observer == 1  # type: ignore[union-attr]
     call = stack.channel.stream_stream(
         "/envoy.service.ext_proc.v3.ExternalProcessor/Process",

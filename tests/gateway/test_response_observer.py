@@ -237,7 +237,7 @@ async def test_client_gone_mid_stream_frees_the_request(sim_gateway: ObservedGat
 async def test_concurrent_streams_sharing_a_client_request_id_are_kept_apart(
     sim_gateway: ObservedGateway,
 ) -> None:
-    """The observer's stream names its request by the server-side id in Envoy's metadata, not by
+    """The observer's stream names its request by the picker's key in Envoy's metadata, not by
     anything a client sends: the same ``x-request-id`` on every request, some cut off early,
     frees each request exactly once."""
     metrics = sim_gateway.runtime.metrics

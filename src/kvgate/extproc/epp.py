@@ -21,7 +21,7 @@ Phases, as Envoy sends them:
 The response phase may instead come on a second stream, from an ext_proc filter in
 ``observability_mode`` (Envoy sends and does not wait, so no response chunk waits for the picker):
 when the routing stream's ``protocol_config`` says it gets no response body, the request waits in
-the director under its server-side id, which the routing answer also puts in dynamic metadata
+the director under a random key of its own, which the routing answer also puts in dynamic metadata
 (namespace ``kvgate.epp``, which clients cannot set); the observer's stream carries that metadata
 and feeds phase 3 to the routed request. Phase 4 then has two signals: the observer's stream ends,
 or the routing stream ends (Envoy closes it when the HTTP stream is gone) and no end of response
@@ -36,6 +36,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -120,14 +121,17 @@ class Director:
         self._awaiting_observer: dict[str, RequestStream] = {}
         """Routed requests whose response phase comes on an observer stream, by server-side id."""
 
-    def await_observer(self, stream: RequestStream) -> None:
-        self._awaiting_observer[stream.request_id] = stream
+    def await_observer(self, stream: RequestStream) -> str:
+        """Registers ``stream`` for an observer; returns the key the observer will name."""
+        key = secrets.token_hex(16)
+        self._awaiting_observer[key] = stream
+        return key
 
-    def observed(self, request_id: str) -> RequestStream | None:
-        return self._awaiting_observer.get(request_id)
+    def observed(self, observer_key: str) -> RequestStream | None:
+        return self._awaiting_observer.get(observer_key)
 
-    def forget_observed(self, request_id: str) -> None:
-        self._awaiting_observer.pop(request_id, None)
+    def forget_observed(self, observer_key: str) -> None:
+        self._awaiting_observer.pop(observer_key, None)
 
     @property
     def awaiting_observer(self) -> int:
@@ -196,6 +200,11 @@ class RequestStream:
         """The server-side key of this request's bookkeeping, unique per stream: clients may
         repeat an ``x-request-id`` (by mistake or to free another request's load)."""
         self.client_request_id: str | None = None
+        self.observer_key: str | None = None
+        """Names this request to the observer filter's stream (through Envoy's dynamic metadata),
+        when one reports its response. Not ``request_id``: that one travels to the worker as
+        ``x-request-id`` and may come back to the client, and whoever could reach the EPP's port
+        with it could end the request."""
         # Envoy skips the request headers phase when so configured (request_header_mode SKIP):
         # a body may come first.
         self.subset: list[str] | None = None
@@ -315,7 +324,7 @@ class RequestStream:
         self.result = result
         self.director.scheduler.pre_request(request, result)
         if not self.responses_here:
-            self.director.await_observer(self)
+            self.observer_key = self.director.await_observer(self)
         chosen = result.endpoint
         if chosen.destination is not None:
             # Reached through a Dynamo frontend: the request must name the worker, whichever
@@ -333,9 +342,7 @@ class RequestStream:
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None
         mutation = self._route_mutation(destinations, request.routing_headers, length)
-        metadata = proto.lb_metadata(
-            destinations, observer_key=None if self.responses_here else self.request_id
-        )
+        metadata = proto.lb_metadata(destinations, observer_key=self.observer_key)
         if self.full_duplex:
             head = proto.request_headers_response(mutation, clear_route_cache=True)
             head.dynamic_metadata.CopyFrom(metadata)
@@ -501,7 +508,8 @@ class RequestStream:
         if self.completed or self.request is None or self.result is None:
             return
         self.completed = True
-        self.director.forget_observed(self.request_id)
+        if self.observer_key is not None:
+            self.director.forget_observed(self.observer_key)
         usage = self.usage.result()
         self.response.prompt_tokens = usage.prompt_tokens
         self.response.completion_tokens = usage.completion_tokens
@@ -519,7 +527,7 @@ class RequestStream:
             self.reserved = 0
         if self.completed:
             return
-        if self.director.observed(self.request_id) is self:
+        if self.observer_key is not None:
             # The HTTP stream is over; the observer's last messages may still be on their way.
             asyncio.get_running_loop().call_later(
                 self.director.options.observer_grace_s, self.observation_ended

@@ -18,7 +18,7 @@
   to the same EPP, just before the router, runs in ``observability_mode``: Envoy sends it the
   response headers, each body chunk (STREAMED) and trailers and waits for nothing, so no response
   chunk waits for Python. It forwards the ``kvgate.epp`` dynamic metadata the routing answer set
-  (the request's server-side id; clients cannot set metadata), which ties its stream to the
+  (a random key per routed request; clients cannot set metadata), which ties its stream to the
   routed request. The EPP sets no response headers, so observability mode's ignored mutations
   lose nothing. Its stream must reach the replica that routed, so it needs a single EPP host.
 - Failure mode: ``FailClose`` rejects when the EPP is unreachable; ``FailOpen`` passes the request
