@@ -22,7 +22,10 @@ picker), whatever the engine does. Three paths, alternating round by round:
 
 plus the EPP's and Envoy's CPU per chunk (their idle background subtracted):
 
-    python benchmarks/bench_gateway.py --stream [--rounds 5] [--streams 24] [--chunks 64]
+    python benchmarks/bench_gateway.py --stream [--rounds 5] [--streams 24] [--chunks 64] [--pin]
+
+``--pin`` puts the EPPs on the last CPU and everything else on the others (the picker with a
+core of its own, as a deployment gives it).
 
 Loopback only; every loop bounded in count and time.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -241,6 +245,15 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), {cpu})
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 def stream_main(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-stream-"))
     sup = Supervisor(run_dir)
@@ -270,6 +283,24 @@ def stream_main(args: argparse.Namespace) -> int:
                 "envoy": running.children["envoy"].process.pid,
                 "epp": running.children["epp"].process.pid,
             }
+        if args.pin:
+            # The EPPs on the last core, everything on the chunks' path on the others: what the
+            # observer costs when the picker has a core of its own.
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs two CPUs")
+            rest = set(cpus[:-1])
+            for procs in pids.values():
+                for role, pid in procs.items():
+                    if role == "epp":
+                        pin(pid, cpus[-1])
+                    else:
+                        for task in Path(f"/proc/{pid}/task").iterdir():
+                            os.sched_setaffinity(int(task.name), rest)
+            os.sched_setaffinity(0, rest)
+            for task in Path(f"/proc/{upstream.process.pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), rest)
+            results["pinned"] = {"epp": cpus[-1], "others": sorted(rest)}
         for url in urls.values():  # warm every path
             asyncio.run(stream_delays(url, 2, 8, args.interval_ms, 10.0))
         for round_no in range(args.rounds):
@@ -352,6 +383,11 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=64, help="--stream: chunks per stream")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="--stream: between chunks")
     parser.add_argument("--stream-rate", type=float, default=4.0, help="--stream: streams/s")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="--stream: the EPPs on the last CPU, the rest on the others",
+    )
     parser.add_argument("--serve-sse", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_sse:
