@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kvgate.errors import StartupError
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
 from kvgate.gateway.status import status_line
 from tests.gateway.utils import MODEL, get, send_many
@@ -130,3 +131,19 @@ def test_killed_replica_is_skipped_and_its_peer_expires(
 def test_replica_sync_default(replicas: int, sync: bool | None, mode: str, expected: bool) -> None:
     config = LocalGatewayConfig(epp_replicas=replicas, replica_sync=sync, mode=mode)  # type: ignore[arg-type]
     assert config.sync_enabled() is expected
+
+
+@pytest.mark.parametrize(
+    ("replicas", "observer", "expected"),
+    [(1, None, True), (2, None, False), (1, False, False), (1, True, True)],
+)
+def test_response_observer_default(replicas: int, observer: bool | None, expected: bool) -> None:
+    """The observer's stream must reach the replica that routed: on by default with one only."""
+    config = LocalGatewayConfig(epp_replicas=replicas, response_observer=observer)
+    assert config.observer_enabled() is expected
+
+
+def test_the_response_observer_is_refused_with_several_replicas(tmp_path: Path) -> None:
+    config = LocalGatewayConfig(epp_replicas=2, response_observer=True, run_dir=tmp_path)
+    with pytest.raises(StartupError, match="one EPP replica"):
+        LocalGateway(config).start()

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"--backend dynamo starts its workers; {drop}", USAGE_ERROR)
     if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
         return fail(PROG, "--prefill-workers must leave at least one decode worker", USAGE_ERROR)
+    if args.response_phase == "observer" and args.epp_replicas > 1:
+        return fail(PROG, "--response-phase observer needs one EPP replica", USAGE_ERROR)
     config = LocalGatewayConfig(
         workers=args.workers,
         endpoints=args.endpoint,
