@@ -586,8 +586,13 @@ async def _observe_stream(
     director.metrics.observer_streams.labels("matched").inc()
     try:
         stream.observe(first)
-        async for msg in rest:
-            stream.observe(msg)
+        # Ending the call once the response has ended closes Envoy's side too, rather than
+        # holding it until Envoy's deferred close (seconds after the HTTP stream).
+        if not stream.completed:
+            async for msg in rest:
+                stream.observe(msg)
+                if stream.completed:
+                    break
     finally:
         stream.observation_ended()
 
