@@ -119,7 +119,7 @@ class Director:
         self.open_streams = 0
         """ext_proc streams being served now (one per HTTP request in flight through Envoy)."""
         self._awaiting_observer: dict[str, RequestStream] = {}
-        """Routed requests whose response phase comes on an observer stream, by server-side id."""
+        """Routed requests whose response phase comes on an observer stream, by observer key."""
 
     def await_observer(self, stream: RequestStream) -> str:
         """Registers ``stream`` for an observer; returns the key the observer will name."""
@@ -477,8 +477,9 @@ class RequestStream:
             return [proto.echo_response_chunk(chunk, end)]
         return [proto.continue_response("response_body")]
 
-    def observe(self, msg: pb.ProcessingRequest) -> None:
-        """A message of this request's observer stream: the response phase, nothing answered."""
+    def observe(self, msg: pb.ProcessingRequest) -> bool:
+        """A message of this request's observer stream: the response phase, nothing answered.
+        True once the request is complete (nothing more to observe)."""
         kind = msg.WhichOneof("request")
         if kind == "response_headers":
             self._response_headers(msg)
@@ -486,6 +487,7 @@ class RequestStream:
             self._observe_body(msg.response_body.body, msg.response_body.end_of_stream)
         elif kind == "response_trailers":
             self._complete()
+        return self.completed
 
     def observation_ended(self) -> None:
         """No more of the response will be observed: complete the request if its end was not
@@ -585,14 +587,15 @@ async def _observe_stream(
         return
     director.metrics.observer_streams.labels("matched").inc()
     try:
-        stream.observe(first)
         # Ending the call once the response has ended closes Envoy's side too, rather than
         # holding it until Envoy's deferred close (seconds after the HTTP stream).
-        if not stream.completed:
+        if not stream.observe(first):
             async for msg in rest:
-                stream.observe(msg)
-                if stream.completed:
+                if stream.observe(msg):
                     break
+    except Exception:
+        # Nothing to answer (Envoy ignores it): the request is completed below, as aborted.
+        log.exception("request %s: internal error observing the response", stream.log_id)
     finally:
         stream.observation_ended()
 
