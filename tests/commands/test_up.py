@@ -88,11 +88,11 @@ def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--epp-replicas" in capsys.readouterr().err
 
 
-def test_response_phase_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    assert build_parser().parse_args([]).response_phase is None  # observer iff one replica
+def test_response_phase_flag() -> None:
+    assert build_parser().parse_args([]).response_phase == "observer"
     assert build_parser().parse_args(["--response-phase", "inline"]).response_phase == "inline"
-    assert main(["--response-phase", "observer", "--epp-replicas", "2"]) == 2
-    assert "needs one EPP replica" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--response-phase", "both"])
 
 
 def test_endpoints_file_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

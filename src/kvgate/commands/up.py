@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--response-phase",
         choices=["observer", "inline"],
+        default="observer",
         help="how the EPP sees responses: an observe-only ext_proc filter that Envoy does not "
-        "wait for (default with one EPP replica), or in the routing filter's path, each chunk "
-        "a round trip (default with several replicas)",
+        "wait for (default), or in the routing filter's path, each chunk a round trip (the GAIE "
+        "reference)",
     )
     p.add_argument("--status-interval", type=float, default=5.0, help="seconds; 0 = quiet")
     return p
@@ -136,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"--backend dynamo starts its workers; {drop}", USAGE_ERROR)
     if args.prefill_workers and not 0 < args.prefill_workers < args.workers:
         return fail(PROG, "--prefill-workers must leave at least one decode worker", USAGE_ERROR)
-    if args.response_phase == "observer" and args.epp_replicas > 1:
-        return fail(PROG, "--response-phase observer needs one EPP replica", USAGE_ERROR)
     config = LocalGatewayConfig(
         workers=args.workers,
         endpoints=args.endpoint,
@@ -160,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         prefill_workers=args.prefill_workers,
         epp_replicas=args.epp_replicas,
         replica_sync=args.replica_sync,
-        response_observer=None
-        if args.response_phase is None
-        else args.response_phase == "observer",
+        response_observer=args.response_phase == "observer",
     )
     # The gateway's children are processes supervised from this thread: no event loop here.
     stop = threading.Event()

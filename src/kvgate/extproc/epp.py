@@ -88,6 +88,10 @@ class EppOptions:
     inline_nvext: bool = False
     """Merge Dynamo's ``nvext`` routing fields into the body here (the body transformer's job,
     one ext_proc hop less)."""
+    observer_replica: str | None = None
+    """This replica's name, added to the observer key in the routing answer's metadata
+    (``kvgate.epp`` ``replica``), so that a gateway with several replicas can send the observer's
+    stream to the one that routed."""
     observer_grace_s: float = 2.0
     """A request whose response goes to an observer stream is completed (as aborted) this long
     after its routing stream ended without the end of the response: the observer's last
@@ -342,7 +346,11 @@ class RequestStream:
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None
         mutation = self._route_mutation(destinations, request.routing_headers, length)
-        metadata = proto.lb_metadata(destinations, observer_key=self.observer_key)
+        metadata = proto.lb_metadata(
+            destinations,
+            observer_key=self.observer_key,
+            replica=self.director.options.observer_replica,
+        )
         if self.full_duplex:
             head = proto.request_headers_response(mutation, clear_route_cache=True)
             head.dynamic_metadata.CopyFrom(metadata)

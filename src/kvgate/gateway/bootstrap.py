@@ -20,7 +20,10 @@
   chunk waits for Python. It forwards the ``kvgate.epp`` dynamic metadata the routing answer set
   (a random key per routed request; clients cannot set metadata), which ties its stream to the
   routed request. The EPP sets no response headers, so observability mode's ignored mutations
-  lose nothing. Its stream must reach the replica that routed, so it needs a single EPP host.
+  lose nothing. Its stream must reach the replica that routed: with several EPP hosts each
+  replica names itself in that metadata too (``--observer-replica``), one route per replica
+  matches the name, and the route's ExtProcPerRoute sends the observer to a cluster of that
+  replica alone.
 - Failure mode: ``FailClose`` rejects when the EPP is unreachable; ``FailOpen`` passes the request
   on, to a round-robin cluster of the workers (the destination header is then absent, and a
   second route catches that case). Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so
@@ -106,6 +109,9 @@ class GatewaySpec:
     """The gRPC health port of each replica in ``epp_addresses``: Envoy health-checks them."""
     response_observer: bool = False
     """The EPP sees responses through an observe-only filter instead of in the request path."""
+    epp_replica_names: Sequence[str] = ()
+    """With the observer and several EPP hosts: each host's ``--observer-replica`` name, in the
+    order of ``epp_addresses``."""
 
     def epp_hosts(self) -> list[tuple[str, int]]:
         return list(self.epp_addresses) or [self.epp_address]
@@ -251,6 +257,37 @@ def _response_observer(cluster: str) -> dict[str, Any]:
     }
 
 
+def _observer_cluster(replica: int) -> str:
+    return f"epp_observer_{replica}"
+
+
+def _observer_disabled() -> dict[str, Any]:
+    return {OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}}
+
+
+def _observed_by(route: dict[str, Any], replica: str, cluster: str) -> dict[str, Any]:
+    """``route`` for requests the replica named ``replica`` routed (its name in the routing
+    answer's metadata), with their observer stream sent to ``cluster``: that replica alone."""
+    match = {
+        **route["match"],
+        "dynamic_metadata": [
+            {
+                "filter": OBSERVER_NAMESPACE,
+                "path": [{"key": protocol.OBSERVER_REPLICA_KEY}],
+                "value": {"string_match": {"exact": replica}},
+            }
+        ],
+    }
+    override = {"grpc_service": {"envoy_grpc": {"cluster_name": cluster}}}
+    return {
+        **route,
+        "match": match,
+        "typed_per_filter_config": {
+            OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "overrides": override}
+        },
+    }
+
+
 def _lua(name: str, code: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -261,9 +298,11 @@ def _lua(name: str, code: str) -> dict[str, Any]:
 def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     fail_open = spec.failure_mode == "FailOpen"
     epp_hosts = spec.epp_hosts()
-    if spec.response_observer and len(epp_hosts) > 1:
+    per_replica = spec.response_observer and len(epp_hosts) > 1
+    if per_replica and len(spec.epp_replica_names) != len(epp_hosts):
         raise ValueError(
-            "the response observer needs one EPP host: it must reach the one that routed"
+            "the response observer with several EPP hosts needs each one's replica name: its "
+            "stream must reach the one that routed"
         )
     filters: list[dict[str, Any]] = [
         {
@@ -302,6 +341,10 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         },
         epp_cluster,
     ]
+    if per_replica:
+        clusters += [
+            _cluster(_observer_cluster(i), [host], http2=True) for i, host in enumerate(epp_hosts)
+        ]
     if spec.workers:
         clusters.append(_cluster("fail_open_workers", spec.workers, http2=False))
     if spec.body_transformer == "ext-proc":
@@ -319,19 +362,26 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         filters.append(_response_observer("epp"))
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
     timeout = f"{spec.request_timeout_s:g}s"
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {
-                "prefix": "/",
-                "headers": [{"name": DESTINATION_HEADER, "present_match": True}],
-            },
-            "route": {
-                "cluster": "original_destination_cluster",
-                "timeout": timeout,
-                "idle_timeout": timeout,
-            },
-        }
-    ]
+    routed: dict[str, Any] = {
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": DESTINATION_HEADER, "present_match": True}],
+        },
+        "route": {
+            "cluster": "original_destination_cluster",
+            "timeout": timeout,
+            "idle_timeout": timeout,
+        },
+    }
+    routes: list[dict[str, Any]] = []
+    if per_replica:
+        routes += [
+            _observed_by(routed, name, _observer_cluster(i))
+            for i, name in enumerate(spec.epp_replica_names)
+        ]
+        # Routed without naming a replica (a request without a body): no observer knows it.
+        routed = {**routed, "typed_per_filter_config": _observer_disabled()}
+    routes.append(routed)
     if fail_open and spec.workers:
         fallback: dict[str, Any] = {
             "match": {"prefix": "/"},
@@ -339,9 +389,7 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         }
         if spec.response_observer:
             # Not routed by the EPP: nothing to observe.
-            fallback["typed_per_filter_config"] = {
-                OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}
-            }
+            fallback["typed_per_filter_config"] = _observer_disabled()
         routes.append(fallback)
     hcm = {
         "@type": _HCM,

@@ -84,10 +84,10 @@ class LocalGatewayConfig:
     replica_sync: bool | None = None
     """Replicas share in-flight load over a local nats-server; None: on iff ``epp_replicas > 1``
     (and ``mode`` is "kv": standard mode has no KV scorer, so nothing to share)."""
-    response_observer: bool | None = None
+    response_observer: bool = True
     """The EPP sees responses through an observe-only ext_proc filter (no response chunk waits
-    for it) instead of in the request path; None: on iff ``epp_replicas == 1`` (the observer's
-    stream must reach the replica that routed)."""
+    for it) instead of in the request path; with several replicas each names itself in the
+    routing answer and Envoy sends the observer's stream to the one that routed."""
     sync_timeout_s: float = 30.0
     """With replica sync: how long to wait for every replica to connect and see all its peers."""
     backend: Backend = "sim"
@@ -103,11 +103,6 @@ class LocalGatewayConfig:
         if self.replica_sync is None:
             return self.epp_replicas > 1 and self.mode == "kv"
         return self.replica_sync
-
-    def observer_enabled(self) -> bool:
-        if self.response_observer is None:
-            return self.epp_replicas == 1
-        return self.response_observer
 
     def epp_config_name(self) -> str:
         """The shipped EndpointPickerConfig for this mode, routing and fleet shape."""
@@ -164,6 +159,7 @@ class LocalGateway:
         self.epp_health_ports: list[int] = []
         self.epp_metrics_ports: list[int] = []
         self.replica_ids: list[str] = []
+        self.observer_names: list[str] = []
         self.nats_url: str | None = None
         self.nats_child: Child | None = None
 
@@ -211,11 +207,6 @@ class LocalGateway:
         cfg = self.config
         if cfg.epp_replicas < 1:
             raise StartupError(f"epp_replicas must be >= 1, got {cfg.epp_replicas}")
-        if cfg.response_observer and cfg.epp_replicas > 1:
-            raise StartupError(
-                "the response observer needs one EPP replica (its stream must reach the one "
-                "that routed); use the inline response phase with several"
-            )
         envoy = find_envoy()
         tokenizer = cfg.tokenizer or default_tokenizer()
         if cfg.mode == "kv" and tokenizer is None:
@@ -289,7 +280,8 @@ class LocalGateway:
             body_transformer=cfg.body_transformer,
             body_transformer_address=bt_address,
             lua_code=lua_code,
-            response_observer=cfg.observer_enabled(),
+            response_observer=cfg.response_observer,
+            epp_replica_names=self.observer_names,
         )
         envoy_config = self.run_dir / "envoy.yaml"
         envoy_config.write_text(bootstrap_yaml(spec))
@@ -387,6 +379,9 @@ class LocalGateway:
                 epp_args += ["--tokenizer", tokenizer]
             if cfg.body_transformer == "inline":
                 epp_args.append("--inline-nvext")
+            if cfg.response_observer and n > 1:
+                self.observer_names.append(f"epp-{i}")
+                epp_args += ["--observer-replica", f"epp-{i}"]
             if self.nats_url is not None:
                 replica_id = f"epp-{i}"
                 epp_args += [
