@@ -165,3 +165,20 @@ async def test_a_routing_stream_that_sees_the_response_itself_awaits_no_observer
     assert proto.OBSERVER_NAMESPACE not in routed.metadata
     assert stack.runtime.director.awaiting_observer == 0  # type: ignore[union-attr]
     stream.cancel()
+
+
+async def test_a_named_replica_names_itself_next_to_the_key(stack: Stack) -> None:
+    """With several replicas the gateway routes the observer's stream by this name."""
+    options = stack.runtime.director.options  # type: ignore[union-attr]
+    options.observer_replica = "epp-3"
+    try:
+        stream = ExtProcStream(stack.channel)
+        routed = await stream.route(
+            chat_body("which replica?", max_tokens=2), response_body_mode=proto.BODY_NONE
+        )
+        observer = routed.metadata[proto.OBSERVER_NAMESPACE]
+        assert observer[proto.OBSERVER_REPLICA_KEY] == "epp-3"
+        assert observer[proto.OBSERVER_KEY]
+        stream.cancel()
+    finally:
+        options.observer_replica = None
