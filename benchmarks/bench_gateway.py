@@ -9,6 +9,8 @@ four paths, each measured at a fixed arrival rate with small and ~2k-token chat 
     epp+bt      Envoy → EPP → body transformer (ext_proc) → worker   (--body-transformer ext-proc)
     epp+inline  Envoy → EPP doing the nvext merge itself → worker     (--body-transformer inline)
 
+(each with kvgate up's default response observer: the EPP reads the response, Envoy does not wait)
+
     python benchmarks/bench_gateway.py [--rate 50] [--requests 400] [--json out.json]
 
 ``--stream`` measures the response phase instead: what each streamed chunk pays for the picker.
