@@ -92,7 +92,7 @@ def make_bodies(kind: str, count: int, seed: int) -> list[bytes]:
     return bodies
 
 
-def headers_msg() -> pb.ProcessingRequest:
+def headers_msg(*, responses: bool = True) -> pb.ProcessingRequest:
     headers = {
         ":method": "POST",
         ":path": "/v1/chat/completions",
@@ -108,7 +108,11 @@ def headers_msg() -> pb.ProcessingRequest:
         )
     )
     msg.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
-    msg.protocol_config.response_body_mode = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+    msg.protocol_config.response_body_mode = (
+        processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+        if responses
+        else processing_mode_pb2.ProcessingMode.NONE
+    )
     return msg
 
 
@@ -125,11 +129,12 @@ def response_headers_msg() -> pb.ProcessingRequest:
     )
 
 
-async def route(call: Any, body: bytes) -> float:
+async def route(call: Any, body: bytes, metadata: dict[str, Any] | None = None) -> float:
     """Send request headers and ``body`` on an open Process() call; wait for the routing
-    answer. Returns the round trip in seconds."""
+    answer. Returns the round trip in seconds. With ``metadata``, the routing filter gets no
+    response phase (an observer will) and the answer's dynamic metadata is put there."""
     started = time.perf_counter()
-    await call.write(headers_msg())
+    await call.write(headers_msg(responses=metadata is None))
     await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
     while True:
         response = await call.read()
@@ -137,6 +142,9 @@ async def route(call: Any, body: bytes) -> float:
             raise RuntimeError("stream closed early")
         if response.HasField("immediate_response"):
             raise RuntimeError(f"rejected: {response.immediate_response.body[:200]!r}")
+        if metadata is not None and response.HasField("dynamic_metadata"):
+            fields = response.dynamic_metadata.fields
+            metadata.update({k: dict(fields[k].struct_value) for k in fields})
         streamed = response.request_body.response.body_mutation.streamed_response
         if response.HasField("request_body") and streamed.end_of_stream:
             return time.perf_counter() - started
@@ -176,6 +184,43 @@ async def streamed(
             await asyncio.sleep(interval_s)
     await call.done_writing()
     return held
+
+
+async def observed(
+    stub: pb_grpc.ExternalProcessorStub, body: bytes, chunks: int, interval_s: float
+) -> int:
+    """The same response as ``streamed``, as an observe-only filter reports it: the routing
+    stream gets no response phase; a second stream carries the routing answer's request id in
+    its metadata and sends every chunk without waiting (nothing is answered). Returns the
+    chunks sent."""
+    call = stub.Process()
+    metadata: dict[str, Any] = {}
+    await route(call, body, metadata)
+    namespace = "kvgate.epp"
+    if namespace not in metadata:
+        raise RuntimeError("the EPP named no request for an observer (an older EPP?)")
+    context = base_pb2.Metadata()
+    context.filter_metadata[namespace].update(metadata[namespace])
+    observer = stub.Process()
+    first = response_headers_msg()
+    first.metadata_context.CopyFrom(context)
+    first.observability_mode = True
+    await observer.write(first)
+    for i in range(chunks):
+        last = i == chunks - 1
+        msg = pb.ProcessingRequest(
+            response_body=pb.HttpBody(body=_USAGE if last else _DELTA, end_of_stream=last),
+            observability_mode=True,
+        )
+        msg.metadata_context.CopyFrom(context)  # Envoy forwards it with every message
+        await observer.write(msg)
+        if not last:
+            await asyncio.sleep(interval_s)
+    await observer.done_writing()
+    await call.done_writing()
+    if await observer.read() is not grpc.aio.EOF:
+        raise RuntimeError("the EPP answered an observer stream")
+    return chunks
 
 
 async def paced(
@@ -333,6 +378,23 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
             f"response chunk held (streamed, 64 chunks/stream): p50 {pct(flat, 0.5):.3f} ms  "
             f"p99 {pct(flat, 0.99):.3f} ms  ({len(flat)} chunks); EPP CPU "
             f"{1e6 * cpu / len(flat):.0f} us/chunk"
+        )
+        if not args.observed:
+            return results
+        # The same streams reported to an observer stream instead (Envoy's observability_mode):
+        # no chunk is held; what is left is the EPP's CPU.
+        cpu_before = cpu_seconds(args.epp_pid)
+        wall = time.perf_counter()
+        sent = await paced(lambda _, body: observed(stub, body, 64, 0.02), bodies, 4.0)
+        wall = time.perf_counter() - wall
+        cpu = cpu_seconds(args.epp_pid) - cpu_before - idle * wall
+        results["stream_chunk_observed"] = {
+            "chunks": sum(sent),
+            "cpu_us_per_chunk": round(1e6 * cpu / sum(sent), 1),
+        }
+        print(
+            f"response chunk observed (64 chunks/stream, not held): EPP CPU "
+            f"{1e6 * cpu / sum(sent):.0f} us/chunk ({sum(sent)} chunks)"
         )
     return results
 
@@ -590,6 +652,12 @@ def main() -> int:
     parser.add_argument("--kinds", default="cold,warm", help="prompt kinds to measure")
     parser.add_argument(
         "--no-stream", dest="stream", action="store_false", help="skip the response phase"
+    )
+    parser.add_argument(
+        "--observed",
+        action="store_true",
+        help="also report the streams to an observer stream (needs an EPP that has it: not "
+        "with --baseline-src older than the observer)",
     )
     parser.add_argument(
         "--py-spy-flag", dest="py_spy_flags", action="append", default=[],

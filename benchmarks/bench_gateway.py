@@ -9,7 +9,25 @@ four paths, each measured at a fixed arrival rate with small and ~2k-token chat 
     epp+bt      Envoy → EPP → body transformer (ext_proc) → worker   (--body-transformer ext-proc)
     epp+inline  Envoy → EPP doing the nvext merge itself → worker     (--body-transformer inline)
 
+(each with kvgate up's default response observer: the EPP reads the response, Envoy does not wait)
+
     python benchmarks/bench_gateway.py [--rate 50] [--requests 400] [--json out.json]
+
+``--stream`` measures the response phase instead: what each streamed chunk pays for the picker.
+A paced SSE upstream (its own process) writes every chunk with its CLOCK_MONOTONIC send time;
+the client takes each event's arrival time, so a chunk's delay is its time in Envoy (and the
+picker), whatever the engine does. Three paths, alternating round by round:
+
+    direct       Envoy → upstream (no ext_proc)
+    inline       kvgate up --response-phase inline: every chunk a round trip through the EPP
+    observer     kvgate up --response-phase observer: the EPP observes, Envoy does not wait
+
+plus the EPP's and Envoy's CPU per chunk (their idle background subtracted):
+
+    python benchmarks/bench_gateway.py --stream [--rounds 5] [--streams 24] [--chunks 64] [--pin]
+
+``--pin`` puts the EPPs on the last CPU and everything else on the others (the picker with a
+core of its own, as a deployment gives it).
 
 Loopback only; every loop bounded in count and time.
 """
@@ -19,7 +37,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from kvgate.gateway.bootstrap import GatewaySpec, build_bootstrap
 from kvgate.gateway.envoy_binary import find_envoy
@@ -114,12 +136,271 @@ def direct_envoy(sup: Supervisor, run_dir: Path, worker: tuple[str, int]) -> str
     return f"http://127.0.0.1:{port}"
 
 
+# -- --stream: the response phase ---------------------------------------------------------------
+
+# An OpenAI chat.completion.chunk of one token, with the upstream's send time in "t" (ns).
+_EVENT = (
+    '{{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,"model":"{model}",'
+    '"t":{t},"choices":[{{"index":0,"delta":{{"content":" tok"}},"finish_reason":null}}]}}'
+)
+
+
+def serve_sse(port: int) -> None:
+    """The paced upstream: POST /v1/chat/completions streams ``max_tokens`` events, one every
+    ``x-bench-interval-ms``; /metrics and /health answer so the picker keeps it fresh."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        count = int(body.get("max_tokens", 16))
+        interval = float(request.headers.get("x-bench-interval-ms", "20")) / 1e3
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(count):
+            delay = start + i * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            event = _EVENT.format(model=MODEL, t=time.monotonic_ns())
+            await response.write(f"data: {event}\n\n".encode())
+        usage = {"prompt_tokens": 8, "completion_tokens": count, "total_tokens": count + 8}
+        tail = json.dumps({"id": "chatcmpl-bench", "choices": [], "usage": usage})
+        await response.write(f"data: {tail}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/metrics", ok)
+        app.router.add_get("/health", ok)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(256)
+        await web.SockSite(runner, sock).start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+async def stream_delays(
+    url: str, streams: int, chunks: int, interval_ms: float, rate: float
+) -> list[float]:
+    """``streams`` streamed chats started at ``rate`` per second; every event's delay (arrival
+    minus the upstream's send time), seconds."""
+    delays: list[float] = []
+    payload = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "stream"}],
+         "max_tokens": chunks, "stream": True}
+    ).encode()  # fmt: skip
+    headers = {"content-type": "application/json", "x-bench-interval-ms": str(interval_ms)}
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> None:
+            async with session.post(
+                f"{url}/v1/chat/completions",
+                data=payload,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}: HTTP {resp.status}")
+                pending = b""
+                async for data in resp.content.iter_any():
+                    now = time.monotonic_ns()
+                    pending += data
+                    *events, pending = pending.split(b"\n\n")
+                    for event in events:
+                        mark = event.find(b'"t":')
+                        if mark >= 0:
+                            sent = int(event[mark + 4 : event.index(b",", mark)])
+                            delays.append((now - sent) / 1e9)
+
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = []
+        for i in range(streams):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    return delays
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used, all threads (scheduler statistics, ns resolution)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), {cpu})
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def stream_main(args: argparse.Namespace) -> int:
+    run_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-stream-"))
+    sup = Supervisor(run_dir)
+    port = free_port()
+    upstream = sup.start("sse-upstream", [sys.executable, __file__, "--serve-sse", str(port)])
+    results: dict[str, Any] = {
+        "streams": args.streams, "chunks": args.chunks, "interval_ms": args.interval_ms,
+        "rate": args.stream_rate, "rounds": [],
+    }  # fmt: skip
+    try:
+        sup.wait_ready(upstream, lambda: "ready" in upstream.log.read_text())
+        entries: list[dict[str, object]] = [{"address": f"127.0.0.1:{port}", "instance_id": port}]
+        urls = {"direct": direct_envoy(sup, run_dir, ("127.0.0.1", port))}
+        pids: dict[str, dict[str, int]] = {"direct": {"envoy": sup.children[-1].process.pid}}
+        gateways = []
+        for name in ("inline", "observer"):
+            gw = LocalGateway(
+                LocalGatewayConfig(
+                    endpoint_entries=entries, port=free_port(), mode="standard",
+                    response_observer=name == "observer", run_dir=run_dir / name,
+                )
+            )  # fmt: skip
+            gateways.append(gw)
+            running = gw.start()
+            urls[name] = running.url
+            pids[name] = {
+                "envoy": running.children["envoy"].process.pid,
+                "epp": running.children["epp"].process.pid,
+            }
+        if args.pin:
+            # The EPPs on the last core, everything on the chunks' path on the others: what the
+            # observer costs when the picker has a core of its own.
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs two CPUs")
+            rest = set(cpus[:-1])
+            for procs in pids.values():
+                for role, pid in procs.items():
+                    if role == "epp":
+                        pin(pid, cpus[-1])
+                    else:
+                        for task in Path(f"/proc/{pid}/task").iterdir():
+                            os.sched_setaffinity(int(task.name), rest)
+            os.sched_setaffinity(0, rest)
+            for task in Path(f"/proc/{upstream.process.pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), rest)
+            results["pinned"] = {"epp": cpus[-1], "others": sorted(rest)}
+        for url in urls.values():  # warm every path
+            asyncio.run(stream_delays(url, 2, 8, args.interval_ms, 10.0))
+        for round_no in range(args.rounds):
+            order = list(urls)
+            random.Random(round_no).shuffle(order)
+            row: dict[str, Any] = {}
+            for name in order:
+                procs = pids[name]
+                idle_s = 1.0
+                before = {p: cpu_seconds(pid) for p, pid in procs.items()}
+                time.sleep(idle_s)
+                idle = {p: cpu_seconds(pid) - before[p] for p, pid in procs.items()}
+                before = {p: cpu_seconds(pid) for p, pid in procs.items()}
+                started = time.monotonic()
+                delays = asyncio.run(
+                    stream_delays(
+                        urls[name], args.streams, args.chunks, args.interval_ms, args.stream_rate
+                    )
+                )
+                wall = time.monotonic() - started
+                used = {
+                    p: cpu_seconds(pid) - before[p] - idle[p] * wall / idle_s
+                    for p, pid in procs.items()
+                }
+                row[name] = {
+                    "p50_ms": round(pct(delays, 0.5), 3),
+                    "p90_ms": round(pct(delays, 0.9), 3),
+                    "p99_ms": round(pct(delays, 0.99), 3),
+                    "chunks": len(delays),
+                    **{f"{p}_cpu_us_per_chunk": round(1e6 * u / len(delays), 1)
+                       for p, u in used.items()},
+                }  # fmt: skip
+            results["rounds"].append(row)
+            print(f"round {round_no + 1}/{args.rounds}", flush=True)
+            for name in urls:
+                r = row[name]
+                cpu = "  ".join(f"{k.split('_')[0]} {v:.0f} us" for k, v in r.items() if "cpu" in k)
+                print(f"  {name:>9}: chunk delay p50 {r['p50_ms']:6.3f} ms  p90 {r['p90_ms']:6.3f}"
+                      f"  p99 {r['p99_ms']:7.3f}  ({r['chunks']} chunks)  CPU/chunk: {cpu}",
+                      flush=True)  # fmt: skip
+            for name in ("inline", "observer"):
+                d = row[name]["p50_ms"] - row["direct"]["p50_ms"]
+                print(f"  added by the EPP {name:>9}: p50 {d:+.3f} ms", flush=True)
+        summary: dict[str, Any] = {}
+        for name in ("inline", "observer"):
+            added = [r[name]["p50_ms"] - r["direct"]["p50_ms"] for r in results["rounds"]]
+            added90 = [r[name]["p90_ms"] - r["direct"]["p90_ms"] for r in results["rounds"]]
+            epp = [r[name]["epp_cpu_us_per_chunk"] for r in results["rounds"]]
+            summary[name] = {
+                "added_p50_ms_median": round(statistics.median(added), 3),
+                "added_p50_ms_range": [round(min(added), 3), round(max(added), 3)],
+                "added_p90_ms_median": round(statistics.median(added90), 3),
+                "epp_cpu_us_per_chunk_median": round(statistics.median(epp), 1),
+                "epp_cpu_us_per_chunk_range": [min(epp), max(epp)],
+            }
+            mine = summary[name]
+            print(f"{name:>9}: added per chunk p50 median {mine['added_p50_ms_median']:+.3f}"
+                  f" ms (range {min(added):+.3f}..{max(added):+.3f}), p90 median "
+                  f"{mine['added_p90_ms_median']:+.3f} ms; EPP CPU/chunk median "
+                  f"{mine['epp_cpu_us_per_chunk_median']:.0f} us "
+                  f"({min(epp):.0f}..{max(epp):.0f})")  # fmt: skip
+        results["summary"] = summary
+        for gw in gateways:
+            gw.stop()
+    finally:
+        sup.stop_all()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--stream", action="store_true", help="measure the response phase")
+    parser.add_argument("--rounds", type=int, default=5, help="--stream: rounds of every path")
+    parser.add_argument("--streams", type=int, default=24, help="--stream: streams per round")
+    parser.add_argument("--chunks", type=int, default=64, help="--stream: chunks per stream")
+    parser.add_argument("--interval-ms", type=float, default=20.0, help="--stream: between chunks")
+    parser.add_argument("--stream-rate", type=float, default=4.0, help="--stream: streams/s")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="--stream: the EPPs on the last CPU, the rest on the others",
+    )
+    parser.add_argument("--serve-sse", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_sse:
+        serve_sse(args.serve_sse)
+        return 0
+    if args.stream:
+        if not (0 < args.rounds <= 20 and 0 < args.streams <= 200 and 0 < args.chunks <= 1000):
+            parser.error("--rounds in 1..20, --streams in 1..200, --chunks in 1..1000")
+        if not (1 <= args.interval_ms <= 1000 and 0 < args.stream_rate <= 50):
+            parser.error("--interval-ms in 1..1000, --stream-rate in (0, 50]")
+        return stream_main(args)
     if not (0 < args.rate <= 500 and 0 < args.requests <= 5000):
         parser.error("rate must be in (0, 500] and requests in (0, 5000]")
     tokenizer = default_tokenizer()

@@ -141,3 +141,10 @@ def test_pool_name_excludes_static_endpoints() -> None:
     args = build_parser().parse_args(["--pool-name=p", "--endpoints=10.0.0.1:8000"])
     with pytest.raises(ConfigError, match="not both"):
         settings_from_args(args)
+
+
+def test_observer_replica_flag_reaches_the_options() -> None:
+    default = settings_from_args(build_parser().parse_args([]))
+    assert default.options.observer_replica is None
+    named = settings_from_args(build_parser().parse_args(["--observer-replica", "epp-1"]))
+    assert named.options.observer_replica == "epp-1"

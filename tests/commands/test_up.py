@@ -88,6 +88,13 @@ def test_replicas_flag_parsing(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--epp-replicas" in capsys.readouterr().err
 
 
+def test_response_phase_flag() -> None:
+    assert build_parser().parse_args([]).response_phase == "observer"
+    assert build_parser().parse_args(["--response-phase", "inline"]).response_phase == "inline"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--response-phase", "both"])
+
+
 def test_endpoints_file_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     endpoints = tmp_path / "endpoints.yaml"
     args = build_parser().parse_args(["--endpoints-file", str(endpoints)])

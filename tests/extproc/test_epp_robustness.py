@@ -34,8 +34,8 @@ def held(stack: Stack) -> dict[str, float]:
     return out
 
 
-IDLE = {"open_streams": 0, "buffered_request_bytes": 0, "inflight_bookings": 0,
-        "own_inflight_bookings": 0, "running": 0}  # fmt: skip
+IDLE = {"open_streams": 0, "buffered_request_bytes": 0, "awaiting_observer": 0,
+        "inflight_bookings": 0, "own_inflight_bookings": 0, "running": 0}  # fmt: skip
 
 
 async def settle(stack: Stack) -> None:

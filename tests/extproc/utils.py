@@ -34,8 +34,10 @@ def headers_msg(
     *,
     end_of_stream: bool = False,
     body_mode: int | None = FULL_DUPLEX,
+    response_body_mode: int | None = None,
     subset: Sequence[str] | None = None,
 ) -> pb.ProcessingRequest:
+    """``response_body_mode`` None: the same as ``body_mode``."""
     msg = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
             headers=base_pb2.HeaderMap(
@@ -48,7 +50,9 @@ def headers_msg(
     )
     if body_mode is not None:
         msg.protocol_config.request_body_mode = body_mode  # type: ignore[assignment]
-        msg.protocol_config.response_body_mode = body_mode  # type: ignore[assignment]
+        msg.protocol_config.response_body_mode = (  # type: ignore[assignment]
+            body_mode if response_body_mode is None else response_body_mode
+        )
     if subset is not None:
         hint = struct_pb2.Struct()
         hint.update({"x-gateway-destination-endpoint-subset": list(subset)})
@@ -139,6 +143,7 @@ class ExtProcStream:
         headers: Mapping[str, str] | None = None,
         *,
         body_mode: int = FULL_DUPLEX,
+        response_body_mode: int | None = None,
         subset: Sequence[str] | None = None,
         chunk: int = 16_384,
     ) -> Routed:
@@ -150,7 +155,11 @@ class ExtProcStream:
         }
         hdrs.update(headers or {})
         routed = Routed()
-        await self.send(headers_msg(hdrs, body_mode=body_mode, subset=subset))
+        await self.send(
+            headers_msg(
+                hdrs, body_mode=body_mode, response_body_mode=response_body_mode, subset=subset
+            )
+        )
         if body_mode == BUFFERED:
             first = await self.recv()
             routed.responses.append(first)

@@ -15,6 +15,8 @@ from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGatewa
 from kvgate.gateway.status import status_line
 from tests.gateway.utils import MODEL, get, send_many
 
+STREAMED = {"stream": True, "stream_options": {"include_usage": True}}
+
 LEASE_S = 3.0  # the EPP's default --replica-lease
 
 
@@ -80,6 +82,39 @@ def test_both_replicas_serve_and_see_each_other(
         assert set(status["peers"]) == {other}, status
     line = status_line(running)
     assert "routed" in line and "epp-0=" in line and "epp-1=" in line, line
+
+
+@pytest.mark.envoy
+@pytest.mark.nats
+def test_each_replica_observes_the_responses_it_routed(
+    gateway: tuple[LocalGateway, RunningGateway],
+) -> None:
+    """Envoy balances the routing streams over the replicas, and sends each request's observer
+    stream to the replica that routed it (its name in the routing answer's metadata): no
+    observer stream misses, and both replicas end with nothing held."""
+    _, running = gateway
+
+    def observed(url: str, outcome: str) -> float:
+        sample = f'kvgate_response_observer_streams_total{{outcome="{outcome}"}} '
+        lines = [line for line in get(url).splitlines() if line.startswith(sample)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    before = [(observed(u, "matched"), observed(u, "unmatched")) for u in running.epp_metrics_urls]
+    payloads = [body(f"streamed replica question {i}") | STREAMED for i in range(12)]
+    results = send_many(running.url, payloads)
+    assert [r.status for r in results] == [200] * 12, [r.error for r in results]
+    assert all(r.completion_tokens == 4 for r in results)
+    deadline = time.monotonic() + 10
+    while True:
+        held = [json.loads(get(u))["bookkeeping"] for u in running.epp_healthz_urls]
+        if all(not any(h.values()) for h in held) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(not any(h.values()) for h in held), held
+    after = [(observed(u, "matched"), observed(u, "unmatched")) for u in running.epp_metrics_urls]
+    matched = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    assert sum(matched) == 12 and all(m > 0 for m in matched), matched
+    assert [a[1] - b[1] for a, b in zip(after, before, strict=True)] == [0, 0]
 
 
 @pytest.mark.envoy

@@ -31,8 +31,8 @@ MODEL = "Qwen/Qwen3-0.6B"
 SYSTEM = "You are the fault-drill assistant. " + " ".join(
     f"Fact {i}: the gateway keeps prefix {i} warm after a fault." for i in range(60)
 )
-IDLE = {"open_streams": 0, "buffered_request_bytes": 0, "inflight_bookings": 0,
-        "own_inflight_bookings": 0}  # fmt: skip
+IDLE = {"open_streams": 0, "buffered_request_bytes": 0, "awaiting_observer": 0,
+        "inflight_bookings": 0, "own_inflight_bookings": 0}  # fmt: skip
 
 
 def body(question: str, *, system: str | None = SYSTEM, stream: bool = False,

@@ -459,6 +459,9 @@ class ExtProcTarget:
             served_model=MODEL,
             lora_adapters=frozenset({ADAPTER}),
             priorities={"critical": 2, "sheddable": -1},
+            # A case announcing no response body (mode NONE) leaves its request to an observer
+            # stream, which never comes here: freed once its stream ends, not seconds later.
+            observer_grace_s=0.0,
         )
         stack = Stack(self.fleet, None, None, endpoints_file)  # type: ignore[arg-type]
         stack.write_endpoints()
@@ -545,15 +548,17 @@ class ExtProcTarget:
                     break
                 try:
                     await call.write(msg)
-                except grpc.aio.AioRpcError:
-                    break  # the picker ended the stream (an internal error: checked below)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    # The picker ended the stream: an internal error (checked below), or a
+                    # stream opened in observability mode that names no routed request.
+                    break
                 for _ in range(plan.pauses[i]):
                     await asyncio.sleep(0)
             if cancelled:
                 self.outcomes["cancelled"] += 1
                 call.cancel()
             else:
-                with contextlib.suppress(grpc.aio.AioRpcError):
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     await call.done_writing()
             try:
                 await reader
@@ -565,13 +570,14 @@ class ExtProcTarget:
     async def _settled(self, grpc_used: bool, timeout_s: float = 10.0) -> None:
         """Wait for the picker to have finished every stream. Over gRPC a cancelled stream
         ends on the server a little after the client gave up, and one cancelled at once may
-        not even have started there yet: wait for no stream to be open for a while."""
+        not even have started there yet: wait for no stream to be open for a while (nor a
+        request waiting for an observer: it is freed just after its stream ends)."""
         assert self.director is not None
         quiet_needed = 0.02 if grpc_used else 0.0
         deadline = time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            if self.director.open_streams:
+            if self.director.open_streams or self.director.awaiting_observer:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= quiet_needed:
                 return

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge Dynamo nvext routing fields into the body here (no body transformer)",
     )
+    p.add_argument(
+        "--observer-replica",
+        help="this replica's name in the routing answer's kvgate.epp metadata, for a gateway "
+        "that sends a response observer's stream to the replica that routed (kvgate up: epp-N)",
+    )
     sync = p.add_argument_group("replica sync (several EPP replicas sharing in-flight load)")
     sync.add_argument(
         "--replica-sync",
@@ -154,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> EppSettings:
         lora_adapters=adapters,
         decision_header=args.decision_header,
         inline_nvext=args.inline_nvext,
+        observer_replica=args.observer_replica,
         priorities=priorities,
     )
     return EppSettings(

@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="EPP replicas share in-flight load through a local nats-server "
         "(default: on when --epp-replicas > 1 in kv mode)",
     )
+    p.add_argument(
+        "--response-phase",
+        choices=["observer", "inline"],
+        default="observer",
+        help="how the EPP sees responses: an observe-only ext_proc filter that Envoy does not "
+        "wait for (default), or in the routing filter's path, each chunk a round trip (the GAIE "
+        "reference)",
+    )
     p.add_argument("--status-interval", type=float, default=5.0, help="seconds; 0 = quiet")
     return p
 
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         prefill_workers=args.prefill_workers,
         epp_replicas=args.epp_replicas,
         replica_sync=args.replica_sync,
+        response_observer=args.response_phase == "observer",
     )
     # The gateway's children are processes supervised from this thread: no event loop here.
     stop = threading.Event()

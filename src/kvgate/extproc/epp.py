@@ -18,6 +18,15 @@ Phases, as Envoy sends them:
    the end of the stream completes the request (usage parsed from the final body or last SSE event).
 4. a stream that ends any other way (client gone, upstream reset) frees the request's bookkeeping.
 
+The response phase may instead come on a second stream, from an ext_proc filter in
+``observability_mode`` (Envoy sends and does not wait, so no response chunk waits for the picker):
+when the routing stream's ``protocol_config`` says it gets no response body, the request waits in
+the director under a random key of its own, which the routing answer also puts in dynamic metadata
+(namespace ``kvgate.epp``, which clients cannot set); the observer's stream carries that metadata
+and feeds phase 3 to the routed request. Phase 4 then has two signals: the observer's stream ends,
+or the routing stream ends (Envoy closes it when the HTTP stream is gone) and no end of response
+arrives within ``observer_grace_s``.
+
 Errors become ImmediateResponses with the documented status codes and an OpenAI-shaped JSON body.
 """
 
@@ -27,6 +36,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -78,6 +88,15 @@ class EppOptions:
     inline_nvext: bool = False
     """Merge Dynamo's ``nvext`` routing fields into the body here (the body transformer's job,
     one ext_proc hop less)."""
+    observer_replica: str | None = None
+    """This replica's name, added to the observer key in the routing answer's metadata
+    (``kvgate.epp`` ``replica``), so that a gateway with several replicas can send the observer's
+    stream to the one that routed."""
+    observer_grace_s: float = 2.0
+    """A request whose response goes to an observer stream is completed (as aborted) this long
+    after its routing stream ended without the end of the response: the observer's last
+    messages travel on another stream and may arrive after the routing stream's end, or never
+    (client gone before the response started, observer stream failed)."""
 
 
 class Director:
@@ -103,6 +122,25 @@ class Director:
         self._buffered = 0
         self.open_streams = 0
         """ext_proc streams being served now (one per HTTP request in flight through Envoy)."""
+        self._awaiting_observer: dict[str, RequestStream] = {}
+        """Routed requests whose response phase comes on an observer stream, by observer key."""
+
+    def await_observer(self, stream: RequestStream) -> str:
+        """Registers ``stream`` for an observer; returns the key the observer will name."""
+        key = secrets.token_hex(16)
+        self._awaiting_observer[key] = stream
+        return key
+
+    def observed(self, observer_key: str) -> RequestStream | None:
+        return self._awaiting_observer.get(observer_key)
+
+    def forget_observed(self, observer_key: str) -> None:
+        self._awaiting_observer.pop(observer_key, None)
+
+    @property
+    def awaiting_observer(self) -> int:
+        """Routed requests whose observer stream has not yet completed them."""
+        return len(self._awaiting_observer)
 
     @property
     def buffered_bytes(self) -> int:
@@ -150,6 +188,9 @@ class RequestStream:
         self.director = director
         self.headers: dict[str, str] = {}
         self.full_duplex = director.options.default_full_duplex
+        self.responses_here = True
+        """This stream gets the response body; False when Envoy's protocol_config says it does
+        not (then an observer stream may report the response)."""
         self.body = bytearray()
         self.reserved = 0
         self.request: LLMRequest | None = None
@@ -163,6 +204,11 @@ class RequestStream:
         """The server-side key of this request's bookkeeping, unique per stream: clients may
         repeat an ``x-request-id`` (by mistake or to free another request's load)."""
         self.client_request_id: str | None = None
+        self.observer_key: str | None = None
+        """Names this request to the observer filter's stream (through Envoy's dynamic metadata),
+        when one reports its response. Not ``request_id``: that one travels to the worker as
+        ``x-request-id`` and may come back to the client, and whoever could reach the EPP's port
+        with it could end the request."""
         # Envoy skips the request headers phase when so configured (request_header_mode SKIP):
         # a body may come first.
         self.subset: list[str] | None = None
@@ -177,6 +223,7 @@ class RequestStream:
                 mode in proto.BUFFERED_MODES
                 and msg.protocol_config.send_body_without_waiting_for_header_response
             )
+            self.responses_here = msg.protocol_config.response_body_mode != proto.BODY_NONE
         kind = msg.WhichOneof("request")
         if self.decided and kind in ("request_headers", "request_body"):
             return []
@@ -280,6 +327,8 @@ class RequestStream:
             self.body = bytearray()
         self.result = result
         self.director.scheduler.pre_request(request, result)
+        if not self.responses_here:
+            self.observer_key = self.director.await_observer(self)
         chosen = result.endpoint
         if chosen.destination is not None:
             # Reached through a Dynamo frontend: the request must name the worker, whichever
@@ -297,7 +346,11 @@ class RequestStream:
         changed = new_body is not body
         length = len(new_body) if self.full_duplex or changed else None
         mutation = self._route_mutation(destinations, request.routing_headers, length)
-        metadata = proto.lb_metadata(destinations)
+        metadata = proto.lb_metadata(
+            destinations,
+            observer_key=self.observer_key,
+            replica=self.director.options.observer_replica,
+        )
         if self.full_duplex:
             head = proto.request_headers_response(mutation, clear_route_cache=True)
             head.dynamic_metadata.CopyFrom(metadata)
@@ -427,6 +480,29 @@ class RequestStream:
     def _response_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         chunk = msg.response_body.body
         end = msg.response_body.end_of_stream
+        self._observe_body(chunk, end)
+        if self.full_duplex:
+            return [proto.echo_response_chunk(chunk, end)]
+        return [proto.continue_response("response_body")]
+
+    def observe(self, msg: pb.ProcessingRequest) -> bool:
+        """A message of this request's observer stream: the response phase, nothing answered.
+        True once the request is complete (nothing more to observe)."""
+        kind = msg.WhichOneof("request")
+        if kind == "response_headers":
+            self._response_headers(msg)
+        elif kind == "response_body":
+            self._observe_body(msg.response_body.body, msg.response_body.end_of_stream)
+        elif kind == "response_trailers":
+            self._complete()
+        return self.completed
+
+    def observation_ended(self) -> None:
+        """No more of the response will be observed: complete the request if its end was not
+        seen (client gone, upstream reset, observer stream lost)."""
+        self._complete(aborted=True)
+
+    def _observe_body(self, chunk: bytes, end: bool) -> None:
         if self.request is not None and self.result is not None:
             if not self.first_chunk_seen and (chunk or end):
                 self.first_chunk_seen = True
@@ -437,14 +513,13 @@ class RequestStream:
             self.usage.feed(chunk, streaming=self.response.streaming)
         if end:
             self._complete()
-        if self.full_duplex:
-            return [proto.echo_response_chunk(chunk, end)]
-        return [proto.continue_response("response_body")]
 
     def _complete(self, *, aborted: bool = False) -> None:
         if self.completed or self.request is None or self.result is None:
             return
         self.completed = True
+        if self.observer_key is not None:
+            self.director.forget_observed(self.observer_key)
         usage = self.usage.result()
         self.response.prompt_tokens = usage.prompt_tokens
         self.response.completion_tokens = usage.completion_tokens
@@ -460,17 +535,31 @@ class RequestStream:
         if self.reserved:
             self.director.release_body(self.reserved)
             self.reserved = 0
-        if not self.completed:
-            self._complete(aborted=True)
+        if self.completed:
+            return
+        if self.observer_key is not None:
+            # The HTTP stream is over; the observer's last messages may still be on their way.
+            asyncio.get_running_loop().call_later(
+                self.director.options.observer_grace_s, self.observation_ended
+            )
+            return
+        self._complete(aborted=True)
 
 
 async def process_stream(
     director: Director, requests: AsyncIterator[pb.ProcessingRequest]
 ) -> AsyncIterator[pb.ProcessingResponse]:
+    messages = aiter(requests)
+    first = await anext(messages, None)
+    if first is None:
+        return
+    if first.observability_mode:
+        await _observe_stream(director, first, messages)
+        return
     stream = RequestStream(director)
     director.open_streams += 1
     try:
-        async for msg in requests:
+        async for msg in _prepend(first, messages):
             try:
                 responses = await stream.handle(msg)
             except Exception:
@@ -483,6 +572,40 @@ async def process_stream(
     finally:
         director.open_streams -= 1
         stream.close()
+
+
+async def _prepend(
+    first: pb.ProcessingRequest, rest: AsyncIterator[pb.ProcessingRequest]
+) -> AsyncIterator[pb.ProcessingRequest]:
+    yield first
+    async for msg in rest:
+        yield msg
+
+
+async def _observe_stream(
+    director: Director, first: pb.ProcessingRequest, rest: AsyncIterator[pb.ProcessingRequest]
+) -> None:
+    """An observer filter's stream: Envoy ignores answers, so none are sent. A stream without a
+    known routed request (its routing stream refused it, or completed it already) is ended at
+    once, which also tells Envoy to send nothing more on it."""
+    key = proto.metadata_value(first, proto.OBSERVER_NAMESPACE, proto.OBSERVER_KEY)
+    stream = director.observed(key) if isinstance(key, str) else None
+    if stream is None:
+        director.metrics.observer_streams.labels("unmatched").inc()
+        return
+    director.metrics.observer_streams.labels("matched").inc()
+    try:
+        # Ending the call once the response has ended closes Envoy's side too, rather than
+        # holding it until Envoy's deferred close (seconds after the HTTP stream).
+        if not stream.observe(first):
+            async for msg in rest:
+                if stream.observe(msg):
+                    break
+    except Exception:
+        # Nothing to answer (Envoy ignores it): the request is completed below, as aborted.
+        log.exception("request %s: internal error observing the response", stream.log_id)
+    finally:
+        stream.observation_ended()
 
 
 def endpoint_summary(endpoint: Endpoint) -> str:

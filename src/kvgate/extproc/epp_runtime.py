@@ -297,6 +297,7 @@ class EppRuntime(StackedService):
         return {
             "open_streams": 0 if director is None else director.open_streams,
             "buffered_request_bytes": 0 if director is None else director.buffered_bytes,
+            "awaiting_observer": 0 if director is None else director.awaiting_observer,
             "inflight_bookings": self._inflight_bookings(),
             "own_inflight_bookings": sum(
                 sum(1 for _ in owner.router.active.own())
@@ -366,6 +367,11 @@ class EppRuntime(StackedService):
             "kvgate_buffered_request_bytes": (
                 "request body bytes buffered by streams waiting for the end of their body",
                 director_value("buffered_bytes"),
+            ),
+            "kvgate_awaiting_response_observer": (
+                "routed requests whose response an observe-only ext_proc stream has not yet "
+                "completed",
+                director_value("awaiting_observer"),
             ),
             "kvgate_inflight_bookings": (
                 "requests booked as in flight by the KV scorers (own and other replicas')",

@@ -220,6 +220,13 @@ class EppMetrics:
             ["reason"],
             registry=r,
         )
+        self.observer_streams = Counter(
+            "kvgate_response_observer_streams",
+            "Streams of an observe-only ext_proc filter, by whether they named a request awaiting "
+            "its response (matched) or not (unmatched: refused, or completed already)",
+            ["outcome"],
+            registry=r,
+        )
         self.busy_rejections = Counter(
             "kvgate_busy_rejections", "Requests refused because every worker was busy", registry=r
         )

@@ -26,10 +26,15 @@ DESTINATION_SERVED_KEY = headers.SERVED
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = headers.SUBSET
 LB_NAMESPACE = "envoy.lb"
+OBSERVER_NAMESPACE = "kvgate.epp"
+"""Dynamic metadata the routing answer sets for an observe-only ext_proc filter to forward."""
+OBSERVER_KEY = "request"
+OBSERVER_REPLICA_KEY = "replica"
 MAX_CHUNK_BYTES = 62_000
 
 BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 BUFFERED_MODES = frozenset(
     {
         processing_mode_pb2.ProcessingMode.BUFFERED,
@@ -64,10 +69,19 @@ def header_mutation(
     )
 
 
-def lb_metadata(destinations: Sequence[str]) -> struct_pb2.Struct:
-    """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``."""
+def lb_metadata(
+    destinations: Sequence[str], *, observer_key: str | None = None, replica: str | None = None
+) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``, and with
+    ``observer_key`` ``{"kvgate.epp": {"request": key, "replica": replica}}`` for the observer
+    filter (and the gateway's routes to the replica that routed)."""
     meta = struct_pb2.Struct()
     meta.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(destinations)}})
+    if observer_key is not None:
+        observer = {OBSERVER_KEY: observer_key}
+        if replica is not None:
+            observer[OBSERVER_REPLICA_KEY] = replica
+        meta.update({OBSERVER_NAMESPACE: observer})
     return meta
 
 

@@ -14,6 +14,16 @@
 - The EPP gets request and response headers and both bodies in FULL_DUPLEX_STREAMED mode (the GAIE
   reference), so it sees first token and completion. The body transformer is configured as the
   seed configures it: request headers SEND, request body BUFFERED, responses skipped.
+- With ``response_observer`` the routing filter gets no response phase; a second ext_proc filter
+  to the same EPP, just before the router, runs in ``observability_mode``: Envoy sends it the
+  response headers, each body chunk (STREAMED) and trailers and waits for nothing, so no response
+  chunk waits for Python. It forwards the ``kvgate.epp`` dynamic metadata the routing answer set
+  (a random key per routed request; clients cannot set metadata), which ties its stream to the
+  routed request. The EPP sets no response headers, so observability mode's ignored mutations
+  lose nothing. Its stream must reach the replica that routed: with several EPP hosts each
+  replica names itself in that metadata too (``--observer-replica``), one route per replica
+  matches the name, and the route's ExtProcPerRoute sends the observer to a cluster of that
+  replica alone.
 - Failure mode: ``FailClose`` rejects when the EPP is unreachable; ``FailOpen`` passes the request
   on, to a round-robin cluster of the workers (the destination header is then absent, and a
   second route catches that case). Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so
@@ -34,12 +44,14 @@ from typing import Any, Literal
 
 import yaml
 
-from kvgate.extproc import headers
+from kvgate.extproc import headers, protocol
 
 DESTINATION_HEADER = headers.DESTINATION
 UPSTREAM_HEADER = "x-kvgate-upstream-endpoint"
 """The one address the ORIGINAL_DST cluster connects to: the first entry of the destination."""
 STRIPPED_HEADERS = (*headers.GATEWAY_INTERNAL, UPSTREAM_HEADER)
+OBSERVER_NAMESPACE = protocol.OBSERVER_NAMESPACE
+OBSERVER_FILTER = "envoy.filters.http.ext_proc.epp_response_observer"
 # Envoy's Lua has no string split; the first comma-separated entry, blanks trimmed.
 FIRST_ENDPOINT_LUA = f"""
 function envoy_on_request(handle)
@@ -62,6 +74,9 @@ _HCM = (
 )
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_EXT_PROC_PER_ROUTE = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+)
 _LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 _HEADER_MUTATION = (
     "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
@@ -92,6 +107,11 @@ class GatewaySpec:
     """Every EPP replica; empty: just ``epp_address``."""
     epp_health_ports: Sequence[int] = ()
     """The gRPC health port of each replica in ``epp_addresses``: Envoy health-checks them."""
+    response_observer: bool = False
+    """The EPP sees responses through an observe-only filter instead of in the request path."""
+    epp_replica_names: Sequence[str] = ()
+    """With the observer and several EPP hosts: each host's ``--observer-replica`` name, in the
+    order of ``epp_addresses``."""
 
     def epp_hosts(self) -> list[tuple[str, int]]:
         return list(self.epp_addresses) or [self.epp_address]
@@ -167,7 +187,13 @@ def _cluster(name: str, hosts: Sequence[tuple[str, int]], *, http2: bool) -> dic
 
 
 def _ext_proc(
-    cluster: str, *, full_duplex: bool, fail_open: bool, responses: bool, retries: int = 0
+    cluster: str,
+    *,
+    full_duplex: bool,
+    fail_open: bool,
+    responses: bool,
+    retries: int = 0,
+    observed: bool = False,
 ) -> dict[str, Any]:
     body_mode = "FULL_DUPLEX_STREAMED" if full_duplex else "BUFFERED"
     # Envoy cannot fail open once body chunks went to the processor in full-duplex mode (it
@@ -190,15 +216,74 @@ def _ext_proc(
             "num_retries": retries,
             "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.25s"},
         }
+    config: dict[str, Any] = {
+        "@type": _EXT_PROC,
+        "grpc_service": grpc_service,
+        "processing_mode": mode,
+        "message_timeout": "1000s",
+        "failure_mode_allow": fail_open,
+        "allow_mode_override": False,
+    }
+    if observed:
+        # The routing answer's request id, for the observer filter to forward.
+        config["metadata_options"] = {"receiving_namespaces": {"untyped": [OBSERVER_NAMESPACE]}}
+    return {"name": f"envoy.filters.http.ext_proc.{cluster}", "typed_config": config}
+
+
+def _response_observer(cluster: str) -> dict[str, Any]:
     return {
-        "name": f"envoy.filters.http.ext_proc.{cluster}",
+        "name": OBSERVER_FILTER,
         "typed_config": {
             "@type": _EXT_PROC,
-            "grpc_service": grpc_service,
-            "processing_mode": mode,
-            "message_timeout": "1000s",
-            "failure_mode_allow": fail_open,
-            "allow_mode_override": False,
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+            "observability_mode": True,
+            # Envoy closes the stream this long after the HTTP stream ends, so that messages
+            # still on their way are not cut off; the EPP completes the request at the end of
+            # the response (or at the routing stream's end plus its grace) before that.
+            "deferred_close_timeout": "5s",
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                # The only body mode observability mode sends.
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SEND",
+            },
+            "metadata_options": {"forwarding_namespaces": {"untyped": [OBSERVER_NAMESPACE]}},
+            # Observing must never fail a request.
+            "failure_mode_allow": True,
+        },
+    }
+
+
+def _observer_cluster(replica: int) -> str:
+    return f"epp_observer_{replica}"
+
+
+def _observer_disabled() -> dict[str, Any]:
+    return {OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}}
+
+
+def _observed_by(route: dict[str, Any], replica: str, cluster: str) -> dict[str, Any]:
+    """``route`` for requests the replica named ``replica`` routed (its name in the routing
+    answer's metadata), with their observer stream sent to ``cluster``: that replica alone."""
+    match = {
+        **route["match"],
+        "dynamic_metadata": [
+            {
+                "filter": OBSERVER_NAMESPACE,
+                "path": [{"key": protocol.OBSERVER_REPLICA_KEY}],
+                "value": {"string_match": {"exact": replica}},
+            }
+        ],
+    }
+    override = {"grpc_service": {"envoy_grpc": {"cluster_name": cluster}}}
+    return {
+        **route,
+        "match": match,
+        "typed_per_filter_config": {
+            OBSERVER_FILTER: {"@type": _EXT_PROC_PER_ROUTE, "overrides": override}
         },
     }
 
@@ -213,6 +298,12 @@ def _lua(name: str, code: str) -> dict[str, Any]:
 def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     fail_open = spec.failure_mode == "FailOpen"
     epp_hosts = spec.epp_hosts()
+    per_replica = spec.response_observer and len(epp_hosts) > 1
+    if per_replica and len(spec.epp_replica_names) != len(epp_hosts):
+        raise ValueError(
+            "the response observer with several EPP hosts needs each one's replica name: its "
+            "stream must reach the one that routed"
+        )
     filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.header_mutation",
@@ -227,8 +318,9 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
             "epp",
             full_duplex=not fail_open,
             fail_open=fail_open,
-            responses=True,
+            responses=not spec.response_observer,
             retries=len(epp_hosts) if len(epp_hosts) > 1 else 0,
+            observed=spec.response_observer,
         ),
         _lua("kvgate.first_endpoint", FIRST_ENDPOINT_LUA),
     ]
@@ -249,6 +341,10 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         },
         epp_cluster,
     ]
+    if per_replica:
+        clusters += [
+            _cluster(_observer_cluster(i), [host], http2=True) for i, host in enumerate(epp_hosts)
+        ]
     if spec.workers:
         clusters.append(_cluster("fail_open_workers", spec.workers, http2=False))
     if spec.body_transformer == "ext-proc":
@@ -262,28 +358,39 @@ def build_bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         if not spec.lua_code:
             raise ValueError("Lua code required for --body-transformer lua")
         filters.append(_lua("envoy.filters.http.lua", spec.lua_code))
+    if spec.response_observer:
+        filters.append(_response_observer("epp"))
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
     timeout = f"{spec.request_timeout_s:g}s"
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {
-                "prefix": "/",
-                "headers": [{"name": DESTINATION_HEADER, "present_match": True}],
-            },
-            "route": {
-                "cluster": "original_destination_cluster",
-                "timeout": timeout,
-                "idle_timeout": timeout,
-            },
-        }
-    ]
+    routed: dict[str, Any] = {
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": DESTINATION_HEADER, "present_match": True}],
+        },
+        "route": {
+            "cluster": "original_destination_cluster",
+            "timeout": timeout,
+            "idle_timeout": timeout,
+        },
+    }
+    routes: list[dict[str, Any]] = []
+    if per_replica:
+        routes += [
+            _observed_by(routed, name, _observer_cluster(i))
+            for i, name in enumerate(spec.epp_replica_names)
+        ]
+        # Routed without naming a replica (a request without a body): no observer knows it.
+        routed = {**routed, "typed_per_filter_config": _observer_disabled()}
+    routes.append(routed)
     if fail_open and spec.workers:
-        routes.append(
-            {
-                "match": {"prefix": "/"},
-                "route": {"cluster": "fail_open_workers", "timeout": timeout},
-            }
-        )
+        fallback: dict[str, Any] = {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "fail_open_workers", "timeout": timeout},
+        }
+        if spec.response_observer:
+            # Not routed by the EPP: nothing to observe.
+            fallback["typed_per_filter_config"] = _observer_disabled()
+        routes.append(fallback)
     hcm = {
         "@type": _HCM,
         "stat_prefix": "kvgate",

@@ -84,6 +84,10 @@ class LocalGatewayConfig:
     replica_sync: bool | None = None
     """Replicas share in-flight load over a local nats-server; None: on iff ``epp_replicas > 1``
     (and ``mode`` is "kv": standard mode has no KV scorer, so nothing to share)."""
+    response_observer: bool = True
+    """The EPP sees responses through an observe-only ext_proc filter (no response chunk waits
+    for it) instead of in the request path; with several replicas each names itself in the
+    routing answer and Envoy sends the observer's stream to the one that routed."""
     sync_timeout_s: float = 30.0
     """With replica sync: how long to wait for every replica to connect and see all its peers."""
     backend: Backend = "sim"
@@ -155,6 +159,7 @@ class LocalGateway:
         self.epp_health_ports: list[int] = []
         self.epp_metrics_ports: list[int] = []
         self.replica_ids: list[str] = []
+        self.observer_names: list[str] = []
         self.nats_url: str | None = None
         self.nats_child: Child | None = None
 
@@ -275,6 +280,8 @@ class LocalGateway:
             body_transformer=cfg.body_transformer,
             body_transformer_address=bt_address,
             lua_code=lua_code,
+            response_observer=cfg.response_observer,
+            epp_replica_names=self.observer_names,
         )
         envoy_config = self.run_dir / "envoy.yaml"
         envoy_config.write_text(bootstrap_yaml(spec))
@@ -372,6 +379,9 @@ class LocalGateway:
                 epp_args += ["--tokenizer", tokenizer]
             if cfg.body_transformer == "inline":
                 epp_args.append("--inline-nvext")
+            if cfg.response_observer and n > 1:
+                self.observer_names.append(f"epp-{i}")
+                epp_args += ["--observer-replica", f"epp-{i}"]
             if self.nats_url is not None:
                 replica_id = f"epp-{i}"
                 epp_args += [
