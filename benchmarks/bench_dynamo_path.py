@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import re
 import statistics
 import sys
@@ -42,13 +41,13 @@ import yaml
 
 from kvgate.dynamo.processes import DynamoFleet, FleetSettings
 from kvgate.gateway.bootstrap import GatewaySpec, build_bootstrap
-from kvgate.gateway.envoy_binary import find_envoy
 from kvgate.gateway.local import (
     LocalGateway,
     LocalGatewayConfig,
     RunningGateway,
     default_tokenizer,
     free_port,
+    start_envoy,
 )
 from kvgate.gateway.supervisor import Supervisor
 
@@ -72,21 +71,11 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def start_envoy(sup: Supervisor, name: str, config: dict[str, Any], run_dir: Path) -> None:
+def envoy_from(sup: Supervisor, name: str, config: dict[str, Any], run_dir: Path) -> None:
     path = run_dir / f"{name.replace('/', '-')}.yaml"
     path.write_text(yaml.safe_dump(config))
     admin = config["admin"]["address"]["socket_address"]["port_value"]
-    child = sup.start(
-        name.replace("/", "-"),
-        [str(find_envoy()), "-c", str(path), "--base-id", str(random.randrange(1, 1 << 30)),
-         "--log-level", "warn", "--disable-hot-restart"],
-    )  # fmt: skip
-
-    def ready() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-
-    sup.wait_ready(child, ready)
+    start_envoy(sup, name.replace("/", "-"), path, admin)
 
 
 def bare_envoy(sup: Supervisor, run_dir: Path, frontend: tuple[str, int]) -> str:
@@ -98,7 +87,7 @@ def bare_envoy(sup: Supervisor, run_dir: Path, frontend: tuple[str, int]) -> str
     hcm["typed_config"]["http_filters"] = hcm["typed_config"]["http_filters"][-1:]
     host = hcm["typed_config"]["route_config"]["virtual_hosts"][0]
     host["routes"] = host["routes"][-1:]
-    start_envoy(sup, "envoy-bare", config, run_dir)
+    envoy_from(sup, "envoy-bare", config, run_dir)
     return f"http://127.0.0.1:{port}"
 
 
@@ -113,7 +102,7 @@ def variant_envoy(sup: Supervisor, gateway: RunningGateway, name: str, mode: dic
     for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
         if f["name"].startswith("envoy.filters.http.ext_proc"):
             f["typed_config"]["processing_mode"].update(mode)
-    start_envoy(sup, name, config, gateway.run_dir)
+    envoy_from(sup, name, config, gateway.run_dir)
     return f"http://127.0.0.1:{port}"
 
 

@@ -43,6 +43,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from kvgate.bench.cpu import process_cpu_seconds
 from kvgate.gateway.supervisor import free_port_block, port_free
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,17 +264,6 @@ async def closed_loop(
     return done, time.perf_counter() - started
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time the process has used, all threads (scheduler statistics, ns resolution)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a thread that just ended
-    return total / 1e9
-
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
@@ -319,9 +309,9 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
         stub = pb_grpc.ExternalProcessorStub(channel)
         await one(stub, make_bodies("warm", 1, 0)[0])  # the system prompt's segments are cached
         # What the idle EPP burns (metrics scrapes, file watching): subtracted from the load's.
-        cpu_before = cpu_seconds(args.epp_pid)
+        cpu_before = process_cpu_seconds(args.epp_pid)
         await asyncio.sleep(2.0)
-        idle = (cpu_seconds(args.epp_pid) - cpu_before) / 2.0
+        idle = (process_cpu_seconds(args.epp_pid) - cpu_before) / 2.0
         results["idle_cpu_fraction"] = round(idle, 4)
         print(f"idle EPP: {100 * idle:.1f}% of a core")
         for kind in args.kinds:
@@ -341,9 +331,9 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
             # Enough distinct bodies that a cold run never repeats one (repeats would be warm).
             count = 3000 if kind == "cold" else 500
             bodies = make_bodies(kind, count, seed=99)
-            cpu_before = cpu_seconds(args.epp_pid)
+            cpu_before = process_cpu_seconds(args.epp_pid)
             done, wall = await closed_loop(stub, bodies, 32, args.duration / 2)
-            cpu = cpu_seconds(args.epp_pid) - cpu_before - idle * wall
+            cpu = process_cpu_seconds(args.epp_pid) - cpu_before - idle * wall
             rps = done / wall
             # The machine is shared: wall-clock throughput moves with everyone else's load, CPU
             # time per request much less. One core's worth of it is the per-core capacity.
@@ -361,11 +351,11 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
         # flight, the decode phase of a small fleet.
         streams = max(1, int(4 * args.duration / 2))
         bodies = make_bodies("warm", streams, seed=7)
-        cpu_before = cpu_seconds(args.epp_pid)
+        cpu_before = process_cpu_seconds(args.epp_pid)
         wall = time.perf_counter()
         held = await paced(lambda _, body: streamed(stub, body, 64, 0.02), bodies, 4.0)
         wall = time.perf_counter() - wall
-        cpu = cpu_seconds(args.epp_pid) - cpu_before - idle * wall
+        cpu = process_cpu_seconds(args.epp_pid) - cpu_before - idle * wall
         flat = [h for per_stream in held for h in per_stream]
         results["stream_chunk"] = {
             "p50_ms": round(pct(flat, 0.5), 3),
@@ -383,11 +373,11 @@ async def measure(args: argparse.Namespace, grpc_port: int) -> dict[str, Any]:
             return results
         # The same streams reported to an observer stream instead (Envoy's observability_mode):
         # no chunk is held; what is left is the EPP's CPU.
-        cpu_before = cpu_seconds(args.epp_pid)
+        cpu_before = process_cpu_seconds(args.epp_pid)
         wall = time.perf_counter()
         sent = await paced(lambda _, body: observed(stub, body, 64, 0.02), bodies, 4.0)
         wall = time.perf_counter() - wall
-        cpu = cpu_seconds(args.epp_pid) - cpu_before - idle * wall
+        cpu = process_cpu_seconds(args.epp_pid) - cpu_before - idle * wall
         results["stream_chunk_observed"] = {
             "chunks": sum(sent),
             "cpu_us_per_chunk": round(1e6 * cpu / sum(sent), 1),
@@ -524,7 +514,7 @@ async def scaling_round(
             await one(stub, make_bodies("warm", 1, 0)[0])
 
         def cpu() -> float:
-            return sum(cpu_seconds(pid) for pid in pids)
+            return sum(process_cpu_seconds(pid) for pid in pids)
 
         before = cpu()
         await asyncio.sleep(2.0)

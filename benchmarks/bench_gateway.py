@@ -50,9 +50,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvgate.bench.cpu import process_cpu_seconds
 from kvgate.gateway.bootstrap import GatewaySpec, build_bootstrap
-from kvgate.gateway.envoy_binary import find_envoy
-from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, default_tokenizer, free_port
+from kvgate.gateway.local import (
+    LocalGateway,
+    LocalGatewayConfig,
+    default_tokenizer,
+    free_port,
+    start_envoy,
+)
 from kvgate.gateway.supervisor import Supervisor
 
 MODEL = "Qwen/Qwen3-0.6B"
@@ -120,19 +126,7 @@ def direct_envoy(sup: Supervisor, run_dir: Path, worker: tuple[str, int]) -> str
     hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] = routes[-1:]
     path = run_dir / "envoy-direct.yaml"
     path.write_text(json.dumps(config))
-    child = sup.start(
-        "envoy-direct",
-        [str(find_envoy()), "-c", str(path), "--base-id", str(random.randrange(1, 1 << 30)),
-         "--log-level", "warn", "--disable-hot-restart"],
-    )  # fmt: skip
-
-    def ready() -> bool:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-
-    sup.wait_ready(child, ready)
+    start_envoy(sup, "envoy-direct", path, admin)
     return f"http://127.0.0.1:{port}"
 
 
@@ -236,17 +230,6 @@ async def stream_delays(
     return delays
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time the process has used, all threads (scheduler statistics, ns resolution)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a thread that just ended
-    return total / 1e9
-
-
 def pin(pid: int, cpu: int) -> None:
     """Every thread of ``pid`` onto ``cpu``."""
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -312,10 +295,10 @@ def stream_main(args: argparse.Namespace) -> int:
             for name in order:
                 procs = pids[name]
                 idle_s = 1.0
-                before = {p: cpu_seconds(pid) for p, pid in procs.items()}
+                before = {p: process_cpu_seconds(pid) for p, pid in procs.items()}
                 time.sleep(idle_s)
-                idle = {p: cpu_seconds(pid) - before[p] for p, pid in procs.items()}
-                before = {p: cpu_seconds(pid) for p, pid in procs.items()}
+                idle = {p: process_cpu_seconds(pid) - before[p] for p, pid in procs.items()}
+                before = {p: process_cpu_seconds(pid) for p, pid in procs.items()}
                 started = time.monotonic()
                 delays = asyncio.run(
                     stream_delays(
@@ -324,7 +307,7 @@ def stream_main(args: argparse.Namespace) -> int:
                 )
                 wall = time.monotonic() - started
                 used = {
-                    p: cpu_seconds(pid) - before[p] - idle[p] * wall / idle_s
+                    p: process_cpu_seconds(pid) - before[p] - idle[p] * wall / idle_s
                     for p, pid in procs.items()
                 }
                 row[name] = {

@@ -31,6 +31,8 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from kvgate.bench.cpu import process_cpu_seconds
+
 CHUNK = b"data: " + b"x" * 200 + b"\n\n"
 
 
@@ -77,16 +79,6 @@ async def serve_grpclib(port: int) -> None:
     await server.wait_closed()
 
 
-def cpu_seconds(pid: int) -> float:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total / 1e9
-
-
 async def streams_of(stub: Any, streams: int, messages: int, concurrency: int) -> None:
     remaining = streams
 
@@ -128,9 +120,9 @@ async def measure(port: int, pid: int, streams: int) -> dict[str, Any]:
         results["idle_round_trip_us"] = round(1e6 * await idle_round_trip(stub, 300), 1)
         per_stream = {}
         for messages in (1, 2, 4):
-            before = cpu_seconds(pid)
+            before = process_cpu_seconds(pid)
             await streams_of(stub, streams, messages, 32)
-            per_stream[messages] = (cpu_seconds(pid) - before) / streams
+            per_stream[messages] = (process_cpu_seconds(pid) - before) / streams
             print(
                 f"streams of {messages} message(s): server CPU {1e6 * per_stream[messages]:.0f} "
                 f"us per stream = {1 / per_stream[messages]:.0f} streams per CPU-second",

@@ -285,21 +285,7 @@ class LocalGateway:
         )
         envoy_config = self.run_dir / "envoy.yaml"
         envoy_config.write_text(bootstrap_yaml(spec))
-        proxy = self.supervisor.start(
-            "envoy",
-            [
-                str(envoy),
-                "-c",
-                str(envoy_config),
-                "--base-id",
-                str(random.randrange(1, 1 << 30)),
-                "--log-level",
-                "warn",
-                "--disable-hot-restart",
-            ],
-        )
-        children["envoy"] = proxy
-        self.supervisor.wait_ready(proxy, lambda: _http_ok(f"http://127.0.0.1:{admin_port}/ready"))
+        children["envoy"] = start_envoy(self.supervisor, "envoy", envoy_config, admin_port, envoy)
         self.running = RunningGateway(
             url=f"http://{cfg.host}:{cfg.port}",
             run_dir=self.run_dir,
@@ -506,6 +492,20 @@ def _host_port(address: str) -> tuple[str, int]:
 def _tcp_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_envoy(
+    supervisor: Supervisor, name: str, config: Path, admin_port: int, envoy: Path | None = None
+) -> Child:
+    """Start Envoy (``envoy``, else `find_envoy`'s) on ``config`` under ``supervisor`` and wait
+    until its admin port on ``admin_port`` says it is ready. Each gets its own base id, so that
+    several run side by side."""
+    base_id = str(random.randrange(1, 1 << 30))
+    argv = [str(envoy or find_envoy()), "-c", str(config), "--base-id", base_id,
+            "--log-level", "warn", "--disable-hot-restart"]  # fmt: skip
+    child = supervisor.start(name, argv)
+    supervisor.wait_ready(child, lambda: _http_ok(f"http://127.0.0.1:{admin_port}/ready"))
+    return child
 
 
 def _http_ok(url: str) -> bool:
