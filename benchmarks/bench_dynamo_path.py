@@ -26,18 +26,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
+from bench_dynamo import epp_stage_ms
 
 from kvgate.dynamo.processes import DynamoFleet, FleetSettings
 from kvgate.gateway.bootstrap import GatewaySpec, build_bootstrap
@@ -120,17 +119,6 @@ async def latencies(url: str, headers: dict[str, str], body: dict[str, Any], n: 
     return out
 
 
-def stage_ms(metrics_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    pattern = r'^kvgate_stage_duration_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)$'
-    for kind, stage, value in re.findall(pattern, text, re.M):
-        (sums if kind == "sum" else counts)[stage] = float(value)
-    return {k: round(1e3 * sums[k] / n, 3) for k, n in counts.items() if n and k in sums}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
@@ -182,7 +170,8 @@ def main() -> int:
                     "added_ms": round(p50 - floor, 3),
                 }
                 print(f"{kind:>11} {name:>16}: p50 {p50:6.2f} ms, {p50 - floor:+5.2f} ms")
-        results["epp_stage_ms"] = stage_ms(gateways["kvgate"].epp_metrics_url)
+        stages = epp_stage_ms(gateways["kvgate"].epp_metrics_url)
+        results["epp_stage_ms"] = {k: round(v, 3) for k, v in stages.items()}
         print("EPP ms per decision, by stage:", results["epp_stage_ms"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
