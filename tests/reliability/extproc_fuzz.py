@@ -562,8 +562,8 @@ class ExtProcTarget:
                     await call.done_writing()
             try:
                 await reader
-            except (asyncio.CancelledError, grpc.aio.AioRpcError):
-                if not cancelled:
+            except (asyncio.CancelledError, grpc.aio.AioRpcError) as err:
+                if not cancelled and not _ended_under_a_write(err):
                     raise
         return answers
 
@@ -614,3 +614,15 @@ class ExtProcTarget:
                             self.outcomes["routed"] += 1
         held = self.bookkeeping()
         assert not any(held.values()), f"left behind after the case: {held}\n{self.stuck}"
+
+
+def _ended_under_a_write(err: BaseException) -> bool:
+    """Whether the picker ended the stream (e.g. one opened as an observer that names no routed
+    request) while this client still had a message on its way: the client's gRPC core then
+    fails its own send and reports INTERNAL "Internal error from Core". The picker itself never
+    answers INTERNAL (its failures are UNKNOWN, and each is caught by the log check)."""
+    return (
+        isinstance(err, grpc.aio.AioRpcError)
+        and err.code() is grpc.StatusCode.INTERNAL
+        and "Internal error from Core" in (err.details() or "")
+    )
