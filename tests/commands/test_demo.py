@@ -23,7 +23,10 @@ def test_demo_compares_kvgate_dynamo_and_round_robin(
             "--per-group=4",
             "--prompt-words=400",
             "--num-gpu-blocks=512",
-            "--concurrency=3",
+            # One at a time: with 2 workers and 12 requests, copies of one cold prompt sent
+            # together are each prefilled where the first has not finished yet, and whether
+            # kvgate's hit rate then beats round-robin's is a coin flip (it tied in ~1 run in 4).
+            "--concurrency=1",
             "--speedup=4",
             f"--port={free_port()}",
             f"--tokenizer={qwen3_dir}",
