@@ -20,6 +20,7 @@ from kvgate.errors import StartupError
 from kvgate.gateway import local
 from kvgate.gateway.client import ChatResult
 from kvgate.gateway.local import LocalGateway, LocalGatewayConfig, RunningGateway, free_port
+from kvgate.gateway.supervisor import free_port_block
 from tests.gateway.utils import MODEL, get, metric_value, send
 
 pytestmark = pytest.mark.envoy
@@ -185,11 +186,23 @@ def _sim_process(tokenizer: str, port: int, events: int, log: Path) -> subproces
     )  # fmt: skip
 
 
+def _sim_ports(count: int) -> list[tuple[int, int]]:
+    """(http, events) per simulator, all distinct: each simulator also binds events + 1 for
+    replay, which two independent free_port() calls could hand to another simulator."""
+    reserved: set[int] = set()
+    return [(free_port_block(1, reserved), free_port_block(2, reserved)) for _ in range(count)]
+
+
 def _wait_log(
     log: Path, needle: str, process: subprocess.Popen[bytes], timeout: float = 60
 ) -> None:
     deadline = time.monotonic() + timeout
     while needle not in log.read_text():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"simulator exited ({process.returncode}) before {needle!r}; "
+                f"log:\n{log.read_text()}"
+            )
         if time.monotonic() > deadline:
             # Once seen in CI: a simulator silent for 60 s. SIGABRT makes faulthandler write
             # every thread's stack to its log, so the failure says where it hung.
@@ -206,17 +219,17 @@ def _wait_log(
 def test_killed_worker_is_no_longer_picked_and_its_state_goes(
     qwen3_dir: Path, tmp_path: Path
 ) -> None:
-    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]
+    ports = _sim_ports(2)
     sims = [
         _sim_process(str(qwen3_dir), http, ev, tmp_path / f"sim{i}.log")
-        for i, (http, ev, _) in enumerate(ports)
+        for i, (http, ev) in enumerate(ports)
     ]
     try:
         for i in range(2):
             _wait_log(tmp_path / f"sim{i}.log", "ready workers=", sims[i])
         entries: list[dict[str, object]] = [
             {"address": f"127.0.0.1:{http}", "events": f"tcp://127.0.0.1:{ev}"}
-            for http, ev, _ in ports
+            for http, ev in ports
         ]
         config = LocalGatewayConfig(
             endpoint_entries=entries, port=free_port(), tokenizer=str(qwen3_dir),
@@ -247,7 +260,7 @@ def test_workers_from_an_endpoints_file_each_with_its_own_event_port(
 ) -> None:
     """Engines on one host publish KV events on different ports, which only an endpoints file
     can say (``--endpoint-events-port`` is one port for every worker)."""
-    ports = [(free_port(), free_port()) for _ in range(2)]
+    ports = _sim_ports(2)
     sims = [
         _sim_process(str(qwen3_dir), http, ev, tmp_path / f"sim{i}.log")
         for i, (http, ev) in enumerate(ports)
