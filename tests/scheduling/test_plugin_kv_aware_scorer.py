@@ -10,15 +10,12 @@ import pytest
 
 from kvgate.epp_configs import DISAGGREGATED, DISAGGREGATED_KVGATE, shipped_config
 from kvgate.fleet.endpoint import Endpoint
-from kvgate.scheduling.framework import PluginContext
-from kvgate.scheduling.picker_config import load_epp_config
 from kvgate.scheduling.plugins.kv_aware_scorer import PREFILL_KEY_SUFFIX
 from kvgate.scheduling.plugins.role_filter import ROLE_LABEL
 from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
-from kvgate.scheduling.scheduler import Scheduler
-from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.sim.engine import Engine, EngineConfig, SimRequest
 from kvgate.tokens import ModelTokenizer
+from tests.scheduling.utils import ConfiguredScheduler
 
 SYSTEM = "You are the disaggregation test assistant. " + " ".join(
     f"Rule {i}: keep answers short and cite line {i * 3}." for i in range(40)
@@ -37,27 +34,17 @@ def body(question: str, system: str = SYSTEM) -> dict[str, object]:
     }
 
 
-class Pd:
-    """The shipped disaggregated config, built the way the EPP builds it."""
+class Pd(ConfiguredScheduler):
+    """The shipped disaggregated config."""
 
     def __init__(self, tokenizer: ModelTokenizer, threshold: int) -> None:
-        config = shipped_config(DISAGGREGATED).replace(
-            "- type: pd-profile-handler",
-            f"- type: pd-profile-handler\n  parameters:\n    threshold: {threshold}",
+        super().__init__(
+            shipped_config(DISAGGREGATED).replace(
+                "- type: pd-profile-handler",
+                f"- type: pd-profile-handler\n  parameters:\n    threshold: {threshold}",
+            ),
+            tokenizer,
         )
-        self.events = KvEventTargets()
-        self.load = SharedLoad()
-        context = PluginContext(
-            env={"DYNAMO_KV_BLOCK_SIZE": "16"},
-            rng_seed=0,
-            tokenizer=tokenizer,
-            kv_events=self.events,
-            shared_load=self.load,
-        )
-        self.scheduler: Scheduler = load_epp_config(config, context=context).scheduler()
-        (owner,) = self.load.owners.values()
-        self.active = owner.router.active
-        self.tokenizer = tokenizer
 
     def engine_caches(self, worker: Endpoint, question: str) -> int:
         """A simulated engine serves the prompt; its KV events reach the index. Returns the
@@ -73,15 +60,10 @@ class Pd:
                 self.events.apply_event(worker.address, event)
         return len(tokens)
 
-    async def route(
+    async def route_question(
         self, question: str, request_id: str, system: str = SYSTEM
     ) -> tuple[LLMRequest, SchedulingResult]:
-        request = LLMRequest(request_id, "m", "chat", body(question, system), {})
-        workers = [DECODE, PREFILL]
-        await self.scheduler.prepare(request, workers)
-        result = self.scheduler.schedule(request, workers)
-        self.scheduler.pre_request(request, result)
-        return request, result
+        return await self.route(request_id, body(question, system), [DECODE, PREFILL])
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +78,18 @@ async def test_threshold_compares_the_part_the_decode_worker_does_not_cache(
     prompt_tokens = pd.engine_caches(DECODE, "What is rule 7?")
     assert prompt_tokens > 600, "the whole prompt is far above the threshold"
 
-    cached, _ = await pd.route("What is rule 7? Answer briefly.", "cached")
+    cached, _ = await pd.route_question("What is rule 7? Answer briefly.", "cached")
     assert cached.overlaps is not None and cached.overlaps[DECODE.address] * 16 > 500
     assert cached.routing_headers["x-dynamo-routing-mode"] == "aggregated"
 
     other_system = SYSTEM.replace("disaggregation", "unrelated")
-    cold, _ = await pd.route("What is rule 7? Answer briefly.", "cold", other_system)
+    cold, _ = await pd.route_question("What is rule 7? Answer briefly.", "cold", other_system)
     assert cold.routing_headers["x-dynamo-routing-mode"] == "disaggregated"
 
 
 async def test_prefill_and_decode_workers_are_both_booked(tokenizer: ModelTokenizer) -> None:
     pd = Pd(tokenizer, threshold=0)
-    request, result = await pd.route("A question nobody asked before, " * 20, "r1")
+    request, result = await pd.route_question("A question nobody asked before, " * 20, "r1")
     assert request.routing_headers["x-dynamo-routing-mode"] == "disaggregated"
     assert request.tokens is not None
     prompt = len(request.tokens)
@@ -131,7 +113,7 @@ async def test_an_aborted_disaggregated_request_frees_both_bookings(
     tokenizer: ModelTokenizer,
 ) -> None:
     pd = Pd(tokenizer, threshold=0)
-    request, result = await pd.route("Another fresh question, " * 20, "r2")
+    request, result = await pd.route_question("Another fresh question, " * 20, "r2")
     pd.scheduler.response_complete(request, result, ResponseInfo(aborted=True))
     assert len(pd.active) == 0
     assert pd.active.prefill_tokens(PREFILL.address) == 0
@@ -141,27 +123,14 @@ class PredictedPd(Pd):
     """kvgate's disaggregated config: remote prefill when it is predicted to be faster."""
 
     def __init__(self, tokenizer: ModelTokenizer) -> None:
-        self.events = KvEventTargets()
-        self.load = SharedLoad()
-        context = PluginContext(
-            env={"DYNAMO_KV_BLOCK_SIZE": "16"},
-            rng_seed=0,
-            tokenizer=tokenizer,
-            kv_events=self.events,
-            shared_load=self.load,
-        )
-        config = shipped_config(DISAGGREGATED_KVGATE)
-        self.scheduler = load_epp_config(config, context=context).scheduler()
-        (owner,) = self.load.owners.values()
-        self.active = owner.router.active
-        self.tokenizer = tokenizer
+        ConfiguredScheduler.__init__(self, shipped_config(DISAGGREGATED_KVGATE), tokenizer)
 
 
 async def test_predicted_pd_prefills_locally_when_nothing_is_gained_remotely(
     tokenizer: ModelTokenizer,
 ) -> None:
     pd = PredictedPd(tokenizer)
-    request, result = await pd.route("A cold question on an idle fleet, " * 20, "idle")
+    request, result = await pd.route_question("A cold question on an idle fleet, " * 20, "idle")
     # Both idle: a remote prefill costs the same compute plus the KV transfer.
     assert request.routing_headers["x-dynamo-routing-mode"] == "aggregated"
     assert result.prefill_endpoint is None
@@ -172,10 +141,10 @@ async def test_predicted_pd_prefills_remotely_when_the_decode_worker_is_busy(
 ) -> None:
     pd = PredictedPd(tokenizer)
     # A long request decided locally (both idle) queues its prompt on the decode worker.
-    filler, _ = await pd.route("Filler: " + "long context words " * 600, "fill")
+    filler, _ = await pd.route_question("Filler: " + "long context words " * 600, "fill")
     assert filler.routing_headers["x-dynamo-routing-mode"] == "aggregated"
     assert pd.active.prefill_tokens(DECODE.address) > 2000
-    request, result = await pd.route("A cold question behind the queue, " * 20, "busy")
+    request, result = await pd.route_question("A cold question behind the queue, " * 20, "busy")
     assert request.routing_headers["x-dynamo-routing-mode"] == "disaggregated"
     assert result.prefill_endpoint is PREFILL
 
@@ -185,6 +154,6 @@ async def test_predicted_pd_keeps_a_prefix_the_decode_worker_caches(
 ) -> None:
     pd = PredictedPd(tokenizer)
     pd.engine_caches(DECODE, "What is rule 7?")
-    request, _ = await pd.route("What is rule 7? Answer briefly.", "cached")
+    request, _ = await pd.route_question("What is rule 7? Answer briefly.", "cached")
     assert request.overlaps is not None and request.overlaps[DECODE.address] > 30
     assert request.routing_headers["x-dynamo-routing-mode"] == "aggregated"

@@ -6,8 +6,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics, Role
+from kvgate.scheduling.active import ActiveSequences
 from kvgate.scheduling.framework import PluginContext
-from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
+from kvgate.scheduling.picker_config import load_epp_config
+from kvgate.scheduling.request import LLMRequest, SchedulingResult, ScoredEndpoint
+from kvgate.scheduling.scheduler import Scheduler
+from kvgate.scheduling.services import KvEventTargets, SharedLoad
+from kvgate.tokens import ModelTokenizer
 from kvgate.tokens.request import RequestKind
 
 
@@ -82,3 +87,32 @@ def scored(*pairs: tuple[str, float]) -> list[ScoredEndpoint]:
 
 def context(seed: int = 7, **kwargs: Any) -> PluginContext:
     return PluginContext(rng_seed=seed, **kwargs)
+
+
+class ConfiguredScheduler:
+    """An EndpointPickerConfig built the way the EPP builds it (block size 16, seed 0), routed
+    through the scheduler's hooks in the order the EPP calls them."""
+
+    def __init__(self, config: str, tokenizer: ModelTokenizer) -> None:
+        self.events = KvEventTargets()
+        self.load = SharedLoad()
+        ctx = PluginContext(
+            env={"DYNAMO_KV_BLOCK_SIZE": "16"},
+            rng_seed=0,
+            tokenizer=tokenizer,
+            kv_events=self.events,
+            shared_load=self.load,
+        )
+        self.scheduler: Scheduler = load_epp_config(config, context=ctx).scheduler()
+        (owner,) = self.load.owners.values()
+        self.active: ActiveSequences = owner.router.active
+        self.tokenizer = tokenizer
+
+    async def route(
+        self, request_id: str, body: dict[str, Any], workers: list[Endpoint]
+    ) -> tuple[LLMRequest, SchedulingResult]:
+        llm = LLMRequest(request_id, "m", "chat", body, {})
+        await self.scheduler.prepare(llm, workers)
+        result = self.scheduler.schedule(llm, workers)
+        self.scheduler.pre_request(llm, result)
+        return llm, result

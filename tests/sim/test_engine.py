@@ -118,6 +118,33 @@ def test_repeated_prefix_is_served_from_cache_and_prefills_less() -> None:
     assert (e.stats.prefix_cache_queries, e.stats.prefix_cache_hits) == (84, 40)
 
 
+def test_copies_scheduled_together_share_the_blocks_the_first_will_compute() -> None:
+    """vLLM caches a block when it schedules its computation (allocate_slots), so a copy of a
+    prompt admitted in the same step reuses it rather than computing it a second time."""
+    e = engine()
+    first, copy = req("first", 42), req("copy", 42)
+    e.add_request(first, 0.0)
+    e.add_request(copy, 0.0)
+    result = e.step(0.0)
+    assert (first.num_cached_tokens, copy.num_cached_tokens) == (0, 40)
+    assert result.batch.prefill_tokens == 42 + 2
+    stored = [ev for ev in result.events if isinstance(ev, BlockStored)]
+    assert sum(len(ev.block_hashes) for ev in stored) == 10, "each block stored once"
+
+
+def test_a_copy_arriving_during_a_chunked_prefill_reuses_every_scheduled_chunk() -> None:
+    e = engine()
+    long = req("long", 250)
+    e.add_request(long, 0.0)
+    e.step(0.0)  # 100 tokens scheduled and computed
+    copy = req("copy", 250)
+    e.add_request(copy, 0.0)
+    e.step(0.0)  # long's second chunk takes the whole budget: the copy waits
+    last = e.step(0.0)  # long's last 50 are scheduled first, then the copy is admitted
+    assert copy.num_cached_tokens == 248, "all of long's blocks, the last chunk's included"
+    assert last.batch.prefill_tokens == 50 + 2
+
+
 def test_fully_cached_prompt_recomputes_its_last_block() -> None:
     e = engine()
     e.add_request(req("a", 40), 0.0)

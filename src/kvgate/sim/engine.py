@@ -19,7 +19,9 @@ needs (one for a decoding request, a chunk of the prompt for a prefilling one) o
 token budget (chunked prefill); then waiting requests, first come first served, after a prefix
 cache lookup, while the budget, ``max_num_seqs`` and the cache allow. When a running request
 needs a block and none is free, the most recently admitted running request is preempted: its
-blocks are released and it goes back to the front of the queue to recompute later.
+blocks are released and it goes back to the front of the queue to recompute later. A block enters
+the prefix cache when its computation is scheduled, as in vLLM's allocate_slots, so a request
+scheduled after it (in the same step or a later one) reuses it; its KV events leave with the step.
 """
 
 from __future__ import annotations
@@ -270,6 +272,7 @@ class Engine:
                 break
             scheduled.append((req, n))
             budget -= n
+            self._cache_scheduled(req, n)
             i += 1
         # As in vLLM: after a preemption the cache is short, so no new request is admitted.
         if not preempted:
@@ -285,8 +288,6 @@ class Engine:
         cache = self.cache
         for req, n in scheduled:
             computed = req.num_computed_tokens = req.num_computed_tokens + n
-            if computed // bs > req.blocks.num_committed:
-                cache.commit(req.blocks, req.token_ids, computed)
             if computed == len(req.token_ids):
                 finished |= self._sample(req, end)
                 outputs.append(req)
@@ -347,7 +348,17 @@ class Engine:
             running.append(req)
             scheduled.append((req, n))
             budget -= n
+            self._cache_scheduled(req, n)
         return budget
+
+    def _cache_scheduled(self, req: SimRequest, n: int) -> None:
+        """Enter the blocks the step will fill into the prefix cache now, at scheduling, as
+        vLLM's allocate_slots does: a request scheduled after this one, in this step or while
+        this one's prefill is still running, reuses them instead of computing them again (each
+        layer writes the step's new KV before attention reads it)."""
+        end = req.num_computed_tokens + n
+        if end // self.config.block_size > req.blocks.num_committed:
+            self.cache.commit(req.blocks, req.token_ids, end)
 
     def _shape(self, scheduled: list[tuple[SimRequest, int]]) -> BatchShape:
         prefill = decode = decode_kv = 0
