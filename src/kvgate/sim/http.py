@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,6 +56,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+# Below this body size the hop to the tokenizer thread costs more than encoding inline.
+_INLINE_TOKENIZE_BYTES: Final = 4096
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE: Final = b"data: [DONE]\n\n"
 
@@ -182,6 +185,7 @@ class SimWorker:
         self._publisher: KvEventPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
         self._accepting = False
         self.address = ""
         self.instance_id = -1
@@ -260,6 +264,9 @@ class SimWorker:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+            self._tokenizer_thread = None
 
     async def __aenter__(self) -> SimWorker:
         await self.start()
@@ -330,6 +337,20 @@ class SimWorker:
             return self.codec.tokenize(body, kind)
         except ValueError as exc:
             raise ApiError(400, str(exc), getattr(exc, "field", None)) from None
+
+    async def _tokens_off_loop(
+        self, body: Mapping[str, Any], kind: RequestKind, body_bytes: int
+    ) -> list[int]:
+        """`_tokens`, in this worker's own thread for a long prompt: every engine of the process
+        steps on this event loop, and a real engine tokenizes in its API server, apart from the
+        engine core, so one cold prompt must not stall the others' steps (`tokenizers` releases
+        the GIL while it encodes)."""
+        if body_bytes <= _INLINE_TOKENIZE_BYTES:
+            return self._tokens(body, kind)
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="sim-tokenize")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, self._tokens, body, kind)
 
     def _token_json(self, token_id: int) -> bytes:
         text = self._text_json.get(token_id)
@@ -500,7 +521,8 @@ class SimWorker:
             raise ApiError(503, "The simulated engine is shutting down.")
         body = await self._body(request)
         gen = self._parse(body, kind)
-        tokens = self._tokens(body, kind)
+        # aiohttp keeps the body it read: its size is the cheap measure of the prompt's.
+        tokens = await self._tokens_off_loop(body, kind, len(await request.read()))
         sim = SimRequest(gen.request_id, tokens, gen.max_tokens, gen.ignore_eos, gen.cache_salt)
         try:
             stream = self._runner.submit(sim, wake_each=gen.stream)
