@@ -20,11 +20,13 @@ Nothing is bound; one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import uvloop
 from bench_epp import CONFIG, default_tokenizer, headers_msg, make_bodies
@@ -32,10 +34,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from kvgate.extproc.epp import Director, EppOptions, process_stream
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import load_epp_config
+from kvgate.scheduling.scheduler import PluginTimings
 from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.tokens import ModelTokenizer
 
@@ -85,7 +89,9 @@ async def run(args: argparse.Namespace) -> None:
         shared_load=SharedLoad(),
     )
     plugins = load_epp_config(args.config.read_text(), context=context)
-    scheduler = plugins.scheduler()
+    # Every plugin call timed as `kvgate epp` times it: its runtime's observer, on these metrics.
+    runtime = SimpleNamespace(timings=PluginTimings(), metrics=metrics)
+    scheduler = plugins.scheduler(observer=functools.partial(EppRuntime._observe, runtime))
     endpoints = EndpointSet([Endpoint(f"127.0.0.1:{9000 + i}") for i in range(8)])
     director = Director(endpoints, scheduler, EppOptions(), metrics)
     bodies = make_bodies(args.kind, args.requests + 1, seed=3)
