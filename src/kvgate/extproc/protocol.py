@@ -79,13 +79,15 @@ def lb_metadata(
     """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``, and with
     ``observer_key`` ``{"kvgate.epp": {"request": key, "replica": replica}}`` for the observer
     filter (and the gateway's routes to the replica that routed)."""
+    # Set field by field: Struct.update converts through Python dicts at twice the cost.
     meta = struct_pb2.Struct()
-    meta.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(destinations)}})
+    lb = meta.fields[LB_NAMESPACE].struct_value.fields
+    lb[DESTINATION_HEADER].string_value = ",".join(destinations)
     if observer_key is not None:
-        observer = {OBSERVER_KEY: observer_key}
+        observer = meta.fields[OBSERVER_NAMESPACE].struct_value.fields
+        observer[OBSERVER_KEY].string_value = observer_key
         if replica is not None:
-            observer[OBSERVER_REPLICA_KEY] = replica
-        meta.update({OBSERVER_NAMESPACE: observer})
+            observer[OBSERVER_REPLICA_KEY].string_value = replica
     return meta
 
 
