@@ -4,12 +4,15 @@ One process builds the picker as `kvgate epp` does (the given EndpointPickerConf
 tokenizer, 8 endpoints) and routes warm 2k-token chats (a shared 1.9k-token system prompt + a new
 question, as `bench_epp.py` sends): request headers, body, response headers, a final body with
 usage (or, with ``--chunks N``, a streamed response of N SSE chunks). Reported: CPU time per
-request. Run it twice under cachegrind for instruction counts, which
-the machine's other load cannot move (the difference of two request counts removes start-up):
+request (the client's part, building bodies and messages, done before the clock starts). Run it
+twice under cachegrind for instruction counts, which the machine's other load cannot move (the
+difference of two request counts removes start-up); the client's part is in that difference
+too: ``--client-only`` measures it alone, to subtract:
 
     python benchmarks/bench_epp_inproc.py [--requests 1000] [--kind warm|cold]
     valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \\
         python benchmarks/bench_epp_inproc.py --requests 120     # minus the same with 20
+    ... --client-only                                            # the client's part, as above
 
 Nothing is bound; one process.
 """
@@ -17,10 +20,13 @@ Nothing is bound; one process.
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import uvloop
 from bench_epp import CONFIG, default_tokenizer, headers_msg, make_bodies
@@ -28,10 +34,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from kvgate.extproc.epp import Director, EppOptions, process_stream
+from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.extproc.metrics import EppMetrics
 from kvgate.fleet.endpoint import Endpoint, EndpointSet
 from kvgate.scheduling.framework import PluginContext
 from kvgate.scheduling.picker_config import load_epp_config
+from kvgate.scheduling.scheduler import PluginTimings
 from kvgate.scheduling.services import KvEventTargets, SharedLoad
 from kvgate.tokens import ModelTokenizer
 
@@ -81,24 +89,34 @@ async def run(args: argparse.Namespace) -> None:
         shared_load=SharedLoad(),
     )
     plugins = load_epp_config(args.config.read_text(), context=context)
-    scheduler = plugins.scheduler()
+    # Every plugin call timed as `kvgate epp` times it: its runtime's observer, on these metrics.
+    runtime = SimpleNamespace(timings=PluginTimings(), metrics=metrics)
+    scheduler = plugins.scheduler(observer=functools.partial(EppRuntime._observe, runtime))
     endpoints = EndpointSet([Endpoint(f"127.0.0.1:{9000 + i}") for i in range(8)])
     director = Director(endpoints, scheduler, EppOptions(), metrics)
     bodies = make_bodies(args.kind, args.requests + 1, seed=3)
+    streams = [messages(body, f"r{i}", args.chunks) for i, body in enumerate(bodies)]
+    if args.client_only:
+        scheduler.close()
+        return
 
-    async def one(body: bytes, request_id: str) -> None:
+    async def one(stream: list[pb.ProcessingRequest], request_id: str) -> None:
         async def incoming() -> AsyncIterator[pb.ProcessingRequest]:
-            for msg in messages(body, request_id, args.chunks):
+            for msg in stream:
                 yield msg
 
         answers = [answer async for answer in process_stream(director, incoming())]
         if any(answer.HasField("immediate_response") for answer in answers):
             raise RuntimeError(f"request {request_id} was refused: {answers[-1]}")
 
-    await one(bodies[0], "warm-up")  # the system prompt's segments are cached
+    await one(streams[0], "warm-up")  # the system prompt's segments are cached
+    # As `kvgate epp` does once started (epp_runtime.serve); without it a full collection over
+    # the start-up heap (~50 ms) lands in some runs and not others.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     started = time.process_time()
-    for i, body in enumerate(bodies[1:]):
-        await one(body, f"r{i}")
+    for i, stream in enumerate(streams[1:]):
+        await one(stream, f"r{i}")
     cpu = time.process_time() - started
     scheduler.close()
     print(
@@ -113,6 +131,11 @@ def main() -> int:
     parser.add_argument("--kind", choices=["warm", "cold"], default="warm")
     parser.add_argument(
         "--chunks", type=int, default=1, help="response body chunks (> 1: a streamed response)"
+    )
+    parser.add_argument(
+        "--client-only",
+        action="store_true",
+        help="build the bodies and messages, route nothing (the client's part of a count)",
     )
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--tokenizer", default=None)

@@ -1,4 +1,4 @@
-"""The native matcher (`_leading.c`) against the Python loop it replaces."""
+"""The native loops (`_leading.c`) against the Python loops they replace."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvgate.index import mask_index
-from kvgate.index._leading import leading_runs
+from kvgate.index._leading import count_in, count_out, leading_runs
+from kvgate.index.mask_index import MaskIndex
 from kvgate.index.prefix_index import PrefixIndex
 
 
@@ -83,3 +84,56 @@ def test_bad_arguments_raise_instead_of_crashing() -> None:
         except TypeError:
             continue
         raise AssertionError(f"accepted {args!r}")
+
+
+def test_the_native_counting_loops_are_built() -> None:
+    assert mask_index._count_in is not None and mask_index._count_out is not None
+
+
+# (add?, slot, hashes): slots beyond 63 make masks wider than a machine word.
+count_ops = st.lists(
+    st.tuples(
+        st.booleans(),
+        st.sampled_from([0, 1, 5, 63, 64, 130]),
+        st.lists(st.integers(0, 30), max_size=12),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(count_ops)
+def test_counted_add_and_release_equal_the_python_loops(
+    ops: list[tuple[bool, int, list[int]]],
+) -> None:
+    native, python = MaskIndex(), MaskIndex()
+    native_counts: dict[int, dict[int, int]] = {}
+    python_counts: dict[int, dict[int, int]] = {}
+    for add, slot, hashes in ops:
+        bit = 1 << slot
+        mine = native_counts.setdefault(slot, {})
+        reference = python_counts.setdefault(slot, {})
+        if add:
+            native.add_counted(mine, hashes, bit)
+            python.add_counted_python(reference, hashes, bit)
+        else:
+            native.release_counted(mine, hashes, bit)
+            python.release_counted_python(reference, hashes, bit)
+        assert native_counts == python_counts
+        assert native.masks == python.masks
+        assert 0 not in native.masks.values()
+
+
+def test_counting_bad_arguments_raise_instead_of_crashing() -> None:
+    for fn, args in (
+        (count_in, ({}, {}, 5, 1)),
+        (count_in, ([], {}, [1], 1)),
+        (count_in, ({}, {}, [1], "x")),
+        (count_out, ({1: "x"}, {}, {}, int, [1], 1)),
+        (count_out, ({1: 1}, {1: 3}, {}, None, [1], 1)),
+    ):
+        try:
+            fn(*args)  # type: ignore[operator]
+        except TypeError:
+            continue
+        raise AssertionError(f"{fn.__name__} accepted {args!r}")

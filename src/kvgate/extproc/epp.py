@@ -413,7 +413,7 @@ class RequestStream:
             raise SchedulingError(
                 400, f"request body must be a JSON object, got {type(parsed).__name__}"
             )
-        self.director.metrics.stage_duration.labels("parse").observe(time.perf_counter() - started)
+        self.director.metrics.stage("parse", time.perf_counter() - started)
         return parsed
 
     def _build_request(self, body: dict[str, Any]) -> LLMRequest:

@@ -405,7 +405,7 @@ class EppRuntime(StackedService):
 
     def _observe(self, point: str, plugin: Any, seconds: float) -> None:
         self.timings(point, plugin, seconds)
-        self.metrics.plugin_duration.labels(point, plugin.type_name, plugin.name).observe(seconds)
+        self.metrics.plugin_timed(point, plugin, seconds)
 
     async def _serve_grpc(self, director: Director) -> None:
         s = self.settings

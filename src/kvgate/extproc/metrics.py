@@ -9,7 +9,7 @@ tokens the engines report match the overlap the picker predicted.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from kvgate.fleet.endpoint import EndpointSet
     from kvgate.scheduling.active import LoadColumns
+    from kvgate.scheduling.framework import Plugin
     from kvgate.scheduling.request import LLMRequest, ResponseInfo, SchedulingResult
     from kvgate.scheduling.services import Stage
 
@@ -106,6 +107,28 @@ class _EndpointCollector(Collector):
         return list(families.values())
 
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[_Metric]):
+    """``metric.labels(*values)``, each child looked up once: ``labels()`` validates, converts
+    and locks on every call (~10k instructions), and a routed request makes a dozen such calls.
+    Nothing removes a child here, so a remembered one stays the metric's own; this holds one
+    reference per child prometheus_client already keeps."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def _no_load(workers: list[str]) -> LoadColumns:
     zeros = [0] * len(workers)
     return zeros, zeros, zeros, zeros
@@ -174,7 +197,6 @@ class EppMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._stage_children: dict[str, Histogram] = {}
         self.decisions = Counter(
             "kvgate_decisions", "Routing decisions per endpoint", ["endpoint"], registry=r
         )
@@ -242,16 +264,28 @@ class EppMetrics:
             buckets=(-0.75, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 4),
             registry=r,
         )
+        # The children a routed request uses, looked up once (see `_Children`).
+        self._requests = _Children(self.requests)
+        self._running = _Children(self.running)
+        self._duration = _Children(self.duration)
+        self._ttft = _Children(self.ttft)
+        self._input_tokens = _Children(self.input_tokens)
+        self._output_tokens = _Children(self.output_tokens)
+        self._cached_tokens = _Children(self.cached_tokens)
+        self._decisions = _Children(self.decisions)
+        self._profile_decisions = _Children(self.profile_decisions)
+        self._stage = _Children(self.stage_duration)
+        self._plugin_duration = _Children(self.plugin_duration)
 
     # -- what plugins report (kvgate.scheduling.services.SchedulingMetrics) -----------------
 
-    def stage(self, stage: Stage, seconds: float) -> None:
-        # Several stages per request: the child looked up once per stage name (a handful, fixed)
-        # instead of through labels(), which validates and locks on every call.
-        child = self._stage_children.get(stage)
-        if child is None:
-            child = self._stage_children[stage] = self.stage_duration.labels(stage)
-        child.observe(seconds)
+    def stage(self, stage: Stage | Literal["parse", "total"], seconds: float) -> None:
+        self._stage(stage).observe(seconds)
+
+    def plugin_timed(self, point: str, plugin: Plugin, seconds: float) -> None:
+        """One plugin call's time (``inference_extension_plugin_duration_seconds``): the
+        scheduler's `Observer`, a dozen calls per routed request."""
+        self._plugin_duration(point, plugin.type_name, plugin.name).observe(seconds)
 
     def picked(self, overlap_blocks: int, best_overlap_blocks: int, block_size: int) -> None:
         self.predicted_overlap.observe(overlap_blocks)
@@ -292,19 +326,20 @@ class EppMetrics:
     def observe_decision(
         self, request: LLMRequest, result: SchedulingResult, seconds: float
     ) -> None:
-        self.requests.labels(request.model, request.model).inc()
-        self.running.labels(request.model).inc()
+        model = request.model
+        self._requests(model, model).inc()
+        self._running(model).inc()
         self.scheduler_duration.observe(seconds)
-        self.stage_duration.labels("total").observe(seconds)
-        self.decisions.labels(result.endpoint.address).inc()
+        self._stage("total").observe(seconds)
+        self._decisions(result.endpoint.address).inc()
         for profile, chosen in result.profiles.items():
             if chosen.endpoints:
-                self.profile_decisions.labels(profile, chosen.endpoints[0].address).inc()
+                self._profile_decisions(profile, chosen.endpoints[0].address).inc()
         if request.tokens is not None:
-            self.input_tokens.labels(request.model, request.model).observe(len(request.tokens))
+            self._input_tokens(model, model).observe(len(request.tokens))
 
     def observe_ttft(self, request: LLMRequest, seconds: float) -> None:
-        self.ttft.labels(request.model, request.model).observe(seconds)
+        self._ttft(request.model, request.model).observe(seconds)
 
     def observe_completion(
         self,
@@ -313,14 +348,14 @@ class EppMetrics:
         response: ResponseInfo,
         seconds: float,
     ) -> None:
-        self.running.labels(request.model).dec()
-        labels = (request.model, request.model)
+        model = request.model
+        self._running(model).dec()
         if not response.aborted:
-            self.duration.labels(*labels).observe(seconds)
+            self._duration(model, model).observe(seconds)
         if response.completion_tokens is not None:
-            self.output_tokens.labels(*labels).observe(response.completion_tokens)
+            self._output_tokens(model, model).observe(response.completion_tokens)
         if response.cached_tokens is not None:
-            self.cached_tokens.labels(*labels).observe(response.cached_tokens)
+            self._cached_tokens(model, model).observe(response.cached_tokens)
             self.engine_cached_tokens.inc(response.cached_tokens)
             if request.predicted_overlap_blocks is not None and request.block_size:
                 predicted = request.predicted_overlap_blocks * request.block_size

@@ -53,20 +53,24 @@ def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def header_mutation(
     set_headers: Mapping[str, str], remove: Iterable[str] = ()
 ) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[_header(k, v) for k, v in set_headers.items()],
-        remove_headers=list(remove),
-    )
+    # Built by attribute paths: nested keyword construction costs ~3x as much (~12 us for the
+    # four or five headers of every routed request).
+    mutation = pb.HeaderMutation()
+    add = mutation.set_headers.add
+    for key, value in set_headers.items():
+        option = add()
+        header = option.header
+        header.key = key
+        header.raw_value = value.encode()
+        option.append_action = _OVERWRITE
+    mutation.remove_headers.extend(remove)
+    return mutation
 
 
 def lb_metadata(
@@ -75,13 +79,15 @@ def lb_metadata(
     """``{"envoy.lb": {"x-gateway-destination-endpoint": "ip:port,ip:port"}}``, and with
     ``observer_key`` ``{"kvgate.epp": {"request": key, "replica": replica}}`` for the observer
     filter (and the gateway's routes to the replica that routed)."""
+    # Set field by field: Struct.update converts through Python dicts at twice the cost.
     meta = struct_pb2.Struct()
-    meta.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(destinations)}})
+    lb = meta.fields[LB_NAMESPACE].struct_value.fields
+    lb[DESTINATION_HEADER].string_value = ",".join(destinations)
     if observer_key is not None:
-        observer = {OBSERVER_KEY: observer_key}
+        observer = meta.fields[OBSERVER_NAMESPACE].struct_value.fields
+        observer[OBSERVER_KEY].string_value = observer_key
         if replica is not None:
-            observer[OBSERVER_REPLICA_KEY] = replica
-        meta.update({OBSERVER_NAMESPACE: observer})
+            observer[OBSERVER_REPLICA_KEY].string_value = replica
     return meta
 
 

@@ -26,10 +26,20 @@ from collections.abc import Callable, ItemsView, Sequence
 from itertools import islice
 
 _leading_runs: Callable[[dict[int, int], Sequence[int]], list[tuple[int, int]]] | None
-try:  # the native matcher (`_leading.c`); optional, the Python loop gives the same answer
+_count_in: Callable[[dict[int, int], dict[int, int], Sequence[int], int], None] | None
+_count_out: (
+    Callable[
+        [dict[int, int], dict[int, int], dict[int, int], Callable[[int], int], Sequence[int], int],
+        None,
+    ]
+    | None
+)
+try:  # the native loops (`_leading.c`); optional, the Python loops give the same answers
+    from kvgate.index._leading import count_in as _count_in
+    from kvgate.index._leading import count_out as _count_out
     from kvgate.index._leading import leading_runs as _leading_runs
 except ImportError:  # pragma: no cover - depends on the build
-    _leading_runs = None
+    _leading_runs = _count_in = _count_out = None
 
 NATIVE_MATCHING = _leading_runs is not None
 _SHARED_MASKS = 1 << 16
@@ -114,6 +124,47 @@ class MaskIndex:
             masks[seq] = self.shared_masks.get(mask) or self.share(mask)
         else:
             del masks[seq]
+
+    def add_counted(self, counts: dict[int, int], hashes: Sequence[int], bit: int) -> None:
+        """One holder more of each of ``hashes`` in ``counts`` (a subclass's per-slot reference
+        counts); a block's first holder sets ``bit`` in its mask."""
+        if _count_in is not None:
+            _count_in(counts, self.masks, hashes, bit)
+        else:
+            self.add_counted_python(counts, hashes, bit)
+
+    def add_counted_python(self, counts: dict[int, int], hashes: Sequence[int], bit: int) -> None:
+        """The specification of `add_counted` (used when the native loops are not built)."""
+        masks = self.masks
+        for h in hashes:
+            n = counts.get(h)
+            if n is None:
+                counts[h] = 1
+                masks[h] = masks.get(h, 0) | bit
+            else:
+                counts[h] = n + 1
+
+    def release_counted(self, counts: dict[int, int], hashes: Sequence[int], bit: int) -> None:
+        """One holder less of each of ``hashes`` counted in ``counts``; a block's last holder
+        clears ``bit`` (see `drop_bit`). Blocks not counted are skipped."""
+        if _count_out is not None:
+            _count_out(counts, self.masks, self.shared_masks, self.share, hashes, bit)
+        else:
+            self.release_counted_python(counts, hashes, bit)
+
+    def release_counted_python(
+        self, counts: dict[int, int], hashes: Sequence[int], bit: int
+    ) -> None:
+        """The specification of `release_counted` (used when the native loops are not built)."""
+        for h in hashes:
+            n = counts.get(h)
+            if n is None:
+                continue
+            if n > 1:
+                counts[h] = n - 1
+            else:
+                del counts[h]
+                self.drop_bit(h, bit)
 
     def workers(self) -> list[WorkerId]:
         return list(self._slot_of)

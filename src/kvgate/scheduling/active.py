@@ -62,15 +62,7 @@ class ActiveBlocks(MaskIndex):
     def add(self, worker: WorkerId, hashes: Sequence[int]) -> None:
         slot = self.slot(worker)
         counts = self._counts[slot]
-        masks = self.masks
-        bit = 1 << slot
-        for h in hashes:
-            n = counts.get(h)
-            if n is None:
-                counts[h] = 1
-                masks[h] = masks.get(h, 0) | bit
-            else:
-                counts[h] = n + 1
+        self.add_counted(counts, hashes, 1 << slot)
         self.per_worker[worker] = len(counts)
 
     def release(self, worker: WorkerId, hashes: Sequence[int]) -> None:
@@ -78,16 +70,7 @@ class ActiveBlocks(MaskIndex):
         if slot is None:
             return
         counts = self._counts[slot]
-        bit = 1 << slot
-        for h in hashes:
-            n = counts.get(h)
-            if n is None:
-                continue
-            if n > 1:
-                counts[h] = n - 1
-            else:
-                del counts[h]
-                self.drop_bit(h, bit)
+        self.release_counted(counts, hashes, 1 << slot)
         self.per_worker[worker] = len(counts)
 
     def drop_worker(self, worker: WorkerId) -> None:

@@ -254,8 +254,9 @@ def render_chat_body(
     for name in _CONSUMED_KWARGS:
         kwargs.pop(name, None)
 
-    if not _mentions_developer_role(template) and any(
-        message["role"] == "developer" for message in conversation
+    # The conversation first: a search of the template's text costs more than a look at roles.
+    if any(message["role"] == "developer" for message in conversation) and not (
+        _mentions_developer_role(template)
     ):
         conversation = _merge_system_messages(_developer_to_system(conversation))
 
