@@ -13,16 +13,14 @@ import pytest_asyncio
 
 from kvgate.epp_configs import KVGATE, shipped_config
 from kvgate.extproc.epp_runtime import EppRuntime
-from kvgate.sim.engine import EngineConfig
-from kvgate.sim.fleet import Fleet, FleetConfig
+from kvgate.sim.fleet import Fleet
 from kvgate.sim.prompts import TokensCodec
-from kvgate.sim.timing import PolynomialTiming
 from tests.extproc.utils import (
-    MODEL,
     ExtProcStream,
     Stack,
     chat_body,
     loopback_epp_settings,
+    loopback_fleet_config,
     response_body_msg,
     response_headers_msg,
 )
@@ -37,15 +35,7 @@ SYSTEM = "You are the latency test assistant. " + " ".join(
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     codec = TokensCodec.load(str(qwen3_dir))
-    config = FleetConfig(
-        workers=3,
-        base_port=0,
-        events_base_port=0,
-        replay_base_port=0,
-        model=MODEL,
-        engine=EngineConfig(num_gpu_blocks=2048, max_model_len=8192),
-        timing=PolynomialTiming(speedup=50.0),
-    )
+    config = loopback_fleet_config(3)
     endpoints_file = tmp_path_factory.mktemp("epp") / "endpoints.json"
     async with Fleet(config, codec) as fleet:
         settings = loopback_epp_settings(qwen3_dir, endpoints_file)

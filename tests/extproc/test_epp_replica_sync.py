@@ -19,16 +19,16 @@ import pytest
 
 from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
 from kvgate.scheduling.services import LoadOwner
-from kvgate.sim.engine import EngineConfig
-from kvgate.sim.fleet import Fleet, FleetConfig
+from kvgate.sim.fleet import Fleet
 from kvgate.sim.prompts import TokensCodec
-from kvgate.sim.timing import PolynomialTiming
 from tests.extproc.utils import (
     MODEL,
     SEED_CONFIG,
     ExtProcStream,
     chat_body,
+    endpoints_json,
     loopback_epp_settings,
+    loopback_fleet_config,
 )
 from tests.nats_harness import NatsServer, nats_server
 
@@ -88,31 +88,11 @@ async def _two_replicas(
     gpu_blocks: int = 4096,
 ) -> AsyncIterator[tuple[Fleet, list[EppRuntime]]]:
     codec = TokensCodec.load(str(qwen3_dir))
-    config = FleetConfig(
-        workers=WORKERS,
-        base_port=0,
-        events_base_port=0,
-        replay_base_port=0,
-        model=MODEL,
-        engine=EngineConfig(num_gpu_blocks=gpu_blocks, max_model_len=min(8192, gpu_blocks * 16)),
-        timing=PolynomialTiming(speedup=50.0),
-    )
+    config = loopback_fleet_config(WORKERS, gpu_blocks=gpu_blocks)
     async with AsyncExitStack() as stack:
         fleet = await stack.enter_async_context(Fleet(config, codec))
         endpoints = tmp_path / "endpoints.json"
-        endpoints.write_text(
-            json.dumps(
-                [
-                    {
-                        "address": w.url.removeprefix("http://"),
-                        "instance_id": w.instance_id,
-                        "events": w.events_endpoint,
-                        "replay": w.replay_endpoint,
-                    }
-                    for w in fleet.workers
-                ]
-            )
-        )
+        endpoints.write_text(endpoints_json(fleet))
         runtimes = []
         for name in ("epp-a", "epp-b"):
             settings = _settings(qwen3_dir, endpoints, name, nats_url, env)

@@ -19,7 +19,9 @@ from google.protobuf import struct_pb2
 
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppRuntime, EppSettings
-from kvgate.sim.fleet import Fleet
+from kvgate.sim.engine import EngineConfig
+from kvgate.sim.fleet import Fleet, FleetConfig
+from kvgate.sim.timing import PolynomialTiming
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_CONFIG = (REPO / "deploy" / "config" / "epp-config-dynamo.yaml").read_text()
@@ -226,6 +228,37 @@ def loopback_epp_settings(
     )
 
 
+def loopback_fleet_config(
+    workers: int, *, gpu_blocks: int = 2048, speedup: float = 50.0
+) -> FleetConfig:
+    """Simulated engines on loopback, system-chosen HTTP, KV-event and replay ports."""
+    return FleetConfig(
+        workers=workers,
+        base_port=0,
+        events_base_port=0,
+        replay_base_port=0,
+        model=MODEL,
+        engine=EngineConfig(num_gpu_blocks=gpu_blocks, max_model_len=min(8192, gpu_blocks * 16)),
+        timing=PolynomialTiming(speedup=speedup),
+    )
+
+
+def endpoints_json(fleet: Fleet, workers: Sequence[int] | None = None) -> str:
+    """The EPP's endpoints file for ``fleet`` (all workers, or those indexes)."""
+    chosen = range(len(fleet.workers)) if workers is None else workers
+    return json.dumps(
+        [
+            {
+                "address": fleet.workers[i].url.removeprefix("http://"),
+                "instance_id": fleet.workers[i].instance_id,
+                "events": fleet.workers[i].events_endpoint,
+                "replay": fleet.workers[i].replay_endpoint,
+            }
+            for i in chosen
+        ]
+    )
+
+
 @dataclass
 class Stack:
     fleet: Fleet
@@ -238,19 +271,7 @@ class Stack:
         return [w.url.removeprefix("http://") for w in self.fleet.workers]
 
     def write_endpoints(self, workers: list[int] | None = None) -> None:
-        chosen = range(len(self.fleet.workers)) if workers is None else workers
-        entries = []
-        for i in chosen:
-            w = self.fleet.workers[i]
-            entries.append(
-                {
-                    "address": w.url.removeprefix("http://"),
-                    "instance_id": w.instance_id,
-                    "events": w.events_endpoint,
-                    "replay": w.replay_endpoint,
-                }
-            )
-        self.endpoints_file.write_text(json.dumps(entries))
+        self.endpoints_file.write_text(endpoints_json(self.fleet, workers))
 
     async def wait_endpoints(self, count: int, timeout: float = 5.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -25,12 +25,10 @@ from kvgate import epp_configs
 from kvgate.extproc.epp import EppOptions
 from kvgate.extproc.epp_runtime import EppRuntime
 from kvgate.gateway.bootstrap import GatewaySpec, build_bootstrap
-from kvgate.sim.engine import EngineConfig
-from kvgate.sim.fleet import Fleet, FleetConfig
+from kvgate.sim.fleet import Fleet
 from kvgate.sim.prompts import TokensCodec
-from kvgate.sim.timing import PolynomialTiming
 from tests.extproc.envoy_harness import LOOPBACK, envoy_running
-from tests.extproc.utils import loopback_epp_settings
+from tests.extproc.utils import endpoints_json, loopback_epp_settings, loopback_fleet_config
 from tests.gateway.utils import MODEL
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
@@ -101,30 +99,10 @@ async def sim_gateway(
     """kvgate's own policy (the latency model calibrates from the response phase) over two
     simulated engines slow enough that a long answer can be cut off mid-stream."""
     workdir = tmp_path_factory.mktemp("observer-sim")
-    config = FleetConfig(
-        workers=2,
-        base_port=0,
-        events_base_port=0,
-        replay_base_port=0,
-        model=MODEL,
-        engine=EngineConfig(num_gpu_blocks=2048, max_model_len=8192),
-        timing=PolynomialTiming(speedup=4.0),
-    )
+    config = loopback_fleet_config(2, speedup=4.0)
     async with Fleet(config, TokensCodec.load(str(qwen3_dir))) as fleet:
         endpoints = workdir / "endpoints.json"
-        endpoints.write_text(
-            json.dumps(
-                [
-                    {
-                        "address": w.url.removeprefix("http://"),
-                        "instance_id": w.instance_id,
-                        "events": w.events_endpoint,
-                        "replay": w.replay_endpoint,
-                    }
-                    for w in fleet.workers
-                ]
-            )
-        )
+        endpoints.write_text(endpoints_json(fleet))
         settings = loopback_epp_settings(qwen3_dir, endpoints)
         settings.config_text = epp_configs.shipped_config(epp_configs.KVGATE)
         settings.options = dataclasses.replace(settings.options, observer_grace_s=GRACE_S)
