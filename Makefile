@@ -69,14 +69,15 @@ unit: $(STAMP) $(VLLM_STAMP) $(ENVOY_STAMP) nats-server
 test: lint typecheck unit
 
 # The edit loop: lint, then every test marked neither envoy, nats nor slow (see pyproject's
-# markers). KVGATE_ENVOY and KVGATE_NATS_SERVER name no binary here, so a test that starts one
-# without its marker fails instead of quietly joining the fast set.
+# markers), spread over the machine's cores (pytest-xdist). KVGATE_ENVOY and KVGATE_NATS_SERVER
+# name no binary here, so a test that starts one without its marker fails instead of quietly
+# joining the fast set.
 FAST_MARKERS := not envoy and not nats and not slow
 
 unit-fast: $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 KVGATE_VLLM_WHEEL=$(VLLM_WHEEL_DIR) \
 	  KVGATE_ENVOY=/nonexistent/envoy KVGATE_NATS_SERVER=/nonexistent/nats-server \
-	  $(BIN)/pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	  $(BIN)/pytest -n auto -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 test-fast: lint unit-fast
 
