@@ -230,6 +230,13 @@ async def stream_delays(
     return delays
 
 
+def stop_all(gateways: list[LocalGateway], sup: Supervisor) -> None:
+    """The gateways' processes, then this benchmark's own (also when a run failed midway)."""
+    for gw in gateways:
+        gw.stop()
+    sup.stop_all()
+
+
 def pin(pid: int, cpu: int) -> None:
     """Every thread of ``pid`` onto ``cpu``."""
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -248,12 +255,12 @@ def stream_main(args: argparse.Namespace) -> int:
         "streams": args.streams, "chunks": args.chunks, "interval_ms": args.interval_ms,
         "rate": args.stream_rate, "rounds": [],
     }  # fmt: skip
+    gateways: list[LocalGateway] = []
     try:
         sup.wait_ready(upstream, lambda: "ready" in upstream.log.read_text())
         entries: list[dict[str, object]] = [{"address": f"127.0.0.1:{port}", "instance_id": port}]
         urls = {"direct": direct_envoy(sup, run_dir, ("127.0.0.1", port))}
         pids: dict[str, dict[str, int]] = {"direct": {"envoy": sup.children[-1].process.pid}}
-        gateways = []
         for name in ("inline", "observer"):
             gw = LocalGateway(
                 LocalGatewayConfig(
@@ -348,10 +355,8 @@ def stream_main(args: argparse.Namespace) -> int:
                   f"{mine['epp_cpu_us_per_chunk_median']:.0f} us "
                   f"({min(epp):.0f}..{max(epp):.0f})")  # fmt: skip
         results["summary"] = summary
-        for gw in gateways:
-            gw.stop()
     finally:
-        sup.stop_all()
+        stop_all(gateways, sup)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -399,6 +404,7 @@ def main() -> int:
          "--tokenizer", tokenizer, "--model", MODEL, "--speedup", "1000"],
     )  # fmt: skip
     results: dict[str, Any] = {"rate": args.rate, "requests": args.requests}
+    gateways: list[LocalGateway] = []
     try:
         sup.wait_ready(sim, lambda: "ready workers=" in sim.log.read_text())
         entries: list[dict[str, object]] = [
@@ -409,7 +415,6 @@ def main() -> int:
             }
         ]
         urls = {"direct": direct_envoy(sup, run_dir, ("127.0.0.1", http))}
-        gateways = []
         for name, transformer in (("epp", "off"), ("epp+bt", "ext-proc"), ("epp+inline", "inline")):
             gw = LocalGateway(
                 LocalGatewayConfig(
@@ -435,10 +440,8 @@ def main() -> int:
                 d50 = mine["p50_ms"] - base["p50_ms"]
                 d99 = mine["p99_ms"] - base["p99_ms"]
                 print(f"added by {name:>10} ({kind:>5}): p50 {d50:+.2f} ms, p99 {d99:+.2f} ms")
-        for gw in gateways:
-            gw.stop()
     finally:
-        sup.stop_all()
+        stop_all(gateways, sup)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
