@@ -134,9 +134,13 @@ async def test_observer_stream_ending_early_frees_at_once(stack: Stack) -> None:
     """Client gone or upstream reset mid-response: the observer's stream ends without the end of
     the response, while the routing stream is still open."""
     routing, key, booking = await route_without_responses(stack, "cut me off")
+    router = kv_scorer(stack).router
     observer = ExtProcStream(stack.channel)
     await observer.send(observed(response_headers_msg(200, "text/event-stream"), key))
     await observer.send(observed(response_body_msg(b"data: {}\n\n", False), key))
+    # Cancelled before the picker read them, the messages would never be tied to the request:
+    # that case is the grace test's above.
+    await wait_for(lambda: (held := router.active.get(booking)) is not None and held.prefill_done)
     observer.cancel()
     await wait_for(lambda: booking not in kv_scorer(stack).router.active, timeout=GRACE_S * 3)
     routing.cancel()
