@@ -64,7 +64,21 @@ def test_decode_steps_take_one_token_per_request() -> None:
     e.step(0.0)
     batch = e.step(0.0).batch
     assert (batch.prefill_tokens, batch.decode_tokens) == (0, 2)
-    assert batch.decode_kv_usage == pytest.approx(22 / (64 * 4))
+    # 11 tokens each in blocks of 4: 3 blocks per request, 6 of the pool's 64.
+    assert batch.decode_kv_usage == pytest.approx(6 / 64)
+
+
+def test_decoders_sharing_a_prefix_hold_its_blocks_once_in_the_kv_usage() -> None:
+    e = engine()
+    shared = req("a", 16, first=0)
+    e.add_request(shared, 0.0)
+    e.step(0.0)
+    e.add_request(req("b", 16, first=0), 0.0)
+    e.step(0.0)
+    batch = e.step(0.0).batch
+    assert batch.decode_tokens == 2
+    # Each holds 18 tokens = 5 blocks; the 4 full prompt blocks are one copy: 4 + 1 + 1.
+    assert batch.decode_kv_usage == pytest.approx(6 / 64)
 
 
 def test_max_num_seqs_caps_the_running_batch() -> None:

@@ -361,17 +361,18 @@ class Engine:
             self.cache.commit(req.blocks, req.token_ids, end)
 
     def _shape(self, scheduled: list[tuple[SimRequest, int]]) -> BatchShape:
-        prefill = decode = decode_kv = 0
+        prefill = decode = 0
         for req, n in scheduled:
             # Computing one token past the prompt is a decode; anything else (first prefill,
             # chunk, recompute after preemption) is prefill work on uncached tokens.
             if n == 1 and req.num_computed_tokens >= len(req.prompt_token_ids):
                 decode += 1
-                decode_kv += req.num_computed_tokens + 1
             else:
                 prefill += n
-        capacity = self.config.num_gpu_blocks * self.config.block_size
-        return BatchShape(prefill, decode, decode_kv / capacity)
+        # The mocker's u: blocks the running requests hold, a block shared by several once,
+        # over the pool. Summing each decoder's context instead counts a shared document n
+        # times and leaves [0, 1], where the fitted polynomial turns down again.
+        return BatchShape(prefill, decode, self.cache.usage if decode else 0.0)
 
     def _sample(self, req: SimRequest, now: float) -> bool:
         """Append the request's next token; True if it finished."""

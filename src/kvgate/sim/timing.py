@@ -26,7 +26,8 @@ class BatchShape:
     decode_tokens: int
     """Requests generating one token each."""
     decode_kv_usage: float
-    """KV tokens held by the decoding requests / total KV capacity, in [0, 1]."""
+    """Blocks held by running requests (shared ones once) / the pool's blocks, in [0, 1]: the
+    Dynamo mocker's active KV tokens over KV capacity."""
 
 
 class StepTiming(Protocol):
@@ -45,7 +46,7 @@ class PolynomialTiming:
     """prefill ms = a + b·T + c·T²; decode ms = max(floor, d + e·u + f·u²).
 
     Defaults are the Dynamo mocker's published coefficients; T is uncached prompt tokens in the
-    step, u the decoding requests' KV utilisation. A pure-prefill step pays no decode time.
+    step, u the pool's active KV usage. A pure-prefill step pays no decode time.
     """
 
     prefill_ms: tuple[float, float, float] = (16.50142, 1.518344e-2, 4.209989e-7)
