@@ -247,20 +247,21 @@ def test_a_near_tie_goes_to_the_worker_that_holds_the_prompt() -> None:
     scorer = PredictedLatencyScorer("p")
     picker = SloAwarePicker("pick", rng=random.Random(1))
     endpoints = [endpoint(a, num_gpu_blocks=4096) for a in ADDRESSES[:2]]
-    # The cached worker predicts a hair slower (its θ), within the tolerance.
+    # The cached worker predicts a hair slower (its θ), within the tolerance: half the band
+    # weighs that difference (~0.1% of 5%), half the harm (it adds 242 blocks, the other 250).
     scorer.model.fit(ADDRESSES[0]).theta_token = 1.03
     scorer.model.fit(ADDRESSES[0]).theta_fixed = 1.03
     llm = request(
         tokens=list(range(4000)),
         block_size=BLOCK,
-        overlaps={ADDRESSES[0]: 4},
+        overlaps={ADDRESSES[0]: 8},
         load=ActiveSequences(BLOCK),
     )
     run(scorer.prepare(llm, endpoints))
     assert llm.predictions is not None
     ttft = {a: llm.predictions[a].ttft_s for a in ADDRESSES[:2]}
     assert ttft[ADDRESSES[1]] < ttft[ADDRESSES[0]] <= ttft[ADDRESSES[1]] * 1.05
-    assert route(scorer, picker, endpoints, isl=4000, overlaps={ADDRESSES[0]: 4}) == ADDRESSES[0]
+    assert route(scorer, picker, endpoints, isl=4000, overlaps={ADDRESSES[0]: 8}) == ADDRESSES[0]
 
 
 def test_costs_beyond_the_tolerance_keep_their_order() -> None:
@@ -277,6 +278,30 @@ def test_costs_beyond_the_tolerance_keep_their_order() -> None:
     scores = scorer.score(llm, endpoints)
     assert scores[ADDRESSES[0]] == 1.0
     assert scores[ADDRESSES[1]] == scores[ADDRESSES[2]] == 0.0
+
+
+def test_a_long_prompt_queues_for_a_fresher_cache_only_when_the_wait_is_noise() -> None:
+    # A 40K-token prompt costs ~800 ms anywhere (5%: ~40 ms); worker 0 added 5,000 blocks to
+    # its cache lately, worker 1 nothing.
+    def pick(queued_on_1: int) -> str:
+        scorer = PredictedLatencyScorer("p")
+        scorer.churn.add(ADDRESSES[0], 5_000, scorer.clock())
+        endpoints = [endpoint(a, num_gpu_blocks=32_768) for a in ADDRESSES[:2]]
+        load = ActiveSequences(BLOCK)
+        if queued_on_1:
+            hashes = list(range(10**6, 10**6 + queued_on_1 // BLOCK))
+            load.add("queued", ADDRESSES[1], hashes, queued_on_1, 0.0)
+        llm = request(tokens=list(range(40_000)), block_size=BLOCK, overlaps={}, load=load)
+        run(scorer.prepare(llm, endpoints))
+        assert llm.predictions is not None
+        ttft = [llm.predictions[a].ttft_s for a in ADDRESSES[:2]]
+        assert ttft[1] < ttft[0] * 1.05
+        scores = scorer.score(llm, endpoints)
+        return max(scores, key=lambda a: scores[a])
+
+    assert pick(queued_on_1=0) == ADDRESSES[1]
+    # 1,000 tokens of prefill queued on worker 1: ~30 ms, most of the band, a real wait.
+    assert pick(queued_on_1=1_000) == ADDRESSES[0]
 
 
 def test_recent_additions_halve_every_half_life() -> None:

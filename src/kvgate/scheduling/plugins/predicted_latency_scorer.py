@@ -229,13 +229,13 @@ class PredictedLatencyScorer(Scorer):
         small is mostly calibration noise: left to decide, it sends every such choice (e.g. a
         new prompt on an idle fleet) to the one worker whose θ came out a hair lower, which
         then takes most new content while the other caches sit unused — the fleet caches far
-        less than it could. So among the costs within ``ttftTolerance`` of the best, the cost
-        is instead ordered by where the request does the least harm to what is cached: the
-        blocks it adds to a worker's cache, times how much was added there recently, over the
-        cache's size. An LRU cache filled faster evicts younger, likelier reused blocks, so
-        this favours the worker already holding the prompt and, among equals, the one with
-        the oldest (cheapest to lose) least recently used blocks. The near ties' costs stay
-        below every other cost, so nothing outside them changes order."""
+        less than it could. So among the costs within ``ttftTolerance`` of the best, half of
+        the band orders them by cost and half by where the request does the least harm to
+        what is cached: the blocks it adds to a worker's cache, times how much was added there
+        recently, over the cache's size. An LRU cache filled faster evicts younger, likelier
+        reused blocks, so this favours the worker already holding the prompt and, among
+        equals, the one with the oldest (cheapest to lose) least recently used blocks. The
+        near ties' costs stay below every other cost, so nothing outside them changes order."""
         tolerance = self.params.ttft_tolerance
         near = near_ties(costs, tolerance)
         if len(near) < 2:
@@ -259,10 +259,13 @@ class PredictedLatencyScorer(Scorer):
             capacity = endpoints[i].metrics.num_gpu_blocks or default_capacity
             harm.append(added * (recent(address, 0.0) * scale + added) / capacity)
         settled = list(costs)
-        # Spread over the band's width but short of its edge (0.999), ordered by harm.
-        width = (band - best) * 0.999 / max(harm)
+        # Half the band for the predicted difference, half for the harm (short of the edge,
+        # 0.999): noise-sized differences leave the harm to decide, while a wait of most of
+        # the band (5% of a long prompt is tens of milliseconds queued) needs far less harm.
+        half = (band - best) * 0.5
+        width = half * 0.999 / max(harm)
         for i, h in zip(near, harm, strict=True):
-            settled[i] = best + width * h
+            settled[i] = best + (costs[i] - best) * 0.5 + width * h
         return settled
 
     # -- lifecycle ------------------------------------------------------------------------
