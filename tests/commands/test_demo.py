@@ -38,4 +38,7 @@ def test_demo_compares_kvgate_dynamo_and_round_robin(
     rows = {m[1]: float(m[2]) for m in table}
     assert set(rows) == {"kvgate", "dynamo", "round-robin"}, out
     assert out.count(" 0 errors;") == 3, out
+    assert "12 requests in 3 groups sharing a system prompt; the first of each group (3 of 12)" in (
+        out
+    )
     assert rows["kvgate"] > rows["round-robin"], out
