@@ -77,7 +77,7 @@ def test_decoders_sharing_a_prefix_hold_its_blocks_once_in_the_kv_usage() -> Non
     e.step(0.0)
     batch = e.step(0.0).batch
     assert batch.decode_tokens == 2
-    # Each holds 18 tokens = 5 blocks; the 4 full prompt blocks are one copy: 4 + 1 + 1.
+    # a holds 18 tokens, b 17: 5 blocks each, the 4 full prompt blocks one copy: 4 + 1 + 1.
     assert batch.decode_kv_usage == pytest.approx(6 / 64)
 
 
