@@ -50,6 +50,12 @@ async def serve_ext_proc(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC's core holds a new call until grpc.aio takes it (one at a time, on the
+            # loop) and by default rejects some at random past 1,000 waiting: a burst of
+            # client requests would fail a few (the routing filter fails closed) that would
+            # have been served milliseconds later. Envoy's circuit breakers bound the burst.
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(_ExtProcServicer(handle), server)
