@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 from kvgate.fleet.endpoint import Endpoint
 from kvgate.scheduling import latency_model
-from kvgate.scheduling._latency import min_max_scores, near_ties, predict, top_scored
+from kvgate.scheduling._latency import (
+    min_max_scores,
+    near_ties,
+    predict,
+    settle_near_ties,
+    top_scored,
+)
 from kvgate.scheduling.latency_model import (
     EngineCost,
     LatencyModel,
@@ -23,7 +29,10 @@ from kvgate.scheduling.latency_model import (
     min_max_scores_python,
 )
 from kvgate.scheduling.plugins import slo_aware_picker
-from kvgate.scheduling.plugins.predicted_latency_scorer import near_ties_python
+from kvgate.scheduling.plugins.predicted_latency_scorer import (
+    near_ties_python,
+    settle_near_ties_python,
+)
 from kvgate.scheduling.plugins.slo_aware_picker import top_scored_python
 from kvgate.scheduling.request import LoadTables, ScoredEndpoint
 from tests.scheduling.utils import endpoint
@@ -296,6 +305,93 @@ def test_top_scored_declines_what_it_cannot_compare_as_floats() -> None:
 )
 def test_near_ties_equal_the_python(costs: list[float], tolerance: float) -> None:
     assert near_ties(costs, tolerance) == near_ties_python(costs, tolerance)
+
+
+@dataclass
+class NearTies:
+    costs: list[float]
+    tolerance: float
+    addresses: list[str]
+    endpoints: list[Endpoint]
+    overlaps: dict[str, int]
+    recent: dict[str, float]
+    scale: float
+    blocks: int
+    default_capacity: int
+
+    def native(self) -> list[float] | None:
+        return settle_near_ties(
+            self.costs,
+            self.tolerance,
+            self.addresses,
+            self.endpoints,
+            self.overlaps,
+            self.recent,
+            self.scale,
+            self.blocks,
+            self.default_capacity,
+        )
+
+    def python(self) -> list[float]:
+        return settle_near_ties_python(
+            self.costs,
+            self.tolerance,
+            addresses=self.addresses,
+            endpoints=self.endpoints,
+            overlaps=self.overlaps,
+            recent=self.recent,
+            scale=self.scale,
+            blocks=self.blocks,
+            default_capacity=self.default_capacity,
+        )
+
+
+@st.composite
+def near_tie_cases(draw: st.DrawFn) -> NearTies:
+    n = draw(st.integers(1, len(ADDRESSES)))
+    addresses = ADDRESSES[:n]
+    costs = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from([100.0, 101.0, 103.0, 104.99, 105.0, 250.0]),
+                st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False),
+            ),
+            min_size=n,
+            max_size=n,
+        )
+    )
+    capacity = st.one_of(st.none(), st.sampled_from([0, 1, 512, 32_000]))
+    return NearTies(
+        costs,
+        draw(st.sampled_from([0.0, 0.05, 0.5])),
+        list(addresses),
+        [endpoint(a, num_gpu_blocks=draw(capacity)) for a in addresses],
+        draw(st.dictionaries(st.sampled_from(addresses), st.integers(0, 5_000))),
+        draw(st.dictionaries(st.sampled_from(addresses), st.floats(0.0, 1e9, allow_nan=False))),
+        draw(st.sampled_from([0.0, 0.5, 1.0, 3.7])),
+        draw(st.integers(1, 5_000)),
+        draw(st.sampled_from([1, 37_500])),
+    )
+
+
+@settings(max_examples=400)
+@given(near_tie_cases())
+def test_settling_near_ties_equals_the_python(case: NearTies) -> None:
+    native = case.native()
+    assert native is not None
+    assert native == case.python()
+    if native is case.costs:  # nothing settled: the costs themselves, as the Python returns
+        assert case.python() is case.costs
+
+
+def test_settling_declines_what_it_cannot_compare() -> None:
+    eps = [endpoint(a) for a in ADDRESSES[:2]]
+    args = (0.05, ADDRESSES[:2], eps, {}, {}, 1.0, 10, 100)
+    assert settle_near_ties([100.0, 101.0], *args) is not None
+    assert settle_near_ties([100.0, 101], *args) is None
+    assert settle_near_ties((100.0, 101.0), *args) is None  # type: ignore[arg-type]
+    wrong = (0.05, ADDRESSES[:2], eps, {ADDRESSES[0]: 1.5}, {}, 1.0, 10, 100)
+    assert settle_near_ties([100.0, 101.0], *wrong) is None  # type: ignore[arg-type]
 
 
 def test_near_ties_declines_what_it_cannot_compare_as_floats() -> None:

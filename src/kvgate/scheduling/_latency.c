@@ -428,6 +428,113 @@ static PyObject *near_ties(PyObject *self, PyObject *args) {
     return found;
 }
 
+/* A near tie's endpoint's cache size: metrics.num_gpu_blocks or ``default_blocks``. The read
+ * may run Python code (a property): callers work on lists of their own. */
+static int cache_blocks_of(PyObject *endpoint, long long default_blocks, long long *blocks) {
+    PyObject *metrics = read_attr(endpoint, &a_metrics);
+    if (metrics == NULL) return FAILED;
+    PyObject *value = read_attr(metrics, &a_num_gpu_blocks);
+    Py_DECREF(metrics);
+    if (value == NULL) return FAILED;
+    *blocks = default_blocks;
+    int rc = OK;
+    if (value != Py_None) {
+        long long given = 0;
+        rc = exact_int(value, &given);
+        if (rc == OK && given != 0) *blocks = given;
+    }
+    Py_DECREF(value);
+    return rc;
+}
+
+/* settle_near_ties(costs, tolerance, addresses, endpoints, overlaps, recent, scale, blocks,
+ * default_capacity) -> list | None: predicted-latency-scorer's `settle_near_ties_python`, the
+ * same numbers. ``costs`` itself when fewer than two are near ties; None when an input is not
+ * what it can compare (then the Python runs). */
+static PyObject *settle_near_ties(PyObject *self, PyObject *args) {
+    PyObject *costs, *addresses, *endpoints, *overlaps, *recent;
+    double tolerance, scale;
+    long long blocks, default_capacity;
+    if (!PyArg_ParseTuple(args, "OdOOOOdLL", &costs, &tolerance, &addresses, &endpoints,
+                          &overlaps, &recent, &scale, &blocks, &default_capacity))
+        return NULL;
+    if (!PyList_CheckExact(costs) || !PyList_CheckExact(addresses) ||
+        !PyList_CheckExact(endpoints) || !PyDict_CheckExact(overlaps) ||
+        !PyDict_CheckExact(recent))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(costs);
+    if (PyList_GET_SIZE(addresses) != n || PyList_GET_SIZE(endpoints) != n || n == 0)
+        Py_RETURN_NONE;
+    double low = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cost = PyList_GET_ITEM(costs, i);
+        if (!PyFloat_CheckExact(cost)) Py_RETURN_NONE;
+        double c = PyFloat_AS_DOUBLE(cost);
+        if (c != c) Py_RETURN_NONE;
+        if (i == 0 || c < low) low = c;
+    }
+    double band = low * (1.0 + tolerance);
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= band) count++;
+    if (count < 2 || band <= low) return Py_NewRef(costs);
+    /* Private copies: the getattr below may run Python code, which must not move what we read. */
+    PyObject *settled = PyList_GetSlice(costs, 0, n);
+    PyObject *names = PyList_GetSlice(addresses, 0, n);
+    PyObject *eps = PyList_GetSlice(endpoints, 0, n);
+    Py_ssize_t *near = PyMem_Malloc(sizeof(Py_ssize_t) * count);
+    double *harm = PyMem_Malloc(sizeof(double) * count);
+    PyObject *result = NULL;
+    if (settled == NULL || names == NULL || eps == NULL || near == NULL || harm == NULL) {
+        if (near == NULL || harm == NULL) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0, k = 0; i < n; i++)
+        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(settled, i)) <= band) near[k++] = i;
+    double most = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *name = PyList_GET_ITEM(names, near[k]);
+        long long cached = 0, capacity = 0;
+        int rc = table_int(overlaps, name, &cached);
+        if (rc == FAILED) goto done;
+        if (rc == OUTSIDE) goto decline;
+        double churned = 0.0;
+        PyObject *count_there = PyDict_GetItemWithError(recent, name);
+        if (count_there == NULL && PyErr_Occurred()) goto done;
+        if (count_there != NULL) {
+            if (!PyFloat_CheckExact(count_there)) goto decline;
+            churned = PyFloat_AS_DOUBLE(count_there);
+        }
+        rc = cache_blocks_of(PyList_GET_ITEM(eps, near[k]), default_capacity, &capacity);
+        if (rc == FAILED) goto done;
+        if (rc == OUTSIDE || capacity <= 0) goto decline;
+        long long added_blocks = blocks - cached;
+        double added = (double)(added_blocks < 1 ? 1 : added_blocks);
+        harm[k] = added * (churned * scale + added) / (double)capacity;
+        if (k == 0 || harm[k] > most) most = harm[k];
+    }
+    if (!(most > 0)) goto decline;
+    double half = (band - low) * 0.5;
+    double width = half * 0.999 / most;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        double c = PyFloat_AS_DOUBLE(PyList_GET_ITEM(settled, near[k]));
+        PyObject *value = PyFloat_FromDouble(low + (c - low) * 0.5 + width * harm[k]);
+        if (value == NULL) goto done;
+        PyList_SetItem(settled, near[k], value); /* steals value, drops the old cost */
+    }
+    result = Py_NewRef(settled);
+    goto done;
+decline:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(settled);
+    Py_XDECREF(names);
+    Py_XDECREF(eps);
+    PyMem_Free(near);
+    PyMem_Free(harm);
+    return result;
+}
+
 /* top_scored(scored) -> [index, ...] | None: where the highest ``score`` is in a list of scored
  * endpoints, in list order. None unless it is a non-empty list whose scores are all floats and
  * none is NaN. */
@@ -480,6 +587,9 @@ static PyMethodDef methods[] = {
      "min_max_scores(addresses, costs) -> {address: score} | None: the cheapest 1, the dearest 0"},
     {"near_ties", near_ties, METH_VARARGS,
      "near_ties(costs, tolerance) -> [index] | None: where costs <= lowest * (1 + tolerance)"},
+    {"settle_near_ties", settle_near_ties, METH_VARARGS,
+     "settle_near_ties(costs, tolerance, addresses, endpoints, overlaps, recent, scale, blocks, "
+     "default_capacity) -> list | None: the near ties' costs ordered half by cost, half by harm"},
     {"top_scored", top_scored, METH_O,
      "top_scored(scored) -> [index] | None: where the highest score is, in list order"},
     {NULL, NULL, 0, NULL},

@@ -1,4 +1,4 @@
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 def predict(
@@ -20,3 +20,14 @@ def predict(
 def min_max_scores(addresses: list[str], costs: list[float]) -> dict[str, float] | None: ...
 def top_scored(scored: list[Any]) -> list[int] | None: ...
 def near_ties(costs: list[float], tolerance: float) -> list[int] | None: ...
+def settle_near_ties(
+    costs: list[float],
+    tolerance: float,
+    addresses: list[str],
+    endpoints: list[Any],
+    overlaps: Mapping[str, int],
+    recent: Mapping[str, float],
+    scale: float,
+    blocks: int,
+    default_capacity: int,
+) -> list[float] | None: ...

@@ -51,10 +51,12 @@ from kvgate.scheduling.request import (
 from kvgate.scheduling.services import NO_METRICS, SchedulingMetrics
 
 _native_near_ties: Callable[[list[float], float], list[int] | None] | None
+_native_settle: Callable[..., list[float] | None] | None
 try:  # `_latency.c`; optional, the Python gives the same answer
     from kvgate.scheduling._latency import near_ties as _native_near_ties
+    from kvgate.scheduling._latency import settle_near_ties as _native_settle
 except ImportError:  # pragma: no cover - depends on the build
-    _native_near_ties = None
+    _native_near_ties = _native_settle = None
 
 _DEFAULT_OUTPUT_TOKENS = 256
 _PRIOR = EngineCost()
@@ -236,37 +238,28 @@ class PredictedLatencyScorer(Scorer):
         reused blocks, so this favours the worker already holding the prompt and, among
         equals, the one with the oldest (cheapest to lose) least recently used blocks. The
         near ties' costs stay below every other cost, so nothing outside them changes order."""
-        tolerance = self.params.ttft_tolerance
-        near = near_ties(costs, tolerance)
-        if len(near) < 2:
-            return costs
-        best = costs[near[0]]
-        for i in near:
-            best = min(best, costs[i])
-        band = best * (1.0 + tolerance)
-        if band <= best:
-            return costs
         counts, scale = self.churn.counts(self.clock())
-        recent = counts.get
+        tolerance = self.params.ttft_tolerance
+        overlaps = request.overlaps or {}
         blocks = max(1, len(request.tokens or ()) // (request.block_size or 1))
-        cached = (request.overlaps or {}).get
-        default_capacity = self.params.default_kv_blocks
-        harm: list[float] = []
-        for i in near:
-            address = addresses[i]
-            added = blocks - cached(address, 0)
-            added = max(added, 1)
-            capacity = endpoints[i].metrics.num_gpu_blocks or default_capacity
-            harm.append(added * (recent(address, 0.0) * scale + added) / capacity)
-        settled = list(costs)
-        # Half the band for the predicted difference, half for the harm (short of the edge,
-        # 0.999): noise-sized differences leave the harm to decide, while a wait of most of
-        # the band (5% of a long prompt is tens of milliseconds queued) needs far less harm.
-        half = (band - best) * 0.5
-        width = half * 0.999 / max(harm)
-        for i, h in zip(near, harm, strict=True):
-            settled[i] = best + (costs[i] - best) * 0.5 + width * h
-        return settled
+        capacity = self.params.default_kv_blocks
+        if _native_settle is not None and type(addresses) is list and type(endpoints) is list:
+            settled = _native_settle(
+                costs, tolerance, addresses, endpoints, overlaps, counts, scale, blocks, capacity
+            )
+            if settled is not None:
+                return settled
+        return settle_near_ties_python(
+            costs,
+            tolerance,
+            addresses=addresses,
+            endpoints=endpoints,
+            overlaps=overlaps,
+            recent=counts,
+            scale=scale,
+            blocks=blocks,
+            default_capacity=capacity,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -317,6 +310,44 @@ class PredictedLatencyScorer(Scorer):
         for endpoint in left:
             self.model.forget(endpoint.address)
             self.churn.forget(endpoint.address)
+
+
+def settle_near_ties_python(
+    costs: list[float],
+    tolerance: float,
+    *,
+    addresses: Sequence[str],
+    endpoints: Sequence[Endpoint],
+    overlaps: Mapping[str, int],
+    recent: Mapping[str, float],
+    scale: float,
+    blocks: int,
+    default_capacity: int,
+) -> list[float]:
+    """`PredictedLatencyScorer.settle_near_ties` on its inputs (what `_latency.c` must equal):
+    ``recent`` × ``scale`` is each worker's recently added blocks, ``blocks`` the request's."""
+    near = near_ties(costs, tolerance)
+    if len(near) < 2:
+        return costs
+    best = min(costs[i] for i in near)
+    band = best * (1.0 + tolerance)
+    if band <= best:
+        return costs
+    harm: list[float] = []
+    for i in near:
+        address = addresses[i]
+        added = max(blocks - overlaps.get(address, 0), 1)
+        capacity = endpoints[i].metrics.num_gpu_blocks or default_capacity
+        harm.append(added * (recent.get(address, 0.0) * scale + added) / capacity)
+    settled = list(costs)
+    # Half the band for the predicted difference, half for the harm (short of the edge,
+    # 0.999): noise-sized differences leave the harm to decide, while a wait of most of
+    # the band (5% of a long prompt is tens of milliseconds queued) needs far less harm.
+    half = (band - best) * 0.5
+    width = half * 0.999 / max(harm)
+    for i, h in zip(near, harm, strict=True):
+        settled[i] = best + (costs[i] - best) * 0.5 + width * h
+    return settled
 
 
 def near_ties(costs: list[float], tolerance: float) -> list[int]:
