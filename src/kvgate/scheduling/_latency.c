@@ -392,27 +392,36 @@ static PyObject *min_max_scores(PyObject *self, PyObject *args) {
     return scores;
 }
 
+/* Over a list of floats, none NaN (else OUTSIDE): the lowest, the band of the costs within
+ * ``tolerance`` of it (cost <= low * (1 + tolerance)) and how many are in it. */
+static int scan_costs(PyObject *costs, double tolerance, double *low, double *band,
+                      Py_ssize_t *count) {
+    if (!PyList_CheckExact(costs)) return OUTSIDE;
+    Py_ssize_t n = PyList_GET_SIZE(costs);
+    *low = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cost = PyList_GET_ITEM(costs, i);
+        if (!PyFloat_CheckExact(cost)) return OUTSIDE;
+        double c = PyFloat_AS_DOUBLE(cost);
+        if (c != c) return OUTSIDE;
+        if (i == 0 || c < *low) *low = c;
+    }
+    *band = *low * (1.0 + tolerance);
+    *count = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= *band) (*count)++;
+    return OK;
+}
+
 /* near_ties(costs, tolerance) -> [index, ...] | None: where the costs within ``tolerance`` of the
  * lowest are (cost <= low * (1 + tolerance)), in list order. None unless ``costs`` is a list of
  * floats, none NaN. */
 static PyObject *near_ties(PyObject *self, PyObject *args) {
     PyObject *costs;
-    double tolerance;
+    double tolerance, low, band;
+    Py_ssize_t count;
     if (!PyArg_ParseTuple(args, "Od", &costs, &tolerance)) return NULL;
-    if (!PyList_CheckExact(costs)) Py_RETURN_NONE;
-    Py_ssize_t n = PyList_GET_SIZE(costs);
-    double low = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *cost = PyList_GET_ITEM(costs, i);
-        if (!PyFloat_CheckExact(cost)) Py_RETURN_NONE;
-        double c = PyFloat_AS_DOUBLE(cost);
-        if (c != c) Py_RETURN_NONE;
-        if (i == 0 || c < low) low = c;
-    }
-    double band = low * (1.0 + tolerance);
-    Py_ssize_t count = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= band) count++;
+    if (scan_costs(costs, tolerance, &low, &band, &count) != OK) Py_RETURN_NONE;
     PyObject *found = PyList_New(count);
     if (found == NULL) return NULL;
     for (Py_ssize_t i = 0, k = 0; k < count; i++) {
@@ -453,30 +462,19 @@ static int cache_blocks_of(PyObject *endpoint, long long default_blocks, long lo
  * what it can compare (then the Python runs). */
 static PyObject *settle_near_ties(PyObject *self, PyObject *args) {
     PyObject *costs, *addresses, *endpoints, *overlaps, *recent;
-    double tolerance, scale;
+    double tolerance, scale, low, band;
     long long blocks, default_capacity;
+    Py_ssize_t count;
     if (!PyArg_ParseTuple(args, "OdOOOOdLL", &costs, &tolerance, &addresses, &endpoints,
                           &overlaps, &recent, &scale, &blocks, &default_capacity))
         return NULL;
-    if (!PyList_CheckExact(costs) || !PyList_CheckExact(addresses) ||
-        !PyList_CheckExact(endpoints) || !PyDict_CheckExact(overlaps) ||
-        !PyDict_CheckExact(recent))
+    if (scan_costs(costs, tolerance, &low, &band, &count) != OK ||
+        !PyList_CheckExact(addresses) || !PyList_CheckExact(endpoints) ||
+        !PyDict_CheckExact(overlaps) || !PyDict_CheckExact(recent))
         Py_RETURN_NONE;
     Py_ssize_t n = PyList_GET_SIZE(costs);
     if (PyList_GET_SIZE(addresses) != n || PyList_GET_SIZE(endpoints) != n || n == 0)
         Py_RETURN_NONE;
-    double low = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *cost = PyList_GET_ITEM(costs, i);
-        if (!PyFloat_CheckExact(cost)) Py_RETURN_NONE;
-        double c = PyFloat_AS_DOUBLE(cost);
-        if (c != c) Py_RETURN_NONE;
-        if (i == 0 || c < low) low = c;
-    }
-    double band = low * (1.0 + tolerance);
-    Py_ssize_t count = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (PyFloat_AS_DOUBLE(PyList_GET_ITEM(costs, i)) <= band) count++;
     if (count < 2 || band <= low) return Py_NewRef(costs);
     /* Private copies: the getattr below may run Python code, which must not move what we read. */
     PyObject *settled = PyList_GetSlice(costs, 0, n);
