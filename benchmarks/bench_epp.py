@@ -84,6 +84,8 @@ def make_bodies(kind: str, count: int, seed: int) -> list[bytes]:
     for _ in range(count):
         if kind == "cold":
             messages = [{"role": "user", "content": text(rng, 680)}]
+        elif kind == "small":
+            messages = [{"role": "user", "content": text(rng, 4)}]
         else:
             messages = [
                 {"role": "system", "content": system},
@@ -657,8 +659,8 @@ def main() -> int:
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.kinds = [k for k in args.kinds.split(",") if k]
-    if not set(args.kinds) <= {"cold", "warm"}:
-        parser.error("kinds are cold and/or warm")
+    if not set(args.kinds) <= {"cold", "warm", "small"}:
+        parser.error("kinds are cold, warm and/or small")
     if args.duration <= 0 or args.duration > 120 or any(r <= 0 or r > 2000 for r in args.rates):
         parser.error("duration must be in (0, 120] s and rates in (0, 2000] req/s")
     if not 1 <= args.rounds <= 10:

