@@ -172,3 +172,27 @@ def test_kvgates_policy_without_kv_events_still_keeps_sessions_on_their_cache() 
     assert approx.requests == blind.requests == len(w.requests)
     assert approx.hit_rate > blind.hit_rate + 0.1
     assert approx.ttft_ms["p90"] < 0.7 * blind.ttft_ms["p90"]
+
+
+def test_kvgates_policy_does_not_take_its_own_requests_in_old_metrics_for_other_work() -> None:
+    """Scraped ``waiting`` counts requests this gateway routed; read a scrape later, after they
+    started streaming, they must not look like another router's prompts queued there (that
+    sent traffic away from busy workers for as long as the scrape was old: TTFT p90 508 ms with
+    50 ms scrapes, 830 ms with 200 ms ones on this workload)."""
+    w = shared_prefix(
+        groups=16,
+        prompts_per_group=12,
+        system_blocks=8,
+        question_tokens=256,
+        output_tokens=32,
+        rate_per_s=12.0,
+    )
+    runs = {
+        interval: simulate(
+            w.requests,
+            ["kv"],
+            SimSettings(workers=4, block_size=16, num_gpu_blocks=1024, scrape_interval_s=interval),
+        )["kv"]
+        for interval in (0.05, 0.2)
+    }
+    assert runs[0.05].ttft_s == runs[0.2].ttft_s

@@ -3,7 +3,9 @@ header's predictions, and calibration from the response phase."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest_asyncio
 
 from kvgate.epp_configs import KVGATE, shipped_config
 from kvgate.extproc.epp_runtime import EppRuntime
+from kvgate.fleet.endpoint import EndpointMetrics
 from kvgate.sim.fleet import Fleet
 from kvgate.sim.prompts import TokensCodec
 from tests.extproc.utils import (
@@ -135,3 +138,30 @@ async def test_a_streamed_first_chunk_calibrates_and_is_measured(stack: Stack) -
         if plugin.type_name == "predicted-latency-scorer"
     ]
     assert fits[0][routed.destination].observations == 1
+
+
+async def test_each_scrape_carries_what_the_epp_had_booked_on_the_worker(stack: Stack) -> None:
+    """The latency model compares an engine's scraped queue with this count, taken as the
+    scrape landed, rather than with the count when it predicts."""
+
+    async def next_scrape(address: str) -> EndpointMetrics:
+        endpoint = next(ep for ep in stack.runtime.endpoints if ep.address == address)
+        since = time.monotonic()
+        for _ in range(200):
+            if (endpoint.metrics.updated_at or 0.0) > since:
+                return endpoint.metrics
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no scrape of {address} in 2 s")
+
+    stream = ExtProcStream(stack.channel)
+    try:
+        routed = await stream.route(chat_body("Hold guideline 7.", system=SYSTEM, stream=True), {})
+        # Routed, no first chunk yet: booked there as prefilling.
+        assert (await next_scrape(routed.destination)).booked_prefilling == 1
+    finally:
+        stream.cancel()
+    for _ in range(200):  # the cancelled stream releases its booking
+        if (await next_scrape(routed.destination)).booked_prefilling == 0:
+            break
+    else:
+        raise AssertionError("the booking was not released")

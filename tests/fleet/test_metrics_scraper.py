@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ async def scraper(
     config: ScraperConfig = FAST,
     *,
     start: bool = True,
+    booked_prefilling: Callable[[str], int] | None = None,
 ) -> MetricsScraper:
-    scraper = MetricsScraper(endpoints, config)
+    scraper = MetricsScraper(endpoints, config, booked_prefilling=booked_prefilling)
     stack.push_async_callback(scraper.aclose)
     if start:
         await scraper.start()
@@ -119,6 +121,25 @@ async def test_a_capacity_stated_by_discovery_stays_when_the_scrape_has_none(
     await scr.scrape_once()
     assert not endpoint.metrics.stale
     assert endpoint.metrics.num_gpu_blocks == 1024
+
+
+async def test_each_scrape_records_what_the_gateway_had_booked_as_it_landed(
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    server = await serve(stack, EngineState(waiting=[3]))
+    endpoint = endpoint_of(server)
+    booked = {endpoint.address: 2}
+    scr = await scraper(
+        stack, EndpointSet([endpoint]), start=False, booked_prefilling=booked.__getitem__
+    )
+    assert endpoint.metrics.booked_prefilling is None
+    await scr.scrape_once()
+    assert (endpoint.metrics.waiting, endpoint.metrics.booked_prefilling) == (3, 2)
+    # Later bookings do not move a scrape already taken; the next scrape takes them.
+    booked[endpoint.address] = 0
+    assert endpoint.metrics.booked_prefilling == 2
+    await scr.scrape_once()
+    assert endpoint.metrics.booked_prefilling == 0
 
 
 async def test_an_unfiltered_server_works_the_same(stack: contextlib.AsyncExitStack) -> None:

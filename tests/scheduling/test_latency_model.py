@@ -187,3 +187,34 @@ def test_a_request_that_does_not_fit_in_the_cache_waits_for_running_ones() -> No
     assert 0.5 * observed < predicted(1024) < 2 * observed
     # Blocks the running requests already hold need no room: a request sharing their prefix fits.
     assert predicted(1024, held=prompt // BLOCK - 1) < 0.6 * observed
+
+
+def test_waiting_requests_count_against_what_was_booked_when_the_metrics_were_read() -> None:
+    # Three requests routed here were waiting in the engine when it was scraped; all three have
+    # started streaming since. The scrape still says 3 waiting: that is not another router's work.
+    prompt = 4096
+    active = ActiveSequences(BLOCK)
+    for i in range(3):
+        active.add(f"r{i}", "w", [hash(("r", i, b)) for b in range(prompt // BLOCK)], prompt, 0.0)
+        active.mark_prefill_complete(f"r{i}")
+
+    def predicted(metrics: EndpointMetrics) -> float:
+        made = LatencyModel().predict_endpoints(
+            [Endpoint("w", metrics=metrics)],
+            isl=prompt,
+            block_size=BLOCK,
+            overlaps={},
+            load=active.tables(),
+            default_kv_blocks=37_500,
+            expected_output_tokens=8,
+        )
+        return made["w"].ttft_s
+
+    alone = predicted(EndpointMetrics(waiting=0, stale=False))
+    booked_then = EndpointMetrics(waiting=3, stale=False, booked_prefilling=3)
+    assert predicted(booked_then) == alone
+    # Without the count at the scrape, the stale 3 look like three more prompts queued there.
+    unknown = EndpointMetrics(waiting=3, stale=False)
+    assert predicted(unknown) > 3 * alone
+    # Waiting beyond what was booked then is counted: another router's request.
+    assert predicted(EndpointMetrics(waiting=4, stale=False, booked_prefilling=3)) > 1.8 * alone

@@ -117,6 +117,7 @@ def cases(draw: st.DrawFn, count: st.SearchStrategy[int] = counts) -> Case:
         endpoint(
             worker,
             waiting=draw(st.integers(0, 40)),
+            booked_prefilling=draw(st.one_of(st.none(), st.integers(0, 50))),
             num_gpu_blocks=draw(st.one_of(st.none(), st.just(0), st.integers(-5, 1 << 20))),
             stale=draw(st.booleans()),
         )

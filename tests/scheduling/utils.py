@@ -31,6 +31,7 @@ def endpoint(
     num_gpu_blocks: int | None = None,
     stale: bool = False,
     updated_at: float | None = None,
+    booked_prefilling: int | None = None,
 ) -> Endpoint:
     return Endpoint(
         address,
@@ -47,6 +48,7 @@ def endpoint(
             max_loras=max_loras,
             updated_at=updated_at,
             stale=stale,
+            booked_prefilling=booked_prefilling,
         ),
     )
 

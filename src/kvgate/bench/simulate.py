@@ -168,6 +168,7 @@ class Replay:
         loaded = load_epp_config(config_text, registry=registry, context=context)
         self.scheduler: Scheduler = loaded.scheduler()
         self._event_targets = context.kv_events
+        self._load_owners = list(context.shared_load.owners.values())
         self.record = RunRecord(per_worker={ep.address: 0 for ep in self.endpoints})
         self._flights: dict[str, _Flight] = {}
         self._done = 0
@@ -193,6 +194,11 @@ class Replay:
             m.kv_usage = engine.cache.usage
             m.updated_at = now
             m.stale = False
+            # As the EPP's scraper does: what the gateway had booked when the metrics were read.
+            if self._load_owners:
+                m.booked_prefilling = sum(
+                    o.router.active.prefilling(ep.address) for o in self._load_owners
+                )
         if self._done < len(self.requests):
             self.driver.call_at(now + self.settings.scrape_interval_s, self._scrape)
 

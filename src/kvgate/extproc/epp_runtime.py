@@ -153,13 +153,17 @@ class EppRuntime(StackedService):
                 log.info("KV events: engines publish to %s", real)
             FleetFollower(self.endpoints, self.subscriber, central=s.events_bind is not None)
 
+        owners = list(self.shared_load.owners.values())
         scraper = MetricsScraper(
             self.endpoints,
             ScraperConfig(
                 interval_s=s.scrape_interval_s,
-                block_size=next(
-                    (owner.router.block_size for owner in self.shared_load.owners.values()), None
-                ),
+                block_size=next((owner.router.block_size for owner in owners), None),
+            ),
+            booked_prefilling=(
+                (lambda address: sum(o.router.active.prefilling(address) for o in owners))
+                if owners
+                else None
             ),
         )
         await scraper.start()

@@ -36,6 +36,13 @@ class EndpointMetrics:
     max_loras: int | None = None
     updated_at: float | None = None
     """Monotonic time of the last successful scrape; None: never scraped."""
+    booked_prefilling: int | None = None
+    """The requests this gateway had routed to the endpoint and not yet seen the first token of,
+    counted when the scrape was read (None: not known). ``waiting`` beyond it is work another
+    router (or a direct client) gave the engine. It is compared with this count and not with the
+    one at prediction time: requests leave prefill between scrapes while a ``waiting`` read
+    before still counts them, which would look like other routers' work and steer traffic away
+    from a worker for as long as the scrape is old."""
     stale: bool = True
     """True until the first scrape and whenever the last success is older than the threshold."""
 

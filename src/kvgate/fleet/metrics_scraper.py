@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -156,8 +157,12 @@ class MetricsScraper(Service):
         config: ScraperConfig = ScraperConfig(),
         *,
         transport: MetricsTransport | None = None,
+        booked_prefilling: Callable[[str], int] | None = None,
     ) -> None:
+        """``booked_prefilling``: the gateway's count of requests routed to an endpoint (by
+        address) and still in prefill, taken into each scrape's `EndpointMetrics` as it lands."""
         self._config = config
+        self._booked_prefilling = booked_prefilling
         self.stats = ScraperStats()
         self._targets: dict[str, _Target] = {}
         self._transport = transport or AiohttpTransport(
@@ -299,6 +304,8 @@ class MetricsScraper(Service):
             stats.consecutive_failures = 0
         metrics.updated_at = time.monotonic()
         metrics.stale = False
+        if self._booked_prefilling is not None:
+            metrics.booked_prefilling = self._booked_prefilling(target.endpoint.address)
         if metrics.num_gpu_blocks is None:
             metrics.num_gpu_blocks = target.endpoint.kv_blocks
         target.endpoint.metrics = metrics

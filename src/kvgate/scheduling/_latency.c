@@ -49,9 +49,11 @@ typedef struct {
 
 static Attr a_address = {"address"}, a_metrics = {"metrics"},
             a_num_gpu_blocks = {"num_gpu_blocks"}, a_waiting = {"waiting"}, a_stale = {"stale"},
-            a_theta_fixed = {"theta_fixed"}, a_theta_token = {"theta_token"}, a_score = {"score"};
-static Attr *attrs[] = {&a_address, &a_metrics,     &a_num_gpu_blocks, &a_waiting,
-                        &a_stale,   &a_theta_fixed, &a_theta_token,    &a_score};
+            a_booked_prefilling = {"booked_prefilling"}, a_theta_fixed = {"theta_fixed"},
+            a_theta_token = {"theta_token"}, a_score = {"score"};
+static Attr *attrs[] = {&a_address,       &a_metrics,           &a_num_gpu_blocks,
+                        &a_waiting,       &a_stale,             &a_booked_prefilling,
+                        &a_theta_fixed,   &a_theta_token,       &a_score};
 
 static void resolve(PyTypeObject *type, Attr *attr) {
     PyObject *descr = _PyType_Lookup(type, attr->name); /* borrowed; tags the type's version */
@@ -195,12 +197,21 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
 
     PyObject *metrics = read_attr(endpoint, &a_metrics);
     if (metrics == NULL) return FAILED;
-    long long waiting = 0;
+    long long waiting = 0, booked = prefilling;
     rc = capacity_of(metrics, in, &capacity);
     if (rc == OK) rc = attr_int(metrics, &a_waiting, &waiting);
-    if (rc == OK && waiting > prefilling) {
-        /* Requests the engine holds beyond those booked here, each assumed this request's size
-         * (unless the metrics are stale). */
+    if (rc == OK) {
+        /* What this gateway had booked there when the metrics were read; None: the count now. */
+        PyObject *value = read_attr(metrics, &a_booked_prefilling);
+        if (value == NULL)
+            rc = FAILED;
+        else if (value != Py_None)
+            rc = exact_int(value, &booked);
+        Py_XDECREF(value);
+    }
+    if (rc == OK && waiting > booked) {
+        /* Requests the engine held waiting beyond those booked here, each assumed this request's
+         * size (unless the metrics are stale). */
         PyObject *stale = read_attr(metrics, &a_stale);
         int is_stale = stale == NULL ? -1 : PyObject_IsTrue(stale);
         Py_XDECREF(stale);
@@ -208,7 +219,7 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
             rc = FAILED;
         } else if (!is_stale) {
             long long extra;
-            if (!mul(waiting - prefilling, in->isl, &extra) || !add(pending, extra, &pending))
+            if (!mul(waiting - booked, in->isl, &extra) || !add(pending, extra, &pending))
                 rc = OUTSIDE;
         }
     }

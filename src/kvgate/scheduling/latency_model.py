@@ -401,8 +401,9 @@ class LatencyModel:
         gateway booked there (``load``), the request's leading blocks that requests in flight
         there already hold (``active_overlaps``: they need no new space), and its scraped
         metrics: its KV capacity (``num_gpu_blocks``, else ``default_kv_blocks``) and, unless
-        stale, the requests it holds beyond those booked here (another gateway's, direct
-        clients'), each assumed to bring a prompt of this request's size."""
+        stale, the requests it held waiting beyond those booked here when it was scraped
+        (``booked_prefilling``; another gateway's, direct clients'), each assumed to bring a
+        prompt of this request's size."""
         if active_overlaps is None:
             active_overlaps = {}
         if _native_predict is not None:
@@ -480,8 +481,11 @@ class LatencyModel:
         ]
         for i, endpoint in enumerate(endpoints):
             metrics = endpoint.metrics
-            if metrics.waiting > prefilling[i] and not metrics.stale:
-                pending[i] += (metrics.waiting - prefilling[i]) * isl
+            booked_then = metrics.booked_prefilling
+            if booked_then is None:
+                booked_then = prefilling[i]
+            if metrics.waiting > booked_then and not metrics.stale:
+                pending[i] += (metrics.waiting - booked_then) * isl
         return self.predict_many(
             workers,
             uncached=uncached,
