@@ -168,7 +168,7 @@ class Replay:
         loaded = load_epp_config(config_text, registry=registry, context=context)
         self.scheduler: Scheduler = loaded.scheduler()
         self._event_targets = context.kv_events
-        self._load_owners = list(context.shared_load.owners.values())
+        self._shared_load = context.shared_load
         self.record = RunRecord(per_worker={ep.address: 0 for ep in self.endpoints})
         self._flights: dict[str, _Flight] = {}
         self._done = 0
@@ -195,10 +195,8 @@ class Replay:
             m.updated_at = now
             m.stale = False
             # As the EPP's scraper does: what the gateway had booked when the metrics were read.
-            if self._load_owners:
-                m.booked_prefilling = sum(
-                    o.router.active.prefilling(ep.address) for o in self._load_owners
-                )
+            if self._shared_load:
+                m.booked_prefilling = self._shared_load.prefilling(ep.address)
         if self._done < len(self.requests):
             self.driver.call_at(now + self.settings.scrape_interval_s, self._scrape)
 

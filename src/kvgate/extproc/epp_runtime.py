@@ -153,18 +153,15 @@ class EppRuntime(StackedService):
                 log.info("KV events: engines publish to %s", real)
             FleetFollower(self.endpoints, self.subscriber, central=s.events_bind is not None)
 
-        owners = list(self.shared_load.owners.values())
         scraper = MetricsScraper(
             self.endpoints,
             ScraperConfig(
                 interval_s=s.scrape_interval_s,
-                block_size=next((owner.router.block_size for owner in owners), None),
+                block_size=next(
+                    (owner.router.block_size for owner in self.shared_load.owners.values()), None
+                ),
             ),
-            booked_prefilling=(
-                (lambda address: sum(o.router.active.prefilling(address) for o in owners))
-                if owners
-                else None
-            ),
+            booked_prefilling=self.shared_load.prefilling if self.shared_load else None,
         )
         await scraper.start()
         self._stack.push_async_callback(scraper.aclose)

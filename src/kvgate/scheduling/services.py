@@ -154,6 +154,11 @@ class SharedLoad:
     def wants_sync(self) -> bool:
         return any(owner.wants_sync for owner in self.owners.values())
 
+    def prefilling(self, worker: str) -> int:
+        """The requests routed to ``worker`` and not yet past their first token, over every
+        owner's bookkeeping."""
+        return sum(owner.router.active.prefilling(worker) for owner in self.owners.values())
+
     @property
     def namespace(self) -> str | None:
         return next((o.namespace for o in self.owners.values() if o.namespace), None)
