@@ -72,17 +72,17 @@ KINDS = ("small", "2k", "2k-warm")
 
 def bodies(kind: str, count: int, path: str) -> list[bytes]:
     """``count`` chat bodies of one kind, different for every path (a path measured after
-    another must not find the engine's caches warm with the same prompts): ``small`` a few
-    words; ``2k`` ~2k tokens, each prompt new (the EPP tokenizes all of it); ``2k-warm`` a ~1.9k
-    token system prompt shared by the path's requests and a new ~40-token question (the EPP
-    encodes the question only)."""
+    another must not find the engine's caches warm with the same prompts): ``small`` ~11 tokens;
+    ``2k`` ~2,040 tokens (Qwen3), each prompt new (the EPP tokenizes all of it); ``2k-warm`` a
+    ~1,830-token system prompt shared by the path's requests and a new ~85-token question (the
+    EPP encodes the question only)."""
     rng = random.Random(f"{kind}/{path}")
     words = ["route", "cache", "block", "token", "prefix", "worker", "engine", "gateway"]
 
     def text(size: int) -> str:
         return " ".join(f"{rng.choice(words)}{rng.randrange(100)}" for _ in range(size))
 
-    system = text(1340)
+    system = text(630)
     out = []
     for _ in range(count):
         if kind == "2k-warm":
@@ -91,7 +91,7 @@ def bodies(kind: str, count: int, path: str) -> list[bytes]:
                 {"role": "user", "content": text(30)},
             ]
         else:
-            messages = [{"role": "user", "content": text(4 if kind == "small" else 1400)}]
+            messages = [{"role": "user", "content": text(4 if kind == "small" else 700)}]
         body = {"model": MODEL, "messages": messages, "max_tokens": 1}
         out.append(json.dumps(body).encode())
     return out
