@@ -369,9 +369,9 @@ class Engine:
                 decode += 1
             else:
                 prefill += n
-        # The mocker's u: blocks the running requests hold, a block shared by several once,
-        # over the pool. Summing each decoder's context instead counts a shared document n
-        # times and leaves [0, 1], where the fitted polynomial turns down again.
+        # u: blocks the running requests hold, a block shared by several once, over the pool,
+        # as the latency model counts them. Dynamo 1.6.1's mocker measures otherwise: it sums
+        # each decoder's context and clamps u at 1 (docs/benchmarks.md); both are to follow it.
         return BatchShape(prefill, decode, self.cache.usage if decode else 0.0)
 
     def _sample(self, req: SimRequest, now: float) -> bool:

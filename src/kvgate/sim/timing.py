@@ -26,8 +26,8 @@ class BatchShape:
     decode_tokens: int
     """Requests generating one token each."""
     decode_kv_usage: float
-    """Blocks held by running requests (shared ones once) / the pool's blocks, in [0, 1]: the
-    Dynamo mocker's active KV tokens over KV capacity."""
+    """Blocks held by running requests (shared ones once) / the pool's blocks, in [0, 1]. (Dynamo
+    1.6.1's mocker sums each decoding request's context instead, clamped at 1.)"""
 
 
 class StepTiming(Protocol):
