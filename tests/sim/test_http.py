@@ -128,15 +128,20 @@ async def test_repeated_long_prefix_is_cached_and_faster(
             }
 
         cold = await stream(http, url, request("What decides routing?"))
-        warm = await stream(http, url, request("What do workers keep?"))
+        warm, *more_warm = [
+            await stream(http, url, request(q))
+            for q in ("What do workers keep?", "What is a block?", "Who evicts?")
+        ]
     prompt_tokens = cold.usage["prompt_tokens"]
     # A prompt this long is tokenized in the worker's thread, to the same tokens.
     assert prompt_tokens == len(codec.tokenize(request("What decides routing?"), "chat")) > 1500
     assert cold.usage["prompt_tokens_details"]["cached_tokens"] == 0
     cached = warm.usage["prompt_tokens_details"]["cached_tokens"]
     assert cached > 1500 and cached % 16 == 0
-    # Model: ~48 ms of prefill cold vs ~17 ms warm; generous margin for a busy machine.
-    assert warm.ttft < cold.ttft - 0.015, (cold.ttft, warm.ttft)
+    # Model: ~48 ms of prefill cold vs ~17 ms warm. Wall-clock on a shared machine: the best of
+    # three warm requests, so that one stalled moment (seen once: 233 ms) cannot decide it.
+    best_warm = min(r.ttft for r in (warm, *more_warm))
+    assert best_warm < cold.ttft - 0.015, (cold.ttft, [r.ttft for r in (warm, *more_warm)])
 
 
 async def test_stream_chunks_arrive_as_tokens_are_made(
