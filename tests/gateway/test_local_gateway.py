@@ -104,21 +104,24 @@ def test_cache_salt_is_honoured_from_prediction_to_engine(kv_gateway: RunningGat
 def test_streaming_through_envoy_and_epp_sees_first_token_and_completion(
     kv_gateway: RunningGateway,
 ) -> None:
-    before = get(kv_gateway.epp_metrics_url)
+    def settled() -> str:
+        # The client has a response's last chunk before the EPP has processed its end (Envoy
+        # forwards the chunk, then tells the EPP): wait for every request to end, bounded.
+        deadline = time.monotonic() + 5
+        while True:
+            metrics = get(kv_gateway.epp_metrics_url)
+            done = metric_value(metrics, "inference_objective_running_requests") == 0
+            if done or time.monotonic() > deadline:
+                return metrics
+            time.sleep(0.05)
+
+    before = settled()  # an earlier test's stream may still be reported
     result = send(kv_gateway.url, body("Stream me a short answer.", stream=True))
     assert result.status == 200, result.error
     assert result.chunks >= 3  # one SSE event per token, plus usage
     assert result.completion_tokens == 6
-    # The client has the last chunk before the EPP has processed the end of the response
-    # (Envoy forwards the chunk, then tells the EPP): wait for it, bounded.
+    after = settled()
     ttft = "inference_objective_request_ttft_seconds_count"
-    deadline = time.monotonic() + 5
-    while True:
-        after = get(kv_gateway.epp_metrics_url)
-        done = metric_value(after, "inference_objective_running_requests") == 0
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
     assert metric_value(after, ttft) == metric_value(before, ttft) + 1
     assert metric_value(after, "inference_objective_running_requests") == 0
 
