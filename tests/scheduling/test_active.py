@@ -78,15 +78,16 @@ def test_shared_prefix_blocks_count_once_and_survive_one_free() -> None:
     active = ActiveSequences(BS)
     active.add("r1", "w", A, 80, now=0.0)
     active.add("r2", "w", B, 64, now=0.0)
-    # 3 shared + 2 of A + 1 of B, not 5 + 4.
+    # 3 shared + 2 of A + 1 of B, not 5 + 4: the space they take. Decoding reads 5 + 4.
     assert active.active_blocks("w") == 6
+    assert active.context_blocks("w") == 9
     assert active.blocks.find_matches(B) == {"w": 4}
     active.free("r1")
-    assert active.active_blocks("w") == 4
+    assert (active.active_blocks("w"), active.context_blocks("w")) == (4, 4)
     assert active.blocks.find_matches(A) == {"w": 3}
     assert active.blocks.find_matches(B) == {"w": 4}
     active.free("r2")
-    assert active.active_blocks("w") == 0
+    assert (active.active_blocks("w"), active.context_blocks("w")) == (0, 0)
     assert active.blocks.num_blocks == 0
 
 
@@ -137,6 +138,7 @@ def test_remove_worker_drops_its_requests_only() -> None:
     active.add("r3", "w1", B, 64, now=0.0)
     active.remove_worker("w1")
     assert load(active, "w1") == (0, 0, 0)
+    assert (active.context_blocks("w1"), active.context_blocks("w2")) == (0, 4)
     assert load(active, "w2") == (64, 4, 1)
     assert len(active) == 1
     assert active.free("r1") is False  # its response finishing later is harmless
@@ -247,9 +249,11 @@ def test_load_matches_a_model(ops: list[tuple[str, int, str, list[int], int]]) -
                 len({h for _, hs, _, _ in mine for h in hs}),
                 len(mine),
             )
+            assert active.context_blocks(w) == sum(len(hs) for _, hs, _, _ in mine)
     for rid in list(live):
         assert active.free(rid)
     for w in ("w0", "w1", "w2"):
         assert load(active, w) == (0, 0, 0)
+        assert active.context_blocks(w) == 0
     assert active.blocks.num_blocks == 0
     assert len(active) == 0

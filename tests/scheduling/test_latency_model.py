@@ -218,3 +218,42 @@ def test_waiting_requests_count_against_what_was_booked_when_the_metrics_were_re
     assert predicted(unknown) > 3 * alone
     # Waiting beyond what was booked then is counted: another router's request.
     assert predicted(EndpointMetrics(waiting=4, stale=False, booked_prefilling=3)) > 1.8 * alone
+
+
+def test_decode_cost_counts_each_requests_context_even_where_they_share_blocks() -> None:
+    # Three copies of one prompt decode on the worker: the cache holds their blocks once, but each
+    # decode step reads all three contexts (the engine, GPU attention and Dynamo's mocker alike).
+    prompt, copies = 4096, 3
+    config = EngineConfig(block_size=BLOCK, num_gpu_blocks=1024, max_model_len=8192)
+    eng = Engine(config, timing=PolynomialTiming())
+    running = [SimRequest(f"c{i}", _prompt(1, prompt), 400, ignore_eos=True) for i in range(copies)]
+    now = _replay(eng, [(0.0, r) for r in running], until=0.5)
+    assert all(r.first_token_time is not None and r.finish_time is None for r in running)
+    active = ActiveSequences(BLOCK)
+    shared = [hash(("c", b)) for b in range(prompt // BLOCK)]
+    for r in running:
+        active.add(r.request_id, "w", shared, prompt, 0.0)
+        active.mark_prefill_complete(r.request_id)
+    assert (active.active_blocks("w"), active.context_blocks("w")) == (256, 768)
+
+    newcomer = SimRequest("new", _prompt(2, 1024), 9, ignore_eos=True)
+    eng.add_request(newcomer, now)
+    while newcomer.finish_time is None:
+        now = eng.step(now).end
+    assert newcomer.first_token_time is not None
+    observed_itl = (newcomer.finish_time - newcomer.first_token_time) / 8
+
+    ep = Endpoint("w", metrics=EndpointMetrics(num_gpu_blocks=1024))
+    made = LatencyModel().predict_endpoints(
+        [ep],
+        isl=1024,
+        block_size=BLOCK,
+        overlaps={},
+        load=active.tables(),
+        default_kv_blocks=37_500,
+        expected_output_tokens=9,
+    )
+    assert made["w"].itl_s == pytest.approx(observed_itl, rel=0.03)
+    # Counting the shared blocks once would predict a step a third shorter than the engine's.
+    distinct_u = (256 + 64) / 1024
+    assert EngineCost().decode_ms(distinct_u) / 1000 < 0.75 * observed_itl

@@ -142,7 +142,13 @@ def cases(draw: st.DrawFn, count: st.SearchStrategy[int] = counts) -> Case:
         endpoints=endpoints,
         overlaps=table(count),
         active_overlaps=table(count),
-        load=(table(count), table(st.integers(0, 50)), table(st.integers(0, 80)), table(count)),
+        load=(
+            table(count),
+            table(st.integers(0, 50)),
+            table(st.integers(0, 80)),
+            table(count),
+            table(count),
+        ),
         fits=draw(st.dictionaries(st.sampled_from(ADDRESSES), fit, max_size=6)),
         cost=cost,
         isl=draw(count.filter(lambda n: n >= 0)),  # a prompt length
@@ -192,7 +198,7 @@ def test_what_the_native_code_declines() -> None:
              c.decode_fixed_ms, c.decode_linear_ms, c.decode_square_ms, c.decode_floor_ms,
              c.max_num_batched_tokens)  # fmt: skip
     empty: dict[str, int] = {}
-    tables = (empty, empty, empty, empty)
+    tables = (empty, empty, empty, empty, empty)
 
     def run(
         *,
@@ -208,6 +214,9 @@ def test_what_the_native_code_declines() -> None:
     assert run(overlaps=DictSubclass({"10.0.0.1:8000": 1})) is None  # not exactly a dict
     assert run(held={"10.0.0.1:8000": 1 << 53}) is None
     assert run(held=DictSubclass()) is None
+    tables = (empty, empty, empty, empty, {"10.0.0.1:8000": 1 << 53})  # the context sum too
+    assert run() is None
+    tables = (empty, empty, empty, empty, empty)
     assert run(cost=(16, *terms[1:])) is None  # an int coefficient: Python computes in ints
     ep[0].metrics.waiting = 1.5  # type: ignore[assignment]
     assert run() is None
@@ -229,6 +238,7 @@ def test_bad_arguments_raise_instead_of_crashing() -> None:
         empty,
         empty,
         empty,
+        empty,
         model.fits,
         model.fit,
         10,
@@ -237,7 +247,7 @@ def test_bad_arguments_raise_instead_of_crashing() -> None:
         8,
         terms,
     )
-    for position, bad in ((0, 5), (13, (1.0,)), (13, "x"), (0, [object()]), (8, None)):
+    for position, bad in ((0, 5), (14, (1.0,)), (14, "x"), (0, [object()]), (9, None)):
         args = list(good)
         args[position] = bad
         with pytest.raises((TypeError, AttributeError)):

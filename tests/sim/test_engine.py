@@ -64,11 +64,13 @@ def test_decode_steps_take_one_token_per_request() -> None:
     e.step(0.0)
     batch = e.step(0.0).batch
     assert (batch.prefill_tokens, batch.decode_tokens) == (0, 2)
-    # 11 tokens each in blocks of 4: 3 blocks per request, 6 of the pool's 64.
-    assert batch.decode_kv_usage == pytest.approx(6 / 64)
+    # Each computes its 11th token: 22 tokens of context over the pool's 64 × 4.
+    assert batch.decode_kv_usage == pytest.approx(22 / 256)
 
 
-def test_decoders_sharing_a_prefix_hold_its_blocks_once_in_the_kv_usage() -> None:
+def test_decoders_sharing_a_prefix_each_count_their_whole_context() -> None:
+    # Attention reads each request's KV, shared blocks or not (and the Dynamo 1.6.1 mocker
+    # charges copies of one prompt their summed contexts).
     e = engine()
     shared = req("a", 16, first=0)
     e.add_request(shared, 0.0)
@@ -77,8 +79,20 @@ def test_decoders_sharing_a_prefix_hold_its_blocks_once_in_the_kv_usage() -> Non
     e.step(0.0)
     batch = e.step(0.0).batch
     assert batch.decode_tokens == 2
-    # a holds 18 tokens, b 17: 5 blocks each, the 4 full prompt blocks one copy: 4 + 1 + 1.
-    assert batch.decode_kv_usage == pytest.approx(6 / 64)
+    # a computes its 18th token, b its 17th; 5 blocks each but only 6 distinct.
+    assert batch.decode_kv_usage == pytest.approx(35 / 256)
+    assert e.cache.usage == pytest.approx(6 / 64)
+
+
+def test_summed_context_beyond_the_pool_is_clamped_at_full_usage() -> None:
+    e = engine(num_gpu_blocks=8, max_model_len=32)
+    for i in range(4):
+        e.add_request(req(f"copy{i}", 12, max_tokens=8, first=0), 0.0)
+    e.step(0.0)
+    batch = e.step(0.0).batch
+    # Four decoders of 13+ tokens read 52+ tokens from a 32-token pool.
+    assert batch.decode_tokens == 4
+    assert batch.decode_kv_usage == 1.0
 
 
 def test_max_num_seqs_caps_the_running_batch() -> None:

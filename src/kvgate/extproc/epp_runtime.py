@@ -337,7 +337,7 @@ class EppRuntime(StackedService):
     def _booked_load(self, workers: list[str]) -> LoadColumns:
         """The load the KV scorers booked per worker, summed over them (usually one)."""
         n = len(workers)
-        columns: LoadColumns = ([0] * n, [0] * n, [0] * n, [0] * n)
+        columns: LoadColumns = ([0] * n, [0] * n, [0] * n, [0] * n, [0] * n)
         for owner in self.shared_load.owners.values():
             for total, part in zip(columns, owner.router.active.loads(workers), strict=True):
                 for i, value in enumerate(part):

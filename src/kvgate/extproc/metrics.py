@@ -69,7 +69,7 @@ class _EndpointCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         eps = self._endpoints.snapshot()
         addresses = [ep.address for ep in eps]
-        pending, _, in_flight, _ = self._load(addresses)
+        pending, _, in_flight, _, _ = self._load(addresses)
         families = {
             "waiting": GaugeMetricFamily(
                 "kvgate_endpoint_waiting_requests",
@@ -131,7 +131,7 @@ class _Children(Generic[_Metric]):
 
 def _no_load(workers: list[str]) -> LoadColumns:
     zeros = [0] * len(workers)
-    return zeros, zeros, zeros, zeros
+    return zeros, zeros, zeros, zeros, zeros
 
 
 class EppMetrics:

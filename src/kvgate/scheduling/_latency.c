@@ -3,7 +3,7 @@
  * one call and one loop, with no object made per candidate beyond the TTFT float.
  *
  * predict(endpoints, overlaps, active_overlaps, pending, prefilling, in_flight, active_blocks,
- *         fits, new_fit, isl, block_size, default_kv_blocks, output_tokens, cost)
+ *         context_blocks, fits, new_fit, isl, block_size, default_kv_blocks, output_tokens, cost)
  *     -> (addresses: list[str], ttft_ms: list[float], columns: bytes) | None
  *
  * ``columns`` holds 5 x n doubles, column after column: fixed_ms, token_ms, pending prefill
@@ -142,7 +142,8 @@ typedef struct {
     double a, b, c, d0, d1, d2, floor;
     long long budget;
     long long isl, block_size, default_blocks, request_tokens, output_tokens;
-    PyObject *overlaps, *held, *pending, *prefilling, *in_flight, *active_blocks, *fits, *new_fit;
+    PyObject *overlaps, *held, *pending, *prefilling, *in_flight, *active_blocks, *context_blocks;
+    PyObject *fits, *new_fit;
 } Inputs;
 
 typedef struct {
@@ -183,7 +184,8 @@ static int thetas_of(PyObject *address, const Inputs *in, double *fixed, double 
 }
 
 static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, Prediction *p) {
-    long long cached, held, pending, prefilling, in_flight, active, capacity, uncached, decoding;
+    long long cached, held, pending, prefilling, in_flight, active, context, capacity, uncached;
+    long long decoding;
     int rc;
     if ((rc = table_int(in->overlaps, address, &cached)) != OK) return rc;
     if ((rc = table_int(in->held, address, &held)) != OK) return rc;
@@ -191,6 +193,7 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
     if ((rc = table_int(in->prefilling, address, &prefilling)) != OK) return rc;
     if ((rc = table_int(in->in_flight, address, &in_flight)) != OK) return rc;
     if ((rc = table_int(in->active_blocks, address, &active)) != OK) return rc;
+    if ((rc = table_int(in->context_blocks, address, &context)) != OK) return rc;
     long long cached_tokens;
     if (!mul(cached, in->block_size, &cached_tokens) || !sub(in->isl, cached_tokens, &uncached))
         return OUTSIDE;
@@ -226,10 +229,13 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
     Py_DECREF(metrics);
     if (rc != OK) return rc;
 
-    long long active_tokens;
-    if (!mul(active, in->block_size, &active_tokens) || !sub(in_flight, prefilling, &decoding))
+    long long active_tokens, context_tokens;
+    if (!mul(active, in->block_size, &active_tokens) ||
+        !mul(context, in->block_size, &context_tokens) || !sub(in_flight, prefilling, &decoding))
         return OUTSIDE;
-    double usage = (double)active_tokens / (double)capacity;
+    /* Decoding reads each request's context (shared blocks once per request); the KV-space wait
+     * below counts the distinct blocks the cache holds. */
+    double usage = (double)context_tokens / (double)capacity;
     p->usage_after = usage + (double)in->request_tokens / (double)capacity;
     p->pending = (double)pending;
     p->decoding = (double)decoding;
@@ -287,9 +293,9 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
 static PyObject *predict(PyObject *self, PyObject *args) {
     PyObject *endpoints, *cost;
     Inputs in;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOLLLLO!", &endpoints, &in.overlaps, &in.held,
-                          &in.pending, &in.prefilling, &in.in_flight, &in.active_blocks, &in.fits,
-                          &in.new_fit, &in.isl, &in.block_size, &in.default_blocks,
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLLLO!", &endpoints, &in.overlaps, &in.held,
+                          &in.pending, &in.prefilling, &in.in_flight, &in.active_blocks,
+                          &in.context_blocks, &in.fits, &in.new_fit, &in.isl, &in.block_size, &in.default_blocks,
                           &in.output_tokens, &PyTuple_Type, &cost))
         return NULL;
     if (PyTuple_GET_SIZE(cost) != 8) {
@@ -309,7 +315,8 @@ static PyObject *predict(PyObject *self, PyObject *args) {
     if (!PyDict_CheckExact(in.overlaps) || !PyDict_CheckExact(in.held) ||
         !PyDict_CheckExact(in.pending) ||
         !PyDict_CheckExact(in.prefilling) || !PyDict_CheckExact(in.in_flight) ||
-        !PyDict_CheckExact(in.active_blocks) || !PyDict_CheckExact(in.fits))
+        !PyDict_CheckExact(in.active_blocks) || !PyDict_CheckExact(in.context_blocks) ||
+        !PyDict_CheckExact(in.fits))
         Py_RETURN_NONE;
     long long blocks;
     if (!in_range(in.isl) || in.isl < 0 || in.block_size <= 0 || !in_range(in.block_size) ||
@@ -590,8 +597,9 @@ static PyObject *top_scored(PyObject *self, PyObject *scored) {
 
 static PyMethodDef methods[] = {
     {"predict", predict, METH_VARARGS,
-     "predict(endpoints, overlaps, pending, prefilling, in_flight, active_blocks, fits, new_fit, "
-     "isl, block_size, default_kv_blocks, cost) -> (addresses, ttft_ms, columns) | None"},
+     "predict(endpoints, overlaps, active_overlaps, pending, prefilling, in_flight, active_blocks, "
+     "context_blocks, fits, new_fit, isl, block_size, default_kv_blocks, output_tokens, cost) "
+     "-> (addresses, ttft_ms, columns) | None"},
     {"min_max_scores", min_max_scores, METH_VARARGS,
      "min_max_scores(addresses, costs) -> {address: score} | None: the cheapest 1, the dearest 0"},
     {"near_ties", near_ties, METH_VARARGS,

@@ -9,6 +9,7 @@ def predict(
     prefilling: object,
     in_flight: object,
     active_blocks: object,
+    context_blocks: object,
     fits: object,
     new_fit: Callable[[str], object],
     isl: int,

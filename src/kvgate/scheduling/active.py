@@ -4,7 +4,8 @@ Engine metrics arrive late (a scrape interval behind) and say nothing about requ
 millisecond ago; a burst of identical prefixes would herd onto one worker. So every routed request
 is booked here at once: its uncached prompt tokens count as pending prefill until its first token,
 and its blocks count as active KV blocks until it completes or aborts. Blocks shared by several
-in-flight requests on one worker are counted once (ref-counted), as the engine holds them once.
+in-flight requests on one worker are counted once (ref-counted), as the engine holds them once
+(the space they take); their context blocks are summed per request (what decoding them reads).
 
 Requests never reported complete (a lost response phase, a crashed client) are expired after
 ``expiry_s`` so that load cannot leak forever. Time is passed in by the caller.
@@ -24,9 +25,9 @@ from typing import TypeAlias
 
 from kvgate.index.mask_index import MaskIndex, WorkerId
 
-LoadColumns: TypeAlias = tuple[list[int], list[int], list[int], list[int]]
+LoadColumns: TypeAlias = tuple[list[int], list[int], list[int], list[int], list[int]]
 """Per worker, in order: pending prefill tokens, requests in prefill, requests in flight, active
-blocks."""
+blocks, context blocks."""
 RequestKey: TypeAlias = str | tuple[str, str]
 """A request id (routed here) or ``(router_id, request_id)`` (routed by another replica)."""
 
@@ -95,6 +96,7 @@ class ActiveSequences:
         """Prompt tokens routed but not yet prefilled, per worker."""
         self._in_flight: dict[WorkerId, int] = {}
         self._prefilling: dict[WorkerId, int] = {}
+        self._context: dict[WorkerId, int] = {}
         self._next_sweep = 0.0
         self.expired = 0
 
@@ -119,6 +121,10 @@ class ActiveSequences:
     def active_blocks(self, worker: WorkerId) -> int:
         return self.blocks.count(worker)
 
+    def context_blocks(self, worker: WorkerId) -> int:
+        """The in-flight requests' prompt blocks on ``worker``, summed per request."""
+        return self._context.get(worker, 0)
+
     def in_flight(self, worker: WorkerId) -> int:
         return self._in_flight.get(worker, 0)
 
@@ -128,22 +134,30 @@ class ActiveSequences:
 
     def loads(self, workers: Sequence[WorkerId]) -> LoadColumns:
         """For each of ``workers``: pending prefill tokens, requests in prefill, requests in
-        flight, active blocks (one pass per column)."""
-        prefill, prefilling, in_flight, blocks = (table.get for table in self.tables())
+        flight, active blocks, context blocks (one pass per column)."""
+        prefill, prefilling, in_flight, blocks, context = (table.get for table in self.tables())
         return (
             [prefill(w, 0) for w in workers],
             [prefilling(w, 0) for w in workers],
             [in_flight(w, 0) for w in workers],
             [blocks(w, 0) for w in workers],
+            [context(w, 0) for w in workers],
         )
 
     def tables(
         self,
-    ) -> tuple[dict[WorkerId, int], dict[WorkerId, int], dict[WorkerId, int], dict[WorkerId, int]]:
+    ) -> tuple[
+        dict[WorkerId, int],
+        dict[WorkerId, int],
+        dict[WorkerId, int],
+        dict[WorkerId, int],
+        dict[WorkerId, int],
+    ]:
         """Per worker: pending prefill tokens, requests in prefill, requests in flight, active
-        blocks (the dicts themselves, read-only: the routing hot path reads them for every
-        candidate, natively when it can)."""
-        return self.prefill, self._prefilling, self._in_flight, self.blocks.per_worker
+        blocks, context blocks (the dicts themselves, read-only: the routing hot path reads them
+        for every candidate, natively when it can)."""
+        blocks = self.blocks.per_worker
+        return self.prefill, self._prefilling, self._in_flight, blocks, self._context
 
     def active_overlaps(self, hashes: Sequence[int]) -> dict[WorkerId, int]:
         """Per worker, the leading run of ``hashes`` among its in-flight requests' blocks."""
@@ -165,6 +179,7 @@ class ActiveSequences:
         self.prefill[worker] = self.prefill.get(worker, 0) + prefill_tokens
         self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
         self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
+        self._context[worker] = self._context.get(worker, 0) + len(hashes)
         self.blocks.add(worker, hashes)
 
     def mark_prefill_complete(self, request_id: RequestKey) -> bool:
@@ -184,6 +199,7 @@ class ActiveSequences:
             self.prefill[req.worker] -= req.prefill_tokens
             self._prefilling[req.worker] -= 1
         self._in_flight[req.worker] -= 1
+        self._context[req.worker] -= len(req.hashes)
         self.blocks.release(req.worker, req.hashes)
         return True
 
@@ -193,6 +209,7 @@ class ActiveSequences:
         self.prefill.pop(worker, None)
         self._in_flight.pop(worker, None)
         self._prefilling.pop(worker, None)
+        self._context.pop(worker, None)
         self.blocks.drop_worker(worker)
 
     def expire(self, now: float) -> int:

@@ -9,8 +9,10 @@ tokens in it and, when requests decode, a decode part that grows with their KV f
             + decode(u)                                                    (D > 0 decoding)
     decode(u) = max(decode_floor, decode_fixed + decode_linear·u + decode_square·u²)
 
-``u`` is the decoding requests' KV tokens over the cache's capacity. The defaults are the
-Dynamo mocker's published fit (the cost shape of `kvgate.sim.timing.PolynomialTiming`).
+``u`` is the decoding requests' contexts summed over the cache's capacity (clamped at 1): each
+request's own, a block two of them share counted twice, as attention reads it for each. The
+defaults are the Dynamo mocker's published fit (the cost shape of
+`kvgate.sim.timing.PolynomialTiming`).
 
 **TTFT.** A request routed to worker ``w`` waits for the prompt work already booked there and
 not yet prefilled (``P``: its pending prefill tokens, as the gateway booked them), then computes
@@ -332,7 +334,7 @@ class LatencyModel:
 
         ``uncached_tokens``: its prompt minus what the worker caches; ``pending_prefill_tokens``:
         prompt work booked there before it; ``decoding``: requests generating there;
-        ``decode_usage`` / ``usage_after``: their KV tokens over the cache's capacity, without
+        ``decode_usage`` / ``usage_after``: their contexts summed over the cache's capacity, without
         and with this request."""
         batch = self.predict_many(
             [worker],
@@ -459,7 +461,7 @@ class LatencyModel:
         cached = overlaps.get
         held = (active_overlaps or {}).get
         uncached = [isl - cached(w, 0) * block_size for w in workers]
-        booked, prefilling_on, in_flight_on, active_on = (t.get for t in load)
+        booked, prefilling_on, in_flight_on, active_on, context_on = (t.get for t in load)
         pending = [booked(w, 0) for w in workers]
         prefilling = [prefilling_on(w, 0) for w in workers]
         in_flight = [in_flight_on(w, 0) for w in workers]
@@ -468,7 +470,7 @@ class LatencyModel:
             (ep.metrics.num_gpu_blocks or default_kv_blocks) * block_size for ep in endpoints
         ]
         active = [active_on(w, 0) * block_size for w in workers]
-        usage = [a / c for a, c in zip(active, capacity, strict=True)]
+        usage = [context_on(w, 0) * block_size / c for w, c in zip(workers, capacity, strict=True)]
         usage_after = [u + request_tokens / c for u, c in zip(usage, capacity, strict=True)]
         kv_wait = [
             _kv_wait_steps(

@@ -22,9 +22,10 @@ from kvgate.fleet.endpoint import Endpoint
 from kvgate.tokens.request import RequestKind
 
 LoadTables: TypeAlias = tuple[
-    Mapping[str, int], Mapping[str, int], Mapping[str, int], Mapping[str, int]
+    Mapping[str, int], Mapping[str, int], Mapping[str, int], Mapping[str, int], Mapping[str, int]
 ]
-"""Per worker: pending prefill tokens, requests in prefill, requests in flight, active blocks."""
+"""Per worker: pending prefill tokens, requests in prefill, requests in flight, active blocks,
+context blocks."""
 
 
 class LoadView(Protocol):
@@ -38,6 +39,11 @@ class LoadView(Protocol):
         """Distinct KV blocks of the requests in flight on ``worker``."""
         ...
 
+    def context_blocks(self, worker: str) -> int:
+        """Prompt blocks of the requests in flight on ``worker``, summed per request (a block
+        two of them share counts twice: decoding reads it for each)."""
+        ...
+
     def in_flight(self, worker: str) -> int:
         """Requests booked on ``worker`` and not yet complete."""
         ...
@@ -47,7 +53,7 @@ class LoadView(Protocol):
         ...
 
     def tables(self) -> LoadTables:
-        """The four per-worker tables behind the above (absent worker: 0), for reading every
+        """The five per-worker tables behind the above (absent worker: 0), for reading every
         candidate's load in one pass."""
         ...
 

@@ -361,18 +361,22 @@ class Engine:
             self.cache.commit(req.blocks, req.token_ids, end)
 
     def _shape(self, scheduled: list[tuple[SimRequest, int]]) -> BatchShape:
-        prefill = decode = 0
+        prefill = decode = context = 0
         for req, n in scheduled:
             # Computing one token past the prompt is a decode; anything else (first prefill,
             # chunk, recompute after preemption) is prefill work on uncached tokens.
             if n == 1 and req.num_computed_tokens >= len(req.prompt_token_ids):
                 decode += 1
+                context += req.num_computed_tokens + 1
             else:
                 prefill += n
-        # u: blocks the running requests hold, a block shared by several once, over the pool,
-        # as the latency model counts them. Dynamo 1.6.1's mocker measures otherwise: it sums
-        # each decoder's context and clamps u at 1 (docs/benchmarks.md); both are to follow it.
-        return BatchShape(prefill, decode, self.cache.usage if decode else 0.0)
+        # u: each decoder's own context summed, over the pool's tokens, clamped at 1. Attention
+        # reads every request's KV even where requests share blocks, and Dynamo 1.6.1's mocker
+        # charges it so (measured: copies of one prompt cost what their summed contexts do).
+        if not decode:
+            return BatchShape(prefill, 0, 0.0)
+        capacity = self.config.num_gpu_blocks * self.config.block_size
+        return BatchShape(prefill, decode, min(1.0, context / capacity))
 
     def _sample(self, req: SimRequest, now: float) -> bool:
         """Append the request's next token; True if it finished."""

@@ -26,8 +26,8 @@ class BatchShape:
     decode_tokens: int
     """Requests generating one token each."""
     decode_kv_usage: float
-    """Blocks held by running requests (shared ones once) / the pool's blocks, in [0, 1]. (Dynamo
-    1.6.1's mocker sums each decoding request's context instead, clamped at 1.)"""
+    """The decoding requests' contexts summed (shared blocks once per request) over the pool's
+    tokens, clamped to [0, 1]: what attention reads, and what Dynamo 1.6.1's mocker charges."""
 
 
 class StepTiming(Protocol):
@@ -46,7 +46,8 @@ class PolynomialTiming:
     """prefill ms = a + b·T + c·T²; decode ms = max(floor, d + e·u + f·u²).
 
     Defaults are the Dynamo mocker's published coefficients; T is uncached prompt tokens in the
-    step, u the pool's active KV usage. A pure-prefill step pays no decode time.
+    step, u the decoding requests' summed context over the pool (`BatchShape`). A pure-prefill
+    step pays no decode time.
     """
 
     prefill_ms: tuple[float, float, float] = (16.50142, 1.518344e-2, 4.209989e-7)
