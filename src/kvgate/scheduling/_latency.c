@@ -233,8 +233,8 @@ static int predict_one(PyObject *endpoint, PyObject *address, const Inputs *in, 
     if (!mul(active, in->block_size, &active_tokens) ||
         !mul(context, in->block_size, &context_tokens) || !sub(in_flight, prefilling, &decoding))
         return OUTSIDE;
-    /* Decoding reads each request's context (shared blocks once per request); the KV-space wait
-     * below counts the distinct blocks the cache holds. */
+    /* Decoding reads each request's context (a block two requests share, for each); the
+     * KV-space wait below counts the distinct blocks the cache holds. */
     double usage = (double)context_tokens / (double)capacity;
     p->usage_after = usage + (double)in->request_tokens / (double)capacity;
     p->pending = (double)pending;
@@ -295,8 +295,8 @@ static PyObject *predict(PyObject *self, PyObject *args) {
     Inputs in;
     if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLLLO!", &endpoints, &in.overlaps, &in.held,
                           &in.pending, &in.prefilling, &in.in_flight, &in.active_blocks,
-                          &in.context_blocks, &in.fits, &in.new_fit, &in.isl, &in.block_size, &in.default_blocks,
-                          &in.output_tokens, &PyTuple_Type, &cost))
+                          &in.context_blocks, &in.fits, &in.new_fit, &in.isl, &in.block_size,
+                          &in.default_blocks, &in.output_tokens, &PyTuple_Type, &cost))
         return NULL;
     if (PyTuple_GET_SIZE(cost) != 8) {
         PyErr_SetString(PyExc_TypeError, "cost must be a tuple of 8 numbers");

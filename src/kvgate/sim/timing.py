@@ -26,7 +26,7 @@ class BatchShape:
     decode_tokens: int
     """Requests generating one token each."""
     decode_kv_usage: float
-    """The decoding requests' contexts summed (shared blocks once per request) over the pool's
+    """The decoding requests' contexts summed (a block several share, for each) over the pool's
     tokens, clamped to [0, 1]: what attention reads, and what Dynamo 1.6.1's mocker charges."""
 
 
