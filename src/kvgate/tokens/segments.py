@@ -15,6 +15,14 @@ Why it pays. A chat template puts added tokens around every message, so a conver
 extends one seen before — or a request that reuses a popular system prompt — is made of pieces
 already encoded: a dictionary lookup each instead of ~3.5 µs per token.
 
+Long pieces are cut further, at line starts. A user message that pastes a shared document
+before its question is one piece, new every time; cut after a newline that a word character
+follows, its document's lines are pieces seen before. No pre-token of a GPT-2-style split
+pattern (Qwen, Llama 3, GPT-2) spans such a place: a newline ends every alternative that can
+contain it, and none can continue into a word. A tokenizer whose probes disagree encodes its
+pieces whole. The cuts fall at the first line start at least ``line_chunk_chars`` after the
+previous one, so two messages that open alike are cut alike until they differ.
+
 Memory. The cache is an LRU bounded by the bytes it holds: each entry is charged its text, its ids
 and ``_ENTRY_OVERHEAD_BYTES`` of bookkeeping. Ids are kept as tuples of *shared* ``int`` objects,
 one per vocabulary entry (~36 bytes each: 5 MiB for a 150k vocabulary, allocated once), so an id
@@ -46,6 +54,11 @@ DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PIECE_CHARS = 256 * 1024
 # OrderedDict node + hash-table slot, per entry, on 64-bit CPython (measured ~100-120 bytes).
 _ENTRY_OVERHEAD_BYTES = 128
+# Pieces longer than twice this are cut at line starts into chunks at least this long.
+DEFAULT_LINE_CHUNK_CHARS = 1024
+_LINE_START = re.compile(r"\n(?=\w)")
+# In an `EncodePlan`'s token ids: no added token between these two pieces (a line cut).
+_NO_TOKEN = -1
 
 TokenIds = tuple[int, ...]
 
@@ -201,14 +214,30 @@ def _trie_pattern(words: Sequence[str]) -> str:
 class SegmentEncoder:
     """Encodes text through a :class:`SegmentCache`, falling back to plain encoding when unsafe."""
 
-    def __init__(self, tokenizer: Tokenizer, cache: SegmentCache, vocab_size: int) -> None:
-        """``vocab_size``: one more than the largest token id."""
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        cache: SegmentCache,
+        vocab_size: int,
+        *,
+        line_chunk_chars: int = DEFAULT_LINE_CHUNK_CHARS,
+    ) -> None:
+        """``vocab_size``: one more than the largest token id; ``line_chunk_chars``: the
+        shortest chunk a long piece is cut into at line starts (0: never cut)."""
         self._tokenizer = tokenizer
         self._encode_ids = _ids_encoder(tokenizer)
         self.cache = cache
         self._splitter = _exact_splitter(tokenizer)
         self._wrap = _special_token_wrap(tokenizer) if self._splitter is not None else None
         self._ids = list(range(vocab_size)) if self._splitter is not None else []
+        exact_cuts = self._splitter is not None and line_chunk_chars > 0
+        self._line_chunk = line_chunk_chars if exact_cuts and _line_cuts_exact(tokenizer) else 0
+
+    @property
+    def cuts_lines(self) -> bool:
+        """Whether long pieces are cut at line starts (False: this tokenizer might join
+        tokens across them, or cutting is off)."""
+        return self._line_chunk > 0
 
     @property
     def exact(self) -> bool:
@@ -226,6 +255,8 @@ class SegmentEncoder:
         if splitter is None or (add_special_tokens and self._wrap is None):
             return EncodePlan(self, text, add_special_tokens, pieces=None, token_ids=[], cached=[])
         pieces, token_ids = splitter.split(text)
+        if self._line_chunk:
+            pieces, token_ids = _cut_lines(pieces, token_ids, self._line_chunk)
         cached = self.cache.get_many(pieces)
         return EncodePlan(
             self, text, add_special_tokens, pieces=pieces, token_ids=token_ids, cached=cached
@@ -276,6 +307,55 @@ def _exact_splitter(tokenizer: Tokenizer) -> AddedTokenSplitter | None:
             )
             return None
     return splitter
+
+
+def _cut_lines(pieces: list[str], token_ids: list[int], chunk: int) -> tuple[list[str], list[int]]:
+    """``pieces`` and ``token_ids`` with every piece longer than ``2 * chunk`` cut at line
+    starts into chunks of at least ``chunk`` characters (`_NO_TOKEN` between them)."""
+    longest = 2 * chunk
+    if all(len(piece) <= longest for piece in pieces):
+        return pieces, token_ids
+    cut_pieces: list[str] = []
+    cut_ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        start = 0
+        if len(piece) > longest:
+            for line in _LINE_START.finditer(piece, chunk):
+                end = line.end()
+                if end - start >= chunk:
+                    cut_pieces.append(piece[start:end])
+                    cut_ids.append(_NO_TOKEN)
+                    start = end
+        cut_pieces.append(piece[start:] if start else piece)
+        if index < len(token_ids):
+            cut_ids.append(token_ids[index])
+    return cut_pieces, cut_ids
+
+
+# Lines that end in every way a split pattern treats differently (punctuation, spaces, CR, blank
+# lines) and start with every kind of word character (letters, digits, underscore, CJK, accents).
+_LINE_PROBES = (
+    "Hello world.\nNext line\n\nThird 123\n4th\r\nfifth  \nsixth?!\nseventh\t\nlast",
+    "a\nb\n\n\nc.\n\nd,\ne:\n1\n22\n333x\n_under\n__init__\n",
+    "Übung\nétude\n中文\n字\nкириллица\nαβγ\n٣٤\nx\u0301y\nend",
+    " lead\n trailing \nword\n  two spaces\n'quote\n's\n'll\nit's\ndone",
+)
+
+
+def _line_cuts_exact(tokenizer: Tokenizer) -> bool:
+    """Whether cutting at every line start leaves this tokenizer's ids unchanged (probed)."""
+    for probe in _LINE_PROBES:
+        whole = tokenizer.encode(probe, add_special_tokens=False).ids
+        cut: list[int] = []
+        start = 0
+        for line in _LINE_START.finditer(probe):
+            cut.extend(tokenizer.encode(probe[start : line.end()], add_special_tokens=False).ids)
+            start = line.end()
+        cut.extend(tokenizer.encode(probe[start:], add_special_tokens=False).ids)
+        if cut != whole:
+            logger.debug("line cuts off: encoding lines apart changes the ids of %r", probe)
+            return False
+    return True
 
 
 def _probes(tokens: list[str]) -> list[str]:
@@ -377,7 +457,7 @@ class EncodePlan:
                     ids = tuple(map(shared, encode(piece, False)))
                     fresh[piece] = ids
             out.extend(ids)
-            if index < len(token_ids):
+            if index < len(token_ids) and token_ids[index] != _NO_TOKEN:
                 out.append(token_ids[index])
         if self._add_special:
             assert wrap is not None

@@ -45,6 +45,7 @@ from kvgate.tokens.request import (
 )
 from kvgate.tokens.segments import (
     DEFAULT_CACHE_MAX_BYTES,
+    DEFAULT_LINE_CHUNK_CHARS,
     DEFAULT_MAX_PIECE_CHARS,
     EncodePlan,
     SegmentCache,
@@ -93,6 +94,9 @@ class TokenizerConfig:
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     # Pieces longer than this (in characters) are encoded without the cache.
     cache_max_piece_chars: int = DEFAULT_MAX_PIECE_CHARS
+    # Pieces longer than twice this are cut at line starts into chunks at least this long, so a
+    # long message that opens with text seen before reuses it; 0 never cuts.
+    line_chunk_chars: int = DEFAULT_LINE_CHUNK_CHARS
     # The engine's --chat-template: a template's text (or the name of one of the model's).
     chat_template: str | None = None
     # The engine's --default-chat-template-kwargs, e.g. {"enable_thinking": False}.
@@ -107,6 +111,8 @@ class TokenizerConfig:
             raise ValueError(
                 f"cache_max_piece_chars must be >= 1, got {self.cache_max_piece_chars}"
             )
+        if self.line_chunk_chars < 0:
+            raise ValueError(f"line_chunk_chars must be >= 0, got {self.line_chunk_chars}")
         if self.chat_template_content_format not in ("auto", "string", "openai"):
             raise ValueError(
                 "chat_template_content_format must be 'auto', 'string' or 'openai', got "
@@ -156,6 +162,7 @@ class ModelTokenizer:
             tokenizer,
             SegmentCache(self.config.cache_max_bytes, self.config.cache_max_piece_chars),
             self.vocab_size,
+            line_chunk_chars=self.config.line_chunk_chars,
         )
         for name, template in _all_templates(templates):
             try:
