@@ -39,7 +39,7 @@ import tracemalloc
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvgate.events.types import BlockStored, EngineHash
 from kvgate.fleet.endpoint import Endpoint, EndpointMetrics
@@ -53,6 +53,9 @@ from kvgate.scheduling.plugins.slo_aware_picker import SloAwarePicker
 from kvgate.scheduling.request import LLMRequest, ScoredEndpoint
 from kvgate.scheduling.router_config import KvRouterConfig
 from kvgate.tokens.hashing import NATIVE_HASHING, hash_blocks, sequence_hashes_of
+
+if TYPE_CHECKING:
+    from kvgate.tokens import ModelTokenizer
 
 _clock = time.process_time
 
@@ -363,40 +366,28 @@ def bench_memory(total_blocks: int) -> float:
 def bench_tokenize(tokenizer_source: str | None, log: Callable[[str], None]) -> tuple[float, float]:
     from kvgate.tokens import ModelTokenizer
 
-    source = tokenizer_source or _default_tokenizer()
-    if source is None:
-        raise RuntimeError("no tokenizer: pass --tokenizer DIR_OR_ID")
+    source = _tokenizer_source(tokenizer_source)
     rng = random.Random(4)
-    words = ["routing", "cache", "prefix", "block", "worker", "engine", "token", "gateway"]
     messages: list[dict[str, str]] = [
         {"role": "system", "content": "You are a careful assistant. " * 40}
     ]
     for turn in range(20):
         role = "user" if turn % 2 == 0 else "assistant"
-        text = " ".join(rng.choice(words) for _ in range(120))
+        text = " ".join(rng.choice(_WORDS) for _ in range(120))
         messages.append({"role": role, "content": f"{turn}: {text}"})
     extended = [*messages, {"role": "user", "content": "And one more question about routing?"}]
     cold_tok = ModelTokenizer.load(source)
     warm_tok = ModelTokenizer.load(source)
     warm_tok.tokenize_chat({"messages": messages})
     body = {"messages": extended}
-    size = len(cold_tok.tokenize_chat(body))
-    if cold_tok.tokenize_chat(body) != warm_tok.tokenize_chat(body):
-        raise AssertionError("segment-cached tokenization differs from cold tokenization")
-
-    def cold() -> object:
-        return cold_tok.encode_cold(cold_tok.render_chat(body))
-
-    def warm() -> object:
-        return warm_tok.tokenize_chat(body)
-
-    cold_ms = _time_per_call(cold, 0.3) * 1e3
-    warm_ms = _time_per_call(warm, 0.3) * 1e3
-    log(
-        f"tokenize  {size} tokens, 21-turn conversation + 1 new turn: cold {cold_ms:.2f} ms, "
-        f"warm {warm_ms:.3f} ms ({cold_ms / warm_ms:.1f}x)"
+    return _cold_against_warm(
+        "21-turn conversation + 1 new turn",
+        cold_tok,
+        warm_tok,
+        lambda: body,
+        lambda: cold_tok.encode_cold(cold_tok.render_chat(body)),
+        log=log,
     )
-    return cold_ms, warm_ms
 
 
 def bench_tokenize_document(
@@ -406,13 +397,10 @@ def bench_tokenize_document(
     (warm: the document was seen before with another question)."""
     from kvgate.tokens import ModelTokenizer
 
-    source = tokenizer_source or _default_tokenizer()
-    if source is None:
-        raise RuntimeError("no tokenizer: pass --tokenizer DIR_OR_ID")
+    source = _tokenizer_source(tokenizer_source)
     rng = random.Random(5)
-    words = ["routing", "cache", "prefix", "block", "worker", "engine", "token", "gateway"]
     document = "".join(
-        f"{i}. {' '.join(rng.choice(words) for _ in range(40))}.\n" for i in range(120)
+        f"{i}. {' '.join(rng.choice(_WORDS) for _ in range(40))}.\n" for i in range(120)
     )
     asked = itertools.count()
 
@@ -423,22 +411,45 @@ def bench_tokenize_document(
     cold_tok = ModelTokenizer.load(source)
     warm_tok = ModelTokenizer.load(source)
     warm_tok.tokenize_chat(body())
+    return _cold_against_warm(
+        "one message: a document seen before + a new question",
+        cold_tok,
+        warm_tok,
+        body,
+        lambda: cold_tok.tokenize_chat(body(), cached=False),
+        log=log,
+    )
+
+
+_WORDS = ["routing", "cache", "prefix", "block", "worker", "engine", "token", "gateway"]
+
+
+def _tokenizer_source(given: str | None) -> str:
+    source = given or _default_tokenizer()
+    if source is None:
+        raise RuntimeError("no tokenizer: pass --tokenizer DIR_OR_ID")
+    return source
+
+
+def _cold_against_warm(
+    what: str,
+    cold_tok: ModelTokenizer,
+    warm_tok: ModelTokenizer,
+    body: Callable[[], dict[str, Any]],
+    cold: Callable[[], object],
+    *,
+    log: Callable[[str], None],
+) -> tuple[float, float]:
+    """Time ``cold`` against ``warm_tok`` tokenizing ``body()``, once both agree on a probe."""
     probe = body()
-    size = len(cold_tok.tokenize_chat(probe))
+    size = len(cold_tok.tokenize_chat(probe, cached=False))
     if warm_tok.tokenize_chat(probe) != cold_tok.tokenize_chat(probe, cached=False):
         raise AssertionError("segment-cached tokenization differs from cold tokenization")
-
-    def cold() -> object:
-        return cold_tok.tokenize_chat(body(), cached=False)
-
-    def warm() -> object:
-        return warm_tok.tokenize_chat(body())
-
     cold_ms = _time_per_call(cold, 0.3) * 1e3
-    warm_ms = _time_per_call(warm, 0.3) * 1e3
+    warm_ms = _time_per_call(lambda: warm_tok.tokenize_chat(body()), 0.3) * 1e3
     log(
-        f"tokenize  {size} tokens, one message: a document seen before + a new question: "
-        f"cold {cold_ms:.2f} ms, warm {warm_ms:.3f} ms ({cold_ms / warm_ms:.1f}x)"
+        f"tokenize  {size} tokens, {what}: cold {cold_ms:.2f} ms, "
+        f"warm {warm_ms:.3f} ms ({cold_ms / warm_ms:.1f}x)"
     )
     return cold_ms, warm_ms
 
