@@ -317,15 +317,17 @@ def _cut_lines(pieces: list[str], token_ids: list[int], chunk: int) -> tuple[lis
         return pieces, token_ids
     cut_pieces: list[str] = []
     cut_ids: list[int] = []
+    search = _LINE_START.search
     for index, piece in enumerate(pieces):
         start = 0
         if len(piece) > longest:
-            for line in _LINE_START.finditer(piece, chunk):
+            # One search per chunk, not one step per line: this runs on the event loop, and a
+            # pasted file may have a line every few characters.
+            while (line := search(piece, start + chunk - 1)) is not None:
                 end = line.end()
-                if end - start >= chunk:
-                    cut_pieces.append(piece[start:end])
-                    cut_ids.append(_NO_TOKEN)
-                    start = end
+                cut_pieces.append(piece[start:end])
+                cut_ids.append(_NO_TOKEN)
+                start = end
         cut_pieces.append(piece[start:] if start else piece)
         if index < len(token_ids):
             cut_ids.append(token_ids[index])
